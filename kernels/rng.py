@@ -1,0 +1,66 @@
+"""Counter-based Gaussian noise: the value for (seed, stream, element) never depends on the batch.
+
+Philox4x32-10 keyed by the image's 64-bit seed, counter (element, stream, 0, 0), then Box-Muller.
+The Triton kernels draw the same numbers in-kernel (``tl.philox`` with the same key and counter),
+so the reference path on the CPU and the fused path on the GPU agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+SEED_MAX = 2**63 - 1
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product a*b, with int64 tensors holding uint32."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    x = b * a_hi
+    y = b * a_lo
+    z = x + (y >> 16)
+    return z >> 16, ((z & 0xFFFF) << 16) | (y & 0xFFFF)
+
+
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, rounds: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 on int64 tensors holding uint32 values (c2 = c3 = 0), as ``tl.philox`` computes it."""
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
+    """Map uint32 bits to float64 in (0, 1): the top 24 bits, centred, so it is exact in float32 too."""
+    return ((r >> 8).to(torch.float64) + 0.5) * (2.0**-24)
+
+
+def randn_rows(seeds: torch.Tensor, stream: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise of shape [len(seeds), numel] in float32.
+
+    Row b depends only on (seeds[b], stream); ``stream`` numbers the draws of one image
+    (0 = the initial noise, i + 1 = the noise of sampler step i).
+    """
+    seeds = seeds.to(device="cpu", dtype=torch.int64).reshape(-1, 1)
+    if seeds.numel() and int(seeds.min()) < 0:
+        raise ValueError("seeds must be in [0, 2**63 - 1]")
+    idx = torch.arange(numel, dtype=torch.int64).reshape(1, -1)
+    c0 = idx.expand(seeds.shape[0], numel)
+    c1 = torch.full_like(c0, stream & _MASK32)
+    k0 = (seeds & _MASK32).expand_as(c0)
+    k1 = ((seeds >> 32) & _MASK32).expand_as(c0)
+    r0, r1, _, _ = philox4x32(c0, c1, k0, k1)
+    u1, u2 = uniform_from_bits(r0), uniform_from_bits(r1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * torch.pi) * u2)
+    return z.to(torch.float32).to(device)
