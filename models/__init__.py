@@ -1,0 +1,1 @@
+"""robustdiff models: diffusion and consistency networks, samplers, checkpoints, data and training."""
