@@ -46,7 +46,9 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
     return ((r >> 8).to(torch.float64) + 0.5) * (2.0**-24)
 
 
-def randn_rows(seeds: torch.Tensor, stream: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def randn_rows(
+    seeds: torch.Tensor, stream: int, numel: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Standard normal noise of shape [len(seeds), numel] in float32.
 
     Row b depends only on (seeds[b], stream); ``stream`` numbers the draws of one image

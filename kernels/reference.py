@@ -1,0 +1,80 @@
+"""Pure-PyTorch references for every kernel: the CPU path, and the oracle the Triton tests compare to.
+
+They compute in float32 whatever the input dtype and return the input's dtype, like the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.rng import randn_rows
+
+
+def sampler_update(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    x0_prev: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    stream: int = 0,
+    clip_x0: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampler step from per-row coefficients ``coef[b] = (kx, km, p, q, r, n)``.
+
+    ``x0 = kx*x + km*model_out`` (clamped to [-1, 1] if ``clip_x0``) and
+    ``x_next = p*x + q*x0 + r*x0_prev + n*z`` with ``z = randn_rows(seeds, stream, ...)``; the
+    ``r`` term needs ``x0_prev`` and the ``n`` term needs ``seeds``. Returns ``(x_next, x0)``.
+    """
+    batch = x.shape[0]
+    view = (batch,) + (1,) * (x.dim() - 1)
+    c = coef.to(device=x.device, dtype=torch.float32).reshape(batch, 6)
+    kx, km, p, q, r, n = (c[:, i].reshape(view) for i in range(6))
+    xf = x.float()
+    x0 = kx * xf + km * model_out.float()
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    x_next = p * xf + q * x0
+    if x0_prev is not None:
+        x_next = x_next + r * x0_prev.float()
+    if seeds is not None:
+        z = randn_rows(seeds, stream, x[0].numel(), x.device).reshape(x.shape)
+        x_next = x_next + n * z
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def groupnorm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float = 1e-5,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """GroupNorm, per-channel affine, optional ``(1 + scale)`` / ``shift`` modulation, optional SiLU.
+
+    ``scale`` and ``shift`` hold one value per (image, channel). The output keeps x's memory format.
+    """
+    batch, channels = x.shape[:2]
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y = F.group_norm(x.float(), num_groups, w, b, eps)
+    view = (batch, channels) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1.0 + scale.float().reshape(view))
+    if shift is not None:
+        y = y + shift.float().reshape(view)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored NHWC (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
