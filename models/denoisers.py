@@ -1,0 +1,85 @@
+"""Thin preconditioning wrappers: they turn a raw network into what the samplers call.
+
+A denoiser maps (x_t, t) to a model output and says, per row, how x0_hat is read off it
+(``x0 = kx * x + km * out``). The sampler's fused update then needs no knowledge of the
+parameterisation: eps-prediction and consistency models share every sampler step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from models.schedules import Schedule
+
+Net = Callable[..., torch.Tensor]
+
+
+class Denoiser(ABC):
+    """Base: a network with a schedule. Subclasses define the x0 read-out."""
+
+    def __init__(self, net: Net, schedule: Schedule, labels: torch.Tensor | None = None) -> None:
+        self.net = net
+        self.schedule = schedule
+        self.labels = labels
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The raw network output at per-row times t (float64 [B])."""
+        timestep = self.schedule.net_time(t).to(x.device)
+        if self.labels is None:
+            return self.net(x, timestep)
+        return self.net(x, timestep, self.labels)
+
+    @abstractmethod
+    def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (kx, km), float64, with x0_hat = kx * x + km * out."""
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0_hat as a plain differentiable function (training, attacks, tests)."""
+        kx, km = self.x0_coefs(t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        out = self(x, t)
+        return kx.to(x).reshape(shape) * x + km.to(x).reshape(shape) * out
+
+
+class EpsDenoiser(Denoiser):
+    """eps-prediction: x0_hat = (x - s_t eps) / a_t."""
+
+    def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, s = self.schedule.a(t), self.schedule.s(t)
+        return 1.0 / a, -s / a
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self(x, t)
+
+
+class ConsistencyDenoiser(Denoiser):
+    """Consistency function f(x, t) = c_skip(sigma) x / a_t + c_out(sigma) F(x, t), sigma = s_t / a_t.
+
+    c_skip and c_out are EDM's boundary-preserving coefficients in the VE time sigma, so
+    f(x, t_min) = x / a_{t_min} exactly: the boundary condition is built into the wrapper.
+    """
+
+    def __init__(
+        self,
+        net: Net,
+        schedule: Schedule,
+        labels: torch.Tensor | None = None,
+        sigma_min: float = 0.002,
+        sigma_data: float = 0.5,
+    ) -> None:
+        super().__init__(net, schedule, labels)
+        self.sigma_min = sigma_min
+        self.sigma_data = sigma_data
+
+    def c_skip_out(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sd, smin = self.sigma_data, self.sigma_min
+        c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
+        c_out = (sigma - smin) * sd / torch.sqrt(sigma**2 + sd**2)
+        return c_skip, c_out
+
+    def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_skip, c_out = self.c_skip_out(self.schedule.sigma(t))
+        return c_skip / self.schedule.a(t), c_out

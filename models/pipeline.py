@@ -1,0 +1,180 @@
+"""A loaded checkpoint ready to sample and purify: what the worker (and the CLI) calls.
+
+On CUDA the network runs in bf16 with CUDA graphs per batch-size bucket and the fused Triton
+kernels; elsewhere it runs the PyTorch reference path in float32. Both sit behind the same calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CheckpointHeader, load_checkpoint
+from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
+from models.generate import generate, purify
+from models.noise import NoiseSource
+from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
+from models.schedules import Schedule
+from models.unet import UNet
+
+__all__ = ["Cancelled", "ModelInfo", "Pipeline"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API shows of a served model (plain JSON types only)."""
+
+    name: str
+    kind: str
+    method: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    hash: str = ""
+    samplers: list[str] = field(default_factory=list)
+    default_steps: int = 10
+    dataset: str = "unknown"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but CUDA is not available")
+    return dev
+
+
+class Pipeline:
+    def __init__(
+        self,
+        net: UNet,
+        header: CheckpointHeader,
+        device: torch.device,
+        name: str | None = None,
+        batch_invariant: bool | None = None,
+    ) -> None:
+        self.net = net
+        # On the CPU, BLAS and oneDNN pick different reduction orders for different batch sizes, so an
+        # image would differ in its last bits with its batch. Evaluating row by row makes it bitwise
+        # independent of batching at a small cost there; CUDA batches for speed (same to bf16 rounding).
+        self.batch_invariant = device.type != "cuda" if batch_invariant is None else batch_invariant
+        self.header = header
+        self.device = device
+        self.schedule = Schedule(header.schedule)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self._forward = self._build_forward()
+        consistency = header.kind == "consistency"
+        self.info = ModelInfo(
+            name=name or header.name,
+            kind=header.kind,
+            method=header.training.method,
+            image_shape=header.image_shape,
+            num_classes=header.model.num_classes,
+            class_names=list(header.class_names),
+            hash=header.content_hash or hashlib.sha256(header.model_dump_json().encode()).hexdigest(),
+            samplers=list(CONSISTENCY_SAMPLERS if consistency else DIFFUSION_SAMPLERS),
+            default_steps=1 if consistency else 10,
+            dataset=header.training.dataset,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", name: str | None = None, batch_invariant: bool | None = None
+    ) -> Pipeline:
+        dev = resolve_device(device)
+        net, header = load_checkpoint(path, dev)
+        return cls(net, header, dev, name, batch_invariant)
+
+    def _build_forward(self) -> Callable[..., torch.Tensor]:
+        """The network call the samplers see: graphed bf16 on CUDA, plain float32 elsewhere."""
+        net: Callable[..., torch.Tensor] = self.net
+        if self.device.type == "cuda":
+            from kernels.graphs import GraphedForward
+
+            self.net = self.net.to(self.dtype).to(memory_format=torch.channels_last)
+            graphed = GraphedForward(self.net)
+
+            def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+                return graphed(x.to(self.dtype).contiguous(memory_format=torch.channels_last), t, y).float()
+
+        if not self.batch_invariant:
+            return net
+
+        def rowwise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            rows = [net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1]) for i in range(x.shape[0])]
+            return torch.cat(rows)
+
+        return rowwise
+
+    def denoiser(self, labels: torch.Tensor | None = None) -> Denoiser:
+        if self.header.kind == "consistency":
+            cm = self.header.consistency
+            assert cm is not None
+            return ConsistencyDenoiser(self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data)
+        return EpsDenoiser(self._forward, self.schedule, labels)
+
+    def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:
+        classes = self.info.num_classes
+        if not classes:
+            if labels is not None:
+                raise ValueError("labels: this model is unconditional")
+            return None
+        if labels is None or len(labels) != n:
+            raise ValueError(f"labels: one class label per image is required ({n})")
+        if any(not 0 <= int(c) < classes for c in labels):
+            raise ValueError(f"labels: must be in [0, {classes - 1}]")
+        return torch.tensor(list(labels), dtype=torch.long, device=self.device)
+
+    def _check_sampler(self, sampler: str) -> None:
+        if sampler not in self.info.samplers:
+            raise ValueError(f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}")
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        *,
+        sampler: str = "ddim",
+        steps: int = 10,
+        eta: float = 0.0,
+        labels: Sequence[int] | None = None,
+        callback: Callback | None = None,
+        cancel: Cancel | None = None,
+    ) -> torch.Tensor:
+        """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed."""
+        self._check_sampler(sampler)
+        noise = NoiseSource(seeds, self.info.image_shape, self.device)
+        den = self.denoiser(self._labels(labels, len(noise)))
+        out = generate(den, noise, sampler=sampler, steps=steps, eta=eta, callback=callback, cancel=cancel)
+        return out.float().cpu()
+
+    @torch.inference_mode()
+    def purify(
+        self,
+        images: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        t_star: float = 0.1,
+        sampler: str = "ddim",
+        steps: int = 10,
+        eta: float = 0.0,
+        labels: Sequence[int] | None = None,
+        callback: Callback | None = None,
+        cancel: Cancel | None = None,
+    ) -> torch.Tensor:
+        """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1]."""
+        self._check_sampler(sampler)
+        if tuple(images.shape[1:]) != self.info.image_shape:
+            raise ValueError(f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}")
+        if not torch.isfinite(images).all():
+            raise ValueError("images: contain NaN or infinity")
+        noise = NoiseSource(seeds, self.info.image_shape, self.device)
+        den = self.denoiser(self._labels(labels, len(noise)))
+        x = images.to(self.device, torch.float32)
+        out = purify(den, x, noise, t_star=t_star, sampler=sampler, steps=steps, eta=eta, callback=callback, cancel=cancel)
+        return out.float().cpu()

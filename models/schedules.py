@@ -1,0 +1,137 @@
+"""Variance-preserving noise schedules on a continuous time axis t in [0, 1].
+
+A schedule is a table of alphabar_k for the DDPM steps k = 1..T; t = k / T sits on that table and
+fractional t interpolates log(alphabar) linearly (alphabar(0) = 1), so discrete DDPM training and
+continuous-time solvers (DPM-Solver++, consistency models) read the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ScheduleName = Literal["linear", "cosine"]
+
+
+class ScheduleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ScheduleName = "linear"
+    timesteps: int = Field(1000, ge=2, description="T, the number of discrete DDPM steps")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="linear schedule: beta_1")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="linear schedule: beta_T")
+    cosine_s: float = Field(0.008, ge=0.0, description="cosine schedule: offset s")
+    max_beta: float = Field(0.999, gt=0.0, le=1.0, description="cosine schedule: beta clipping")
+
+    @model_validator(mode="after")
+    def _order(self) -> ScheduleConfig:
+        if self.name == "linear" and self.beta_end < self.beta_start:
+            raise ValueError("beta_end must be >= beta_start")
+        return self
+
+
+class Schedule:
+    """alphabar, a = sqrt(alphabar), s = sqrt(1 - alphabar) and log-SNR as functions of t (float64 tables)."""
+
+    def __init__(self, config: ScheduleConfig | None = None) -> None:
+        self.config = config or ScheduleConfig()
+        T = self.config.timesteps
+        if self.config.name == "linear":
+            betas = torch.linspace(self.config.beta_start, self.config.beta_end, T, dtype=torch.float64)
+        else:
+            s = self.config.cosine_s
+            k = torch.arange(T + 1, dtype=torch.float64)
+            f = torch.cos((k / T + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=self.config.max_beta)
+        self.T = T
+        self.betas = betas
+        # log_alphabar[k] for k = 0..T, log_alphabar[0] = 0.
+        self.log_alphabar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+
+    def alphabar(self, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        pos = (t.clamp(0.0, 1.0) * self.T).reshape(-1)
+        lo = pos.floor().long().clamp(max=self.T - 1)
+        frac = pos - lo
+        la = self.log_alphabar[lo] * (1 - frac) + self.log_alphabar[lo + 1] * frac
+        return torch.exp(la).reshape(t.shape)
+
+    def a(self, t: torch.Tensor | float) -> torch.Tensor:
+        return self.alphabar(t).sqrt()
+
+    def s(self, t: torch.Tensor | float) -> torch.Tensor:
+        return (1 - self.alphabar(t)).clamp(min=0).sqrt()
+
+    def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
+        """lambda(t) = log(a_t / s_t); +inf at t = 0."""
+        ab = self.alphabar(t)
+        return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+    def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """The variance-exploding noise level s_t / a_t (EDM's time) of VP time t."""
+        return torch.exp(-self.log_snr(t))
+
+    def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """Inverse of log_snr (log-SNR decreases monotonically in t): bisection on the table."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lo = torch.zeros_like(lam)
+        hi = torch.ones_like(lam)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = self.log_snr(mid) > lam
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return (lo + hi) / 2
+
+    def t_from_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.t_from_log_snr(-torch.log(torch.as_tensor(sigma, dtype=torch.float64)))
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The DDPM timestep index the network is conditioned on: t = k / T -> k - 1."""
+        return t.to(torch.float32) * self.T - 1.0
+
+    def diffuse(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = a_t x_0 + s_t eps, with per-row t."""
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = self.a(t).to(x0.dtype).reshape(shape).to(x0.device)
+        s = self.s(t).to(x0.dtype).reshape(shape).to(x0.device)
+        return a * x0 + s * eps
+
+    def sample_train_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training times: uniform over the discrete steps k = 1..T, as t = k / T."""
+        k = torch.randint(1, self.T + 1, (n,), generator=generator)
+        return k.to(torch.float64) / self.T
+
+
+Spacing = Literal["uniform", "log-snr", "linear"]
+
+
+def time_grid(schedule: Schedule, steps: int, spacing: Spacing = "uniform", t_max: float = 1.0) -> torch.Tensor:
+    """A decreasing grid of ``steps + 1`` times from t_max to 0 (the last step lands on clean data).
+
+    ``uniform`` spaces the DDPM steps evenly (DDIM's choice); ``log-snr`` spaces them evenly in
+    log-SNR between t_max and 1/T (DPM-Solver's choice); ``linear`` spaces t itself evenly down to 0
+    (multistep consistency sampling, where every step starts from a fresh re-noising).
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    t_min = 1.0 / schedule.T
+    if t_max < t_min or t_max > 1.0:
+        raise ValueError(f"t_max must be in [{t_min}, 1]")
+    if spacing == "linear":
+        return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
+    if spacing == "uniform":
+        k_max = round(t_max * schedule.T)
+        if steps > k_max:
+            raise ValueError(f"steps must be <= {k_max}, the DDPM steps below t_max={t_max}")
+        ks = torch.linspace(k_max, 1, steps, dtype=torch.float64).round() if steps > 1 else torch.tensor([float(k_max)], dtype=torch.float64)
+        ts = ks / schedule.T
+        ts[0] = t_max
+    else:
+        lam = torch.linspace(float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps, dtype=torch.float64)
+        ts = schedule.t_from_log_snr(lam)
+        ts[0], ts[-1] = t_max, t_min
+    return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
