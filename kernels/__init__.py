@@ -6,6 +6,7 @@ else the reference), ``"reference"`` or ``"triton"`` (Triton on any device; on a
 Setting the environment variable ``ROBUSTDIFF_KERNELS=reference`` forces the PyTorch reference
 everywhere, whatever ``impl`` says: the switch to rule the kernels out when debugging a result.
 
+The Triton ops have no backward: under autograd (training) ``"auto"`` takes the reference.
 Triton is imported only when a Triton path runs, so ``import kernels`` works without it (macOS).
 """
 
@@ -27,17 +28,24 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _ENV = "ROBUSTDIFF_KERNELS"
 
 
-def _use_triton(impl: str, device: torch.device) -> bool:
-    """Resolve ``impl`` (and the environment override) for tensors on ``device``."""
+def _use_triton(impl: str, device: torch.device, *tensors: torch.Tensor | None) -> bool:
+    """Resolve ``impl`` (and the environment override) for ``tensors`` on ``device``.
+
+    The Triton ops have no backward, so ``"auto"`` keeps the reference whenever autograd is
+    recording through one of ``tensors`` (training); ``"triton"`` refuses instead.
+    """
     if impl not in ("auto", "reference", "triton"):
         raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
     if impl == "reference" or os.environ.get(_ENV, "").strip().lower() == "reference":
         return False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if impl == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("impl='triton' needs the triton package, which is not installed")
+        if needs_grad:
+            raise RuntimeError("impl='triton' has no backward; use impl='auto' or 'reference' under autograd")
         return True
-    return device.type == "cuda" and TRITON_AVAILABLE
+    return device.type == "cuda" and TRITON_AVAILABLE and not needs_grad
 
 
 def _triton_sampler() -> ModuleType:
@@ -87,7 +95,7 @@ def sampler_update(
     ``x0_prev``, the ``n`` term needs ``seeds`` (int64 [B]). Returns ``(x_next, x0)`` in x's dtype,
     computed in float32.
     """
-    backend = _triton_sampler() if _use_triton(impl, x.device) else reference
+    backend = _triton_sampler() if _use_triton(impl, x.device, x, model_out, x0_prev) else reference
     result: tuple[torch.Tensor, torch.Tensor] = backend.sampler_update(
         x, model_out, coef, x0_prev=x0_prev, seeds=seeds, stream=stream, clip_x0=clip_x0
     )
@@ -111,7 +119,7 @@ def groupnorm_silu(
     x is [B, C, H, W], NCHW or channels_last (the output keeps its memory format); weight and bias
     are [C] or None (1 and 0); scale and shift hold one value per (image, channel), e.g. [B, C].
     """
-    backend = _triton_groupnorm() if _use_triton(impl, x.device) else reference
+    backend = _triton_groupnorm() if _use_triton(impl, x.device, x, weight, bias, scale, shift) else reference
     out: torch.Tensor = backend.groupnorm_silu(
         x, num_groups, weight, bias, eps=eps, scale=scale, shift=shift, silu=silu
     )
