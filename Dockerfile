@@ -50,7 +50,8 @@ RUN case "$VARIANT" in \
     esac \
     && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${index}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# README.md is only the package's long description: left out so the build never depends on it.
+COPY pyproject.toml ./
 COPY kernels/ kernels/
 COPY models/ models/
 COPY service/ service/
