@@ -62,7 +62,8 @@ def groupnorm_silu(
     batch, channels = x.shape[:2]
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
-    y = F.group_norm(x.float(), num_groups, w, b, eps)
+    # Plain layout: PyTorch's channels_last CPU group_norm loses ~1e-2 on data far from zero mean.
+    y = F.group_norm(x.float().contiguous(), num_groups, w, b, eps)
     view = (batch, channels) + (1,) * (x.dim() - 2)
     if scale is not None:
         y = y * (1.0 + scale.float().reshape(view))
