@@ -133,5 +133,6 @@ def time_grid(schedule: Schedule, steps: int, spacing: Spacing = "uniform", t_ma
     else:
         lam = torch.linspace(float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps, dtype=torch.float64)
         ts = schedule.t_from_log_snr(lam)
-        ts[0], ts[-1] = t_max, t_min
+        ts[-1] = t_min
+        ts[0] = t_max
     return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])

@@ -1,0 +1,1 @@
+"""Evaluation: sample quality, purification robustness under adaptive attacks, corruption removal."""

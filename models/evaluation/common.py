@@ -1,0 +1,51 @@
+"""Shared pieces of the eval commands: where and when a number was measured, plots, intervals."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def machine_description(device: str = "cpu") -> str:
+    """A one-line description of the hardware, stored next to every number."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({platform.machine()} host)"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.get_num_threads()} threads, no GPU"
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays inside [0, 1], sane at 0% and 100%)."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def save_plot(path: Path, draw: Callable[[Any], None]) -> Path:
+    """Render one matplotlib axes with the headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,215 @@
+"""``eval quality``: Frechet distance and k-NN precision/recall of generated samples vs a test split.
+
+Features come from the project's own classifier (penultimate layer); every reported number names it,
+because a Frechet distance is only comparable within one feature space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import read_header
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, FEATURE_NAME, load_classifier, read_classifier_header
+from models.evaluation.cli import check, parse_list
+from models.evaluation.common import machine_description, now_utc, save_plot
+from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of [N, D] features, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError("features must be [N, D] with N >= 2")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
+    """Symmetric PSD square root via eigh (negative round-off eigenvalues clipped to 0)."""
+    w, v = np.linalg.eigh((cov + cov.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)).
+
+    tr((C1 C2)^(1/2)) equals the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    C1^(1/2) C2 C1^(1/2): an eigen-decomposition is stable where sqrtm of the non-symmetric C1 C2
+    can return complex round-off or fail on singular covariances.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape:
+        raise ValueError("the two feature sets have different dimensions")
+    s1 = _sqrt_psd(np.asarray(cov1, np.float64))
+    middle = s1 @ np.asarray(cov2, np.float64) @ s1
+    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt, 0.0))
+
+
+def fd_of_features(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def _kth_radii(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (the k-NN manifold's ball radius)."""
+    radii = []
+    for i in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[i : i + chunk], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself sits at distance 0
+    return torch.cat(radii)
+
+
+def _covered(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Whether each query falls inside at least one support ball."""
+    out = []
+    for i in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[i : i + chunk], support)
+        out.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Kynkaanniemi et al. (2019): precision = share of fakes inside the real k-NN manifold, recall vice versa."""
+    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    if min(r.shape[0], f.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    precision = _covered(f, r, _kth_radii(r, k)).double().mean()
+    recall = _covered(r, f, _kth_radii(f, k)).double().mean()
+    return float(precision), float(recall)
+
+
+@torch.no_grad()
+def extract_features(net: Any, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    return torch.cat([net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]).double().numpy()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusion or consistency checkpoint (.safetensors)")
+    p.add_argument("--sampler", default="ddim", help="sampler, or a comma-separated list (ddim,dpm-solver++)")
+    p.add_argument("--steps", default="5,10,20", help="comma-separated step counts (NFE)")
+    p.add_argument("--n", type=int, default=2000, help="generated samples per (sampler, steps)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
+    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="feature network (safetensors)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
+    p.add_argument("--seed", type=int, default=0, help="first image seed")
+    p.add_argument("--out", default="eval-quality", help="output folder (JSON, PNG plot, sample grids)")
+    p.add_argument("--device", default="cpu")
+
+
+def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """Every check that needs only the headers: nothing is generated before these pass."""
+    samplers = parse_list(args.sampler, str, "sampler")
+    steps = parse_list(args.steps, int, "steps")
+    check(all(s >= 1 for s in steps), "steps", "every step count must be >= 1")
+    check(args.n >= 2, "n", "needs at least 2 samples for a covariance")
+    check(args.n > args.k, "n", f"must exceed k={args.k}")
+    check(args.k >= 1 and args.batch_size >= 1 and args.seed >= 0, "k/batch-size/seed", "k, batch size >= 1; seed >= 0")
+    header = read_header(args.model)
+    allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
+    for s in samplers:
+        check(s in allowed, "sampler", f"{s!r} is not available for {header.kind} models; use one of {list(allowed)}")
+    cls = read_classifier_header(args.classifier)
+    check(
+        (cls.model.in_channels, cls.model.image_size, cls.model.image_size) == header.image_shape,
+        "classifier",
+        f"expects images {cls.model.in_channels}x{cls.model.image_size}x{cls.model.image_size}, "
+        f"the model makes {'x'.join(map(str, header.image_shape))}",
+    )
+    return samplers, steps
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.data import load_fashion_mnist
+    from models.grid import save_grid
+    from models.pipeline import Pipeline
+
+    samplers, steps_list = _validate(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier, cls_header = load_classifier(args.classifier, "cpu")
+    test = load_fashion_mnist("test", args.data)
+    real = extract_features(classifier, test.images)
+    train = load_fashion_mnist("train", args.data)
+    ref_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.n]
+    ref_feats = extract_features(classifier, train.images[ref_idx])
+    ref_fd = fd_of_features(ref_feats, real)
+    ref_p, ref_r = precision_recall(real, ref_feats, args.k)
+    # Batch-invariant row-by-row evaluation buys bitwise reproducibility that FD does not need.
+    pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
+    classes = pipe.info.num_classes
+    results: list[dict[str, Any]] = []
+    total = len(samplers) * len(steps_list) * args.n
+    with tqdm(total=total, desc="eval quality", unit="img") as bar:
+        for sampler in samplers:
+            for steps in steps_list:
+                imgs, start = [], time.perf_counter()
+                for i in range(0, args.n, args.batch_size):
+                    seeds = list(range(args.seed + i, args.seed + min(i + args.batch_size, args.n)))
+                    labels = [s % classes for s in seeds] if classes else None
+                    imgs.append(pipe.sample(seeds, sampler=sampler, steps=steps, labels=labels))
+                    bar.update(len(seeds))
+                wall = time.perf_counter() - start
+                images = torch.cat(imgs)
+                feats = extract_features(classifier, images)
+                precision, recall = precision_recall(real, feats, args.k)
+                grid = save_grid(images[:64], out / f"samples_{sampler}_{steps}.png", nrow=8)
+                results.append(
+                    {
+                        "sampler": sampler,
+                        "steps": steps,
+                        "nfe": steps,
+                        "n": args.n,
+                        "fd": fd_of_features(feats, real),
+                        "precision": precision,
+                        "recall": recall,
+                        "sampling_wall_s": round(wall, 2),
+                        "sampling_s_per_image": wall / args.n,
+                        "grid": str(grid),
+                    }
+                )
+                bar.set_postfix(sampler=sampler, steps=steps, fd=f"{results[-1]['fd']:.2f}")
+    report = {
+        "command": args.command_line,
+        "date": now_utc(),
+        "machine": machine_description(args.device),
+        "model": {"path": args.model, "name": pipe.info.name, "method": pipe.info.method, "hash": pipe.info.hash},
+        "feature_network": FEATURE_NAME,
+        "classifier": {"path": args.classifier, "test_accuracy": cls_header.test_accuracy, "hash": cls_header.content_hash},
+        "reference": {
+            "what": f"FD of {args.n} real training images vs the test split: the floor at this n",
+            "fd": ref_fd,
+            "precision": ref_p,
+            "recall": ref_r,
+        },
+        "real_set": f"{test.name} test split, {len(test)} images",
+        "k": args.k,
+        "results": results,
+    }
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    _plot(report, out / "fd_vs_nfe.png")
+    print(json.dumps({r["sampler"] + "@" + str(r["steps"]): round(r["fd"], 3) for r in results}))
+    return 0
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    def draw(ax: Any) -> None:
+        for sampler in dict.fromkeys(r["sampler"] for r in report["results"]):
+            rows = [r for r in report["results"] if r["sampler"] == sampler]
+            ax.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], "o-", label=sampler)
+        ax.axhline(report["reference"]["fd"], color="gray", ls="--", label="real train vs test (same n)")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("Frechet distance")
+        ax.set_title(f"{report['model']['name']}: FD in the feature space of {report['feature_network']}", fontsize=8)
+        ax.legend()
+
+    save_plot(path, draw)

@@ -1,0 +1,133 @@
+"""Training checkpoints: tensors in safetensors, scalars and RNG states in JSON. Never pickled.
+
+A checkpoint is the pair ``step-<updates>.safetensors`` + ``step-<updates>.json`` under
+``<out_dir>/checkpoints``; ``<out_dir>/latest.json`` names the newest. Together they hold everything a
+resumed run needs to continue the same trajectory bit for bit: model, EMA, optimizer moments and
+step counts, the update counter (which also drives the LR schedule), the data order position and
+every RNG state (each DDP rank's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.errors import UserError
+
+
+@dataclass
+class LoopState:
+    """The loop's scalars; RNG states are per rank, as lists of bytes."""
+
+    updates: int = 0
+    epoch: int = 0
+    position: int = 0  # minibatches of this epoch already used
+    images: int = 0
+    wall_s: float = 0.0
+    recent_losses: list[float] = field(default_factory=list)
+    rng: list[dict[str, Any]] = field(default_factory=list)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Split an optimizer's state dict into named tensors and JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def save(
+    out_dir: str | Path,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    state: LoopState,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint (atomically: tensors, then JSON, then the ``latest`` pointer)."""
+    folder = Path(out_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"step-{state.updates:08d}"
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
+    opt_tensors, groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    tmp = stem.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, stem.with_suffix(".safetensors"))
+    meta = {"config": config, "state": asdict(state), "optimizer_param_groups": groups, **(extra or {})}
+    _write_json(stem.with_suffix(".json"), meta)
+    _write_json(Path(out_dir) / "latest.json", {"checkpoint": str(stem.with_suffix(".json").resolve())})
+    return stem.with_suffix(".json")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint), a checkpoint's .json or its .safetensors -> the .json."""
+    path = Path(path)
+    if path.is_dir():
+        pointer = path / "latest.json"
+        if not pointer.is_file():
+            raise UserError("resume", f"{path} holds no training checkpoint (no latest.json)")
+        path = Path(json.loads(pointer.read_text())["checkpoint"])
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file() or not path.with_suffix(".safetensors").is_file():
+        raise UserError("resume", f"no training checkpoint at {path}")
+    return path
+
+
+def load(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON meta, all tensors) of a training checkpoint."""
+    path = resolve(path)
+    try:
+        meta = json.loads(path.read_text())
+        with safe_open(str(path.with_suffix(".safetensors")), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except (OSError, json.JSONDecodeError, Exception) as err:
+        raise UserError("resume", f"{path}: unreadable training checkpoint ({err})") from err
+    return meta, tensors
+
+
+def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix.`` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's RNG states as plain lists (JSON)."""
+    out: dict[str, Any] = {"generator": generator.get_state().tolist(), "torch": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return out
+
+
+def set_rng_state(generator: torch.Generator, device: torch.device, saved: dict[str, Any]) -> None:
+    generator.set_state(torch.tensor(saved["generator"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8), device)

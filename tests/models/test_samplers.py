@@ -1,0 +1,97 @@
+"""Exactness on Gaussian data: with the closed-form denoiser the samplers must reproduce N(mu, v)."""
+
+import pytest
+import torch
+
+from models.generate import generate
+from models.noise import NoiseSource
+from models.samplers import Cancelled, sample_ddim
+from models.schedules import Schedule, time_grid
+from models.testing import gaussian_denoiser
+
+MU, V, N = 0.5, 0.25, 20_000
+
+
+def _moments(sampler: str, steps: int, eta: float = 0.0) -> tuple[float, float]:
+    x = generate(gaussian_denoiser(MU, V), NoiseSource(range(N), (1,)), sampler=sampler, steps=steps, eta=eta, clip_x0=False)
+    return float(x.mean()), float(x.var())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_full_chain_reproduces_mean_and_variance(sampler: str) -> None:
+    mean, var = _moments(sampler, 1000)
+    assert abs(mean - MU) < 0.01
+    assert abs(var / V - 1) < 0.03
+
+
+def test_ddim_error_shrinks_with_steps() -> None:
+    errors = [abs(_moments("ddim", n)[1] / V - 1) for n in (10, 50, 200)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.03
+
+
+def test_dpm_solver_beats_ddim_at_equal_steps() -> None:
+    # Measured with this exact denoiser: DPM-Solver++ 2M on the log-SNR grid is 4.8% off in variance
+    # at 20 steps (2.4% in standard deviation), 2.5% at 40; DDIM on the same grid is 20% off at 20.
+    dpm20 = abs(_moments("dpm-solver++", 20)[1] / V - 1)
+    dpm40 = abs(_moments("dpm-solver++", 40)[1] / V - 1)
+    ddim20 = abs(_moments("ddim", 20)[1] / V - 1)
+    assert dpm20 < 0.05 and dpm40 < 0.03
+    assert dpm40 < dpm20 < ddim20 / 3
+    assert abs(_moments("dpm-solver++", 20)[0] - MU) < 0.01
+
+
+def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
+    mean, var = _moments("ddim", 1000, eta=1.0)
+    assert abs(mean - MU) < 0.01 and abs(var / V - 1) < 0.03
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_step_count_and_progress(sampler: str, steps: int) -> None:
+    calls: list[tuple[int, int]] = []
+    den = gaussian_denoiser()
+    evals = 0
+    inner = den.net
+
+    def counting(*args: torch.Tensor) -> torch.Tensor:
+        nonlocal evals
+        evals += 1
+        return inner(*args)
+
+    den.net = counting
+    generate(den, NoiseSource([1, 2], (1, 2, 2)), sampler=sampler, steps=steps, callback=lambda i, n: calls.append((i, n)))
+    assert evals == steps
+    assert calls == [(i + 1, steps) for i in range(steps)]
+
+
+def test_cancel_stops_between_steps() -> None:
+    seen = []
+    with pytest.raises(Cancelled):
+        generate(gaussian_denoiser(), NoiseSource([1], (1,)), steps=10, callback=lambda i, n: seen.append(i), cancel=lambda: len(seen) >= 3)
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+def test_image_does_not_depend_on_its_batch(sampler: str) -> None:
+    """Image 3 of a batch of 8 equals the same seed sampled alone, bitwise."""
+    den = gaussian_denoiser()
+    seeds = [11, 22, 33, 44, 55, 66, 77, 88]
+    batch = generate(den, NoiseSource(seeds, (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
+    alone = generate(den, NoiseSource([44], (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
+    assert torch.equal(batch[3], alone[0])
+    other = generate(den, NoiseSource([45], (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
+    assert not torch.equal(other[0], alone[0])
+
+
+def test_bad_grids_are_refused() -> None:
+    den = gaussian_denoiser()
+    noise = NoiseSource([1], (1,))
+    with pytest.raises(ValueError, match="decreasing"):
+        sample_ddim(den, noise.initial(), torch.tensor([0.5, 0.8, 0.0]), noise)
+    with pytest.raises(ValueError, match="ending at 0"):
+        sample_ddim(den, noise.initial(), torch.tensor([1.0, 0.5]), noise)
+    with pytest.raises(ValueError, match="eta"):
+        sample_ddim(den, noise.initial(), time_grid(Schedule(), 3), noise, eta=-1)
+    with pytest.raises(ValueError, match="sampler"):
+        generate(den, noise, sampler="euler")
