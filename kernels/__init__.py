@@ -24,7 +24,17 @@ from kernels import reference, rng
 __all__ = ["TRITON_AVAILABLE", "Impl", "groupnorm_silu", "randn_rows", "sampler_update"]
 
 Impl = Literal["auto", "reference", "triton"]
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def _triton_installed() -> bool:
+    """Whether triton can be imported, without importing it (that costs a second at start-up)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TRITON_AVAILABLE = _triton_installed()
 _ENV = "ROBUSTDIFF_KERNELS"
 
 

@@ -1,5 +1,8 @@
 """The counter-based noise: Triton draws the reference's numbers, and a row never depends on its batch."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -93,3 +96,22 @@ def test_gpu_randn_rows_real_shape() -> None:
     seeds = torch.randint(0, rng.SEED_MAX, (256,), dtype=torch.int64)
     actual = kernels.randn_rows(seeds, 5, 3 * 32 * 32, "cuda")
     torch.testing.assert_close(actual.cpu(), rng.randn_rows(seeds, 5, 3 * 32 * 32), atol=1e-5, rtol=0)
+
+
+def test_kernels_import_without_triton() -> None:
+    """macOS has no triton: ``import kernels`` and the reference paths must still work."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.TRITON_AVAILABLE\n"
+        "x = torch.randn(2, 4, 3, 3)\n"
+        "kernels.groupnorm_silu(x, 2, None, None)\n"
+        "kernels.sampler_update(x, x, torch.ones(2, 6), seeds=torch.tensor([1, 2]))\n"
+        "try:\n"
+        "    kernels.randn_rows(torch.tensor([1]), 0, 4, impl='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('impl=triton ran without triton')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
