@@ -1,0 +1,130 @@
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import (
+    FASHION_MNIST_DIR,
+    gaussian_noise,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_image_folder,
+    load_idx_folder,
+    read_idx,
+    salt_and_pepper,
+    uniform_outliers,
+)
+from models.errors import UserError
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
+    raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+@pytest.fixture()
+def idx_folder(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 1, 0]))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28)), gz=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([2, 2]), gz=False)
+    return tmp_path
+
+
+def test_idx_folder(idx_folder: Path) -> None:
+    ds = load_idx_folder(idx_folder, "train", image_size=32)
+    assert ds.images.shape == (5, 1, 32, 32) and ds.labels.tolist() == [0, 1, 2, 1, 0]
+    assert float(ds.images.min()) >= -1 and float(ds.images.max()) <= 1
+    assert torch.all(ds.images[:, :, :2] == -1)  # padded with the background value
+    assert len(load_idx_folder(idx_folder, "test")) == 2
+
+
+def test_idx_errors(idx_folder: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(b"\x00\x00\x0d\x01abcd")
+    with pytest.raises(UserError, match="unsigned-byte IDX"):
+        read_idx(bad)
+    good = (idx_folder / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "short").write_bytes(good[:-7])
+    with pytest.raises(UserError, match="header says"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(UserError, match="not a directory"):
+        load_idx_folder(tmp_path / "missing")
+    with pytest.raises(UserError, match="split"):
+        load_idx_folder(idx_folder, "valid")
+
+
+def test_cifar_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with (tmp_path / name).open("wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 2, 3]}, f)
+    ds = load_cifar10(tmp_path, "train")
+    assert ds.images.shape == (15, 3, 32, 32) and ds.class_names[1] == "automobile"
+    assert len(load_cifar10(tmp_path, "test")) == 3
+
+
+def test_cifar_refuses_foreign_pickles(tmp_path: Path) -> None:
+    with (tmp_path / "test_batch").open("wb") as f:
+        pickle.dump({b"data": Path("/"), b"labels": []}, f)
+    with pytest.raises(UserError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path, "test")
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tmp_path / cls / "a.png")
+    ds = load_image_folder(tmp_path, 16, 3)
+    assert ds.images.shape == (2, 3, 16, 16) and ds.class_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 1]
+    (tmp_path / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    with pytest.raises(UserError, match="not a readable image"):
+        load_image_folder(tmp_path, 16, 3)
+
+
+def test_digits_and_dispatch() -> None:
+    ds = load_digits(16)
+    assert ds.images.shape == (1797, 1, 16, 16)
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_dataset("imagenet")
+    with pytest.raises(UserError, match="needs a folder"):
+        load_dataset("mnist")
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (installed by .ci/run)")
+def test_fashion_mnist() -> None:
+    ds = load_dataset("fashion-mnist", split="test")
+    assert ds.images.shape == (10_000, 1, 32, 32) and ds.class_names[9] == "Ankle boot"
+
+
+def test_gaussian_noise_statistics() -> None:
+    x = torch.zeros(4000, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out, mask = gaussian_noise(x, sigma=0.1, fraction=0.9, generator=g)
+    assert abs(float(mask.float().mean()) - 0.9) < 0.02
+    assert abs(float(out[mask].std()) - 0.2) < 0.005  # sigma on the [0, 1] scale is 2*sigma in [-1, 1]
+    assert torch.equal(out[~mask], x[~mask])
+
+
+def test_outliers_and_salt_and_pepper() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2000, 1, 8, 8)
+    out, mask = uniform_outliers(x, 0.1, g)
+    assert abs(float(mask.float().mean()) - 0.1) < 0.03
+    assert abs(float(out[mask].var()) - 1 / 3) < 0.02  # U(-1, 1)
+    sp, m2 = salt_and_pepper(x, amount=0.2, fraction=1.0, generator=g)
+    hit = sp != 0
+    assert abs(float(hit.float().mean()) - 0.2) < 0.01
+    assert abs(float((sp[hit] > 0).float().mean()) - 0.5) < 0.03
+    with pytest.raises(UserError, match="fraction"):
+        gaussian_noise(x, 0.1, 1.5, g)
+    with pytest.raises(UserError, match="amount"):
+        salt_and_pepper(x, 2.0, 0.5, g)

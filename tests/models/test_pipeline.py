@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.grid import save_grid
+from models.pipeline import Pipeline
+from models.samplers import Cancelled
+from models.testing import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return Pipeline.from_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("p") / "tiny.safetensors"))
+
+
+def test_info(pipe: Pipeline) -> None:
+    assert pipe.info.kind == "diffusion" and pipe.info.image_shape == (1, 16, 16)
+    assert pipe.info.samplers == ["ddpm", "ddim", "dpm-solver++"] and len(pipe.info.hash) == 64
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+def test_unet_images_do_not_depend_on_the_batch(pipe: Pipeline, sampler: str) -> None:
+    batch = pipe.sample([1, 2, 3, 4, 5, 6, 7, 8], sampler=sampler, steps=3)
+    alone = pipe.sample([4], sampler=sampler, steps=3)
+    assert batch.shape == (8, 1, 16, 16) and torch.equal(batch[3], alone[0])
+    assert float(batch.abs().max()) <= 1.0
+
+
+def test_purify_is_seeded_and_validated(pipe: Pipeline) -> None:
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    a = pipe.purify(x, [5, 6], t_star=0.1, steps=2)
+    b = pipe.purify(x[1:], [6], t_star=0.1, steps=2)
+    assert torch.equal(a[1], b[0])
+    with pytest.raises(ValueError, match="t_star"):
+        pipe.purify(x, [5, 6], t_star=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        pipe.purify(x, [5, 6], t_star=0.01, steps=50)
+    with pytest.raises(ValueError, match="shape"):
+        pipe.purify(torch.zeros(1, 3, 16, 16), [1])
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.purify(torch.full((1, 1, 16, 16), float("nan")), [1])
+
+
+def test_sampler_must_fit_the_model_kind(pipe: Pipeline, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sampler"):
+        pipe.sample([1], sampler="consistency", steps=1)
+    cm = Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "cm.safetensors", kind="consistency"))
+    assert cm.info.samplers == ["consistency"]
+    assert cm.sample([1, 2], sampler="consistency", steps=1).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="sampler"):
+        cm.sample([1], sampler="ddim", steps=1)
+
+
+def test_labels_and_seeds_are_checked(pipe: Pipeline, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe.sample([1], labels=[0])
+    with pytest.raises(ValueError, match="seeds"):
+        pipe.sample([-1])
+    cond = Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "c.safetensors", num_classes=3))
+    assert cond.sample([1, 2], labels=[0, 2], steps=2).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="labels"):
+        cond.sample([1], labels=[5], steps=2)
+
+
+def test_cancel(pipe: Pipeline) -> None:
+    with pytest.raises(Cancelled):
+        pipe.sample([1], steps=5, cancel=lambda: True)
+
+
+def test_readme_example_writes_a_png_grid(tmp_path: Path) -> None:
+    """The README's Python example, verbatim in spirit: a fresh tiny model, a grid, a PNG."""
+    pipe = Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    images = pipe.sample(list(range(16)), sampler="ddim", steps=5)
+    path = save_grid(images, tmp_path / "grid.png")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size[0] > 64 and im.mode == "L"
