@@ -1,0 +1,39 @@
+# Two entry points do all set-up on a fresh machine (Debian/Ubuntu, Python 3.11):
+#   make serve   -> serve the default model at http://127.0.0.1:8000
+#   make test    -> lint, type-check and run every test (what CI runs)
+VENV ?= .venv
+PYTHON ?= python3.11
+BIN := $(VENV)/bin
+CODE := models service kernels
+APT_PACKAGES := redis-server prometheus dataset-fashion-mnist
+
+.PHONY: serve test lint system-deps
+
+$(BIN)/robustdiff: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		echo "installing$$missing with apt-get"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: $(BIN)/robustdiff
+	$(BIN)/ruff check $(CODE) tests bench
+	$(BIN)/ruff format --check $(CODE) tests bench
+	$(BIN)/mypy $(CODE)
+
+test: system-deps lint
+	$(BIN)/pytest
+
+serve: $(BIN)/robustdiff
+	$(BIN)/robustdiff serve
