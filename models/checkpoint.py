@@ -87,8 +87,13 @@ def save_checkpoint(
     path: str | Path, net: nn.Module, header: CheckpointHeader, dtype: torch.dtype = torch.float32
 ) -> CheckpointHeader:
     """Write ``net``'s weights (cast to ``dtype``) and the header; returns the header with its hash."""
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in net.state_dict().items()}
-    header = header.model_copy(update={"content_hash": content_hash(tensors), "format_version": FORMAT_VERSION})
+    tensors = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in net.state_dict().items()
+    }
+    header = header.model_copy(
+        update={"content_hash": content_hash(tensors), "format_version": FORMAT_VERSION}
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -114,7 +119,9 @@ def read_header(path: str | Path) -> CheckpointHeader:
     except json.JSONDecodeError as err:
         raise CheckpointError("header", f"{path}: header is not valid JSON ({err})") from err
     if isinstance(raw, dict) and raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError("format_version", f"{path} was written by a newer robustdiff (format {raw['format_version']})")
+        raise CheckpointError(
+            "format_version", f"{path} was written by a newer robustdiff (format {raw['format_version']})"
+        )
     try:
         header = CheckpointHeader.model_validate(raw)
     except ValidationError as err:
@@ -126,7 +133,9 @@ def read_header(path: str | Path) -> CheckpointHeader:
     return header
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify_hash: bool = True) -> tuple[UNet, CheckpointHeader]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", verify_hash: bool = True
+) -> tuple[UNet, CheckpointHeader]:
     """Build the network from the header and load the weights (as float32), validating both."""
     header = read_header(path)
     net = UNet(header.model)
@@ -144,8 +153,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
         )
     for k, v in expected.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError("tensors", f"{path}: {k} has shape {tuple(tensors[k].shape)}, config says {tuple(v.shape)}")
+            raise CheckpointError(
+                "tensors", f"{path}: {k} has shape {tuple(tensors[k].shape)}, config says {tuple(v.shape)}"
+            )
     if verify_hash and header.content_hash and content_hash(tensors) != header.content_hash:
-        raise CheckpointError("content_hash", f"{path}: tensors do not match the header's content hash (file corrupted?)")
+        raise CheckpointError(
+            "content_hash", f"{path}: tensors do not match the header's content hash (file corrupted?)"
+        )
     net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()})
     return net.to(device).eval(), header

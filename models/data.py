@@ -11,7 +11,7 @@ import pickle  # CIFAR-10's python batches are pickles of plain dicts; read only
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,7 +20,18 @@ import torch.nn.functional as F
 from models.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -70,7 +81,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4:header])
     count = int(np.prod(dims))
     if len(data) - header != count:
-        raise UserError("data_path", f"{path} holds {len(data) - header} bytes of data, its header says {count}")
+        raise UserError(
+            "data_path", f"{path} holds {len(data) - header} bytes of data, its header says {count}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -81,7 +94,13 @@ def _find(folder: Path, stem: str) -> Path:
     raise UserError("data_path", f"{folder} has no {stem}[.gz]")
 
 
-def load_idx_folder(folder: str | Path, split: str = "train", image_size: int = 32, class_names: list[str] | None = None, name: str = "idx") -> Dataset:
+def load_idx_folder(
+    folder: str | Path,
+    split: str = "train",
+    image_size: int = 32,
+    class_names: list[str] | None = None,
+    name: str = "idx",
+) -> Dataset:
     """MNIST-layout folder: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -92,23 +111,34 @@ def load_idx_folder(folder: str | Path, split: str = "train", image_size: int = 
     images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise UserError("data_path", f"{folder}: images {images.shape} and labels {labels.shape} do not pair up")
+        raise UserError(
+            "data_path", f"{folder}: images {images.shape} and labels {labels.shape} do not pair up"
+        )
     x = pad_to(to_unit(images)[:, None], image_size)
     names = class_names or [str(i) for i in range(int(labels.max()) + 1)]
     return Dataset(x, torch.from_numpy(labels.astype(np.int64)), names, name)
 
 
-def load_fashion_mnist(split: str = "train", folder: str | Path | None = None, image_size: int = 32) -> Dataset:
+def load_fashion_mnist(
+    split: str = "train", folder: str | Path | None = None, image_size: int = 32
+) -> Dataset:
     folder = Path(folder) if folder else FASHION_MNIST_DIR
     if not folder.is_dir():
-        raise UserError("data_path", f"{folder} not found: install Debian's dataset-fashion-mnist or pass a folder")
+        raise UserError(
+            "data_path", f"{folder} not found: install Debian's dataset-fashion-mnist or pass a folder"
+        )
     return load_idx_folder(folder, split, image_size, FASHION_CLASSES, "fashion-mnist")
 
 
 class _PlainUnpickler(pickle.Unpickler):
     """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: refuse every other global."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
@@ -133,7 +163,9 @@ def load_cifar10(folder: str | Path, split: str = "train") -> Dataset:
             raise UserError("data_path", f"{f} is not a CIFAR-10 batch: {err}") from err
         xs.append(data)
         ys.append(labels)
-    return Dataset(to_unit(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), CIFAR10_CLASSES, "cifar10")
+    return Dataset(
+        to_unit(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), CIFAR10_CLASSES, "cifar10"
+    )
 
 
 def load_image_folder(folder: str | Path, image_size: int, channels: int) -> Dataset:
@@ -153,8 +185,10 @@ def load_image_folder(folder: str | Path, image_size: int, channels: int) -> Dat
     for p in files:
         try:
             with Image.open(p) as im:
-                im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = np.asarray(
+                    im.convert(mode).resize((image_size, image_size), Image.Resampling.BICUBIC),
+                    dtype=np.uint8,
+                )
         except (UnidentifiedImageError, OSError) as err:
             raise UserError("data_path", f"{p} is not a readable image: {err}") from err
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
@@ -173,7 +207,9 @@ def load_digits(image_size: int = 8) -> Dataset:
     return Dataset(x, torch.from_numpy(d.target.astype(np.int64)), [str(i) for i in range(10)], "digits")
 
 
-def load_dataset(name: str, path: str | None = None, split: str = "train", image_size: int = 32, channels: int = 1) -> Dataset:
+def load_dataset(
+    name: str, path: str | None = None, split: str = "train", image_size: int = 32, channels: int = 1
+) -> Dataset:
     """By name: fashion-mnist | mnist | idx | cifar10 | folder | digits."""
     if name == "fashion-mnist":
         return load_fashion_mnist(split, path, image_size)
@@ -191,13 +227,17 @@ def load_dataset(name: str, path: str | None = None, split: str = "train", image
         return load_image_folder(path, image_size, channels)
     if name == "digits":
         return load_digits(image_size)
-    raise UserError("dataset", f"unknown dataset {name!r}; known: fashion-mnist, mnist, idx, cifar10, folder, digits")
+    raise UserError(
+        "dataset", f"unknown dataset {name!r}; known: fashion-mnist, mnist, idx, cifar10, folder, digits"
+    )
 
 
 # Corruptions: each takes images in [-1, 1] and a torch.Generator, and returns (images, mask of corrupted rows).
 
 
-def gaussian_noise(x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_noise(
+    x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Add N(0, sigma^2) (sigma on the [0, 1] scale, so 2*sigma in [-1, 1] units) to a fraction of images."""
     _check_fraction(fraction)
     if sigma < 0:
@@ -208,7 +248,9 @@ def gaussian_noise(x: torch.Tensor, sigma: float, fraction: float, generator: to
     return out.clamp(-1.0, 1.0), mask
 
 
-def uniform_outliers(x: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_outliers(
+    x: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace a fraction of images by uniform noise in [-1, 1]."""
     _check_fraction(fraction)
     mask = torch.rand(x.shape[0], generator=generator) < fraction
@@ -216,7 +258,9 @@ def uniform_outliers(x: torch.Tensor, fraction: float, generator: torch.Generato
     return torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), u, x), mask
 
 
-def salt_and_pepper(x: torch.Tensor, amount: float, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def salt_and_pepper(
+    x: torch.Tensor, amount: float, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Set a share ``amount`` of the pixels of a fraction of images to -1 or +1 (half each)."""
     _check_fraction(fraction)
     if not 0.0 <= amount <= 1.0:

@@ -49,7 +49,9 @@ def _model_dir(folder: Path) -> Path:
         return folder
     if (folder / "unet" / "config.json").is_file():
         return folder / "unet"
-    raise UserError("path", f"{folder} has no config.json (nor unet/config.json): not a diffusers model folder")
+    raise UserError(
+        "path", f"{folder} has no config.json (nor unet/config.json): not a diffusers model folder"
+    )
 
 
 def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
@@ -60,13 +62,17 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         raise UserError("config.time_embedding_type", "only positional time embeddings are supported")
     if cfg.get("resnet_time_scale_shift", "default") != "default":
         # diffusers' scale-shift UNet2DModel also drops the mid-block attention's norm: not DDPM's layout.
-        raise UserError("config.resnet_time_scale_shift", "only DDPM's 'default' time conditioning is supported")
+        raise UserError(
+            "config.resnet_time_scale_shift", "only DDPM's 'default' time conditioning is supported"
+        )
     if cfg.get("center_input_sample", False):
         raise UserError("config.center_input_sample", "center_input_sample=True is not supported")
     down = list(cfg.get("down_block_types", []))
     chans = list(cfg.get("block_out_channels", []))
     if not down or len(down) != len(chans) or any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
-        raise UserError("config.down_block_types", f"expected DownBlock2D/AttnDownBlock2D per level, got {down}")
+        raise UserError(
+            "config.down_block_types", f"expected DownBlock2D/AttnDownBlock2D per level, got {down}"
+        )
     size = cfg.get("sample_size", 32)
     size = size[0] if isinstance(size, list | tuple) else size
     heads_dim = cfg.get("attention_head_dim")
@@ -108,14 +114,18 @@ def load_diffusers_unet(folder: str | Path) -> UNet:
         raise UserError("config.json", f"not valid JSON: {err}") from err
     weights = mdir / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
-        raise UserError("path", f"{weights} not found (only safetensors weights are read; never .bin pickles)")
+        raise UserError(
+            "path", f"{weights} not found (only safetensors weights are read; never .bin pickles)"
+        )
     net = UNet(unet_config_from_diffusers(cfg))
     state = {rename_key(k): v.float() for k, v in load_file(str(weights)).items()}
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError("weights", f"layout differs from DDPM's: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise UserError(
+            "weights", f"layout differs from DDPM's: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     net.load_state_dict(state)
     return net.eval()
 
@@ -136,7 +146,9 @@ def schedule_from_diffusers(folder: str | Path) -> ScheduleConfig:
     )
 
 
-def convert_diffusers(folder: str | Path, out: str | Path, name: str, dtype: torch.dtype = torch.float32) -> CheckpointHeader:
+def convert_diffusers(
+    folder: str | Path, out: str | Path, name: str, dtype: torch.dtype = torch.float32
+) -> CheckpointHeader:
     """Write a servable robustdiff checkpoint from a diffusers folder."""
     net = load_diffusers_unet(folder)
     header = CheckpointHeader(

@@ -9,7 +9,12 @@ from models.noise import NoiseSource
 from models.samplers import SAMPLERS, Callback, Cancel
 from models.schedules import Spacing, time_grid
 
-SPACING: dict[str, Spacing] = {"ddpm": "uniform", "ddim": "uniform", "dpm-solver++": "log-snr", "consistency": "linear"}
+SPACING: dict[str, Spacing] = {
+    "ddpm": "uniform",
+    "ddim": "uniform",
+    "dpm-solver++": "log-snr",
+    "consistency": "linear",
+}
 
 
 def _check_sampler(sampler: str, steps: int) -> None:
@@ -34,7 +39,9 @@ def generate(
     _check_sampler(sampler, steps)
     ts = time_grid(denoiser.schedule, steps, SPACING[sampler])
     x = noise.initial()
-    out = SAMPLERS[sampler](denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0)
+    out = SAMPLERS[sampler](
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+    )
     return out.clamp(-1.0, 1.0) if clip_x0 else out
 
 
@@ -66,5 +73,7 @@ def purify(
     ts = time_grid(denoiser.schedule, steps, SPACING[sampler], t_max=t_star)
     t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
     x = denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
-    out = SAMPLERS[sampler](denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0)
+    out = SAMPLERS[sampler](
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+    )
     return out.clamp(-1.0, 1.0) if clip_x0 else out

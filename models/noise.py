@@ -18,8 +18,12 @@ class NoiseSource:
     from ``seeds`` and the stream, so no path ever depends on where an image sits in a batch.
     """
 
-    def __init__(self, seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.seeds = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds, dtype=torch.int64)
+    def __init__(
+        self, seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], device: torch.device | str = "cpu"
+    ) -> None:
+        self.seeds = torch.as_tensor(
+            list(seeds) if not isinstance(seeds, torch.Tensor) else seeds, dtype=torch.int64
+        )
         if self.seeds.ndim != 1 or self.seeds.numel() == 0:
             raise ValueError("seeds must be a non-empty 1-D sequence")
         if int(self.seeds.min()) < 0 or int(self.seeds.max()) > SEED_MAX:

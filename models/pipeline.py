@@ -84,7 +84,11 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", name: str | None = None, batch_invariant: bool | None = None
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        name: str | None = None,
+        batch_invariant: bool | None = None,
     ) -> Pipeline:
         dev = resolve_device(device)
         net, header = load_checkpoint(path, dev)
@@ -96,7 +100,7 @@ class Pipeline:
         if self.device.type == "cuda":
             from kernels.graphs import GraphedForward
 
-            self.net = self.net.to(self.dtype).to(memory_format=torch.channels_last)
+            self.net = self.net.to(self.dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             graphed = GraphedForward(self.net)
 
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +110,10 @@ class Pipeline:
             return net
 
         def rowwise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            rows = [net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1]) for i in range(x.shape[0])]
+            rows = [
+                net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1])
+                for i in range(x.shape[0])
+            ]
             return torch.cat(rows)
 
         return rowwise
@@ -132,7 +139,9 @@ class Pipeline:
 
     def _check_sampler(self, sampler: str) -> None:
         if sampler not in self.info.samplers:
-            raise ValueError(f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}")
+            raise ValueError(
+                f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}"
+            )
 
     @torch.inference_mode()
     def sample(
@@ -170,11 +179,23 @@ class Pipeline:
         """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1]."""
         self._check_sampler(sampler)
         if tuple(images.shape[1:]) != self.info.image_shape:
-            raise ValueError(f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}")
+            raise ValueError(
+                f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}"
+            )
         if not torch.isfinite(images).all():
             raise ValueError("images: contain NaN or infinity")
         noise = NoiseSource(seeds, self.info.image_shape, self.device)
         den = self.denoiser(self._labels(labels, len(noise)))
         x = images.to(self.device, torch.float32)
-        out = purify(den, x, noise, t_star=t_star, sampler=sampler, steps=steps, eta=eta, callback=callback, cancel=cancel)
+        out = purify(
+            den,
+            x,
+            noise,
+            t_star=t_star,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            callback=callback,
+            cancel=cancel,
+        )
         return out.float().cpu()

@@ -32,10 +32,14 @@ class Cancelled(RuntimeError):
 
 
 class StepRule(Protocol):
-    def __call__(self, denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float) -> tuple[torch.Tensor, ...]: ...
+    def __call__(
+        self, denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+    ) -> tuple[torch.Tensor, ...]: ...
 
 
-def _ddim(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float) -> tuple[torch.Tensor, ...]:
+def _ddim(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
     sch = denoiser.schedule
     ab_t, ab_s = sch.alphabar(t), sch.alphabar(s)
     a_t, s_t, a_s = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_s.sqrt()
@@ -45,7 +49,9 @@ def _ddim(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Te
     return c / s_t, a_s - c * a_t / s_t, zero, sigma
 
 
-def _ddpm(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float) -> tuple[torch.Tensor, ...]:
+def _ddpm(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
     sch = denoiser.schedule
     ab_t, ab_s = sch.alphabar(t), sch.alphabar(s)
     alpha_ts = ab_t / ab_s
@@ -56,7 +62,9 @@ def _ddpm(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Te
     return p, q, torch.zeros_like(t), n
 
 
-def _dpmpp_2m(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float) -> tuple[torch.Tensor, ...]:
+def _dpmpp_2m(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
     sch = denoiser.schedule
     a_t, s_t, a_s, s_s = sch.a(t), sch.s(t), sch.a(s), sch.s(s)
     zero = torch.zeros_like(t)
@@ -72,14 +80,21 @@ def _dpmpp_2m(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torc
     return s_s / s_t, base * (1 + half_inv_r), -base * half_inv_r, zero
 
 
-def _consistency(denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float) -> tuple[torch.Tensor, ...]:
+def _consistency(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
     """Multistep consistency sampling: denoise to x0, then re-noise to the next time."""
     sch = denoiser.schedule
     zero = torch.zeros_like(t)
     return zero, sch.a(s), zero, sch.s(s)
 
 
-RULES: dict[str, StepRule] = {"ddpm": _ddpm, "ddim": _ddim, "dpm-solver++": _dpmpp_2m, "consistency": _consistency}
+RULES: dict[str, StepRule] = {
+    "ddpm": _ddpm,
+    "ddim": _ddim,
+    "dpm-solver++": _dpmpp_2m,
+    "consistency": _consistency,
+}
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 CONSISTENCY_SAMPLERS = ("consistency",)
 
@@ -146,7 +161,9 @@ def _make(rule: str) -> Callable[..., torch.Tensor]:
         eta: float = 0.0,
         clip_x0: bool = False,
     ) -> torch.Tensor:
-        return run_sampler(rule, denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0)
+        return run_sampler(
+            rule, denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+        )
 
     sampler.__name__ = f"sample_{rule.replace('-', '_').replace('++', 'pp')}"
     sampler.__doc__ = f"The {rule} sampler (see the module docstring for the shared signature)."

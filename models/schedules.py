@@ -49,7 +49,9 @@ class Schedule:
         self.T = T
         self.betas = betas
         # log_alphabar[k] for k = 0..T, log_alphabar[0] = 0.
-        self.log_alphabar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        self.log_alphabar = torch.cat(
+            [torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)]
+        )
 
     def alphabar(self, t: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -109,7 +111,9 @@ class Schedule:
 Spacing = Literal["uniform", "log-snr", "linear"]
 
 
-def time_grid(schedule: Schedule, steps: int, spacing: Spacing = "uniform", t_max: float = 1.0) -> torch.Tensor:
+def time_grid(
+    schedule: Schedule, steps: int, spacing: Spacing = "uniform", t_max: float = 1.0
+) -> torch.Tensor:
     """A decreasing grid of ``steps + 1`` times from t_max to 0 (the last step lands on clean data).
 
     ``uniform`` spaces the DDPM steps evenly (DDIM's choice); ``log-snr`` spaces them evenly in
@@ -127,11 +131,17 @@ def time_grid(schedule: Schedule, steps: int, spacing: Spacing = "uniform", t_ma
         k_max = round(t_max * schedule.T)
         if steps > k_max:
             raise ValueError(f"steps must be <= {k_max}, the DDPM steps below t_max={t_max}")
-        ks = torch.linspace(k_max, 1, steps, dtype=torch.float64).round() if steps > 1 else torch.tensor([float(k_max)], dtype=torch.float64)
+        ks = (
+            torch.linspace(k_max, 1, steps, dtype=torch.float64).round()
+            if steps > 1
+            else torch.tensor([float(k_max)], dtype=torch.float64)
+        )
         ts = ks / schedule.T
         ts[0] = t_max
     else:
-        lam = torch.linspace(float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps, dtype=torch.float64)
+        lam = torch.linspace(
+            float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps, dtype=torch.float64
+        )
         ts = schedule.t_from_log_snr(lam)
         ts[-1] = t_min
         ts[0] = t_max

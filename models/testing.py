@@ -12,14 +12,16 @@ from models.schedules import Schedule, ScheduleConfig
 from models.unet import UNet, preset
 
 
-def tiny_checkpoint(path: str | Path, kind: str = "diffusion", name: str | None = None, seed: int = 0, **overrides: object) -> Path:
+def tiny_checkpoint(
+    path: str | Path, kind: str = "diffusion", name: str | None = None, seed: int = 0, **overrides: object
+) -> Path:
     """Write a randomly initialised ``tiny`` checkpoint (diffusion or consistency) and return its path."""
     torch.manual_seed(seed)
     cfg = preset("tiny", **overrides)
     net = UNet(cfg)
     header = CheckpointHeader(
         name=name or f"tiny-{kind}",
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         model=cfg,
         schedule=ScheduleConfig(),
         consistency=ConsistencyConfig() if kind == "consistency" else None,
@@ -42,13 +44,17 @@ class GaussianEps(torch.nn.Module):
         self.mu = mu
         self.v = v
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = (timestep.to(torch.float64) + 1.0) / self.schedule.T
         ab = self.schedule.alphabar(t).reshape(-1, *([1] * (x.ndim - 1)))
         a, s = ab.sqrt(), (1 - ab).sqrt()
         return (s * (x.to(torch.float64) - a * self.mu) / (ab * self.v + s * s)).to(x.dtype)
 
 
-def gaussian_denoiser(mu: float = 0.5, v: float = 0.25, schedule: ScheduleConfig | None = None) -> EpsDenoiser:
+def gaussian_denoiser(
+    mu: float = 0.5, v: float = 0.25, schedule: ScheduleConfig | None = None
+) -> EpsDenoiser:
     sch = Schedule(schedule)
     return EpsDenoiser(GaussianEps(sch, mu, v), sch)

@@ -8,6 +8,7 @@ through ``kernels.groupnorm_silu``: fused Triton on CUDA, PyTorch elsewhere, one
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -125,23 +126,29 @@ def preset(name: str, **overrides: object) -> UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
     """DDPM's sinusoidal embedding of (possibly fractional) timestep indices."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], 1)
+    emb = torch.cat(
+        [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], 1
+    )
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class Norm(nn.GroupNorm):
     """GroupNorm whose forward is the fused norm(+scale/shift)+SiLU op."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         x: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
         silu: bool = True,
     ) -> torch.Tensor:
-        return groupnorm_silu(x, self.num_groups, self.weight, self.bias, eps=self.eps, scale=scale, shift=shift, silu=silu)
+        return groupnorm_silu(
+            x, self.num_groups, self.weight, self.bias, eps=self.eps, scale=scale, shift=shift, silu=silu
+        )
 
 
 class ResBlock(nn.Module):
@@ -212,7 +219,9 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of the UNet: residual blocks, optional attention after each, optional resampler."""
 
-    def __init__(self, blocks: list[ResBlock], attn: list[Attention] | None, resample: nn.Module | None) -> None:
+    def __init__(
+        self, blocks: list[ResBlock], attn: list[Attention] | None, resample: nn.Module | None
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attn) if attn else None
@@ -243,7 +252,13 @@ class UNet(nn.Module):
                 cin = cout
                 skips.append(cout)
             last = i == levels - 1
-            self.down.append(Level(blocks, attn if res in cfg.attention_resolutions else None, None if last else Downsample(cout)))
+            self.down.append(
+                Level(
+                    blocks,
+                    attn if res in cfg.attention_resolutions else None,
+                    None if last else Downsample(cout),
+                )
+            )
             if not last:
                 skips.append(cout)
                 res //= 2
@@ -259,18 +274,26 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(cin + skips.pop(), cout, emb_dim, cfg))
                 attn.append(Attention(cout, cfg))
                 cin = cout
-            self.up.append(Level(blocks, attn if res in cfg.attention_resolutions else None, Upsample(cout) if i else None))
+            self.up.append(
+                Level(
+                    blocks, attn if res in cfg.attention_resolutions else None, Upsample(cout) if i else None
+                )
+            )
             if i:
                 res *= 2
 
         self.norm_out = Norm(cfg.groups, cin, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(cin, cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cfg = self.cfg
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(timestep, cfg.base_channels, cfg.time_flip_sin_to_cos, cfg.time_freq_shift))
+        emb = self.time_mlp(
+            timestep_embedding(timestep, cfg.base_channels, cfg.time_flip_sin_to_cos, cfg.time_freq_shift)
+        )
         if self.class_emb is not None:
             if labels is None:
                 raise ValueError("this model is class-conditional: labels are required")
@@ -308,4 +331,3 @@ class UNet(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

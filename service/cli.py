@@ -34,7 +34,9 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below")
+    parser.add_argument(
+        "command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below"
+    )
     return parser
 
 

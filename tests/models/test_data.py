@@ -13,8 +13,8 @@ from models.data import (
     load_cifar10,
     load_dataset,
     load_digits,
-    load_image_folder,
     load_idx_folder,
+    load_image_folder,
     read_idx,
     salt_and_pepper,
     uniform_outliers,
@@ -23,7 +23,9 @@ from models.errors import UserError
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
-    raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    raw = (
+        bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    )
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
 
@@ -84,7 +86,11 @@ def test_image_folder(tmp_path: Path) -> None:
         (tmp_path / cls).mkdir()
         Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tmp_path / cls / "a.png")
     ds = load_image_folder(tmp_path, 16, 3)
-    assert ds.images.shape == (2, 3, 16, 16) and ds.class_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 1]
+    assert (
+        ds.images.shape == (2, 3, 16, 16)
+        and ds.class_names == ["cats", "dogs"]
+        and ds.labels.tolist() == [0, 1]
+    )
     (tmp_path / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     with pytest.raises(UserError, match="not a readable image"):
         load_image_folder(tmp_path, 16, 3)
@@ -99,7 +105,9 @@ def test_digits_and_dispatch() -> None:
         load_dataset("mnist")
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (installed by .ci/run)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (installed by .ci/run)"
+)
 def test_fashion_mnist() -> None:
     ds = load_dataset("fashion-mnist", split="test")
     assert ds.images.shape == (10_000, 1, 32, 32) and ds.class_names[9] == "Ankle boot"
@@ -120,7 +128,7 @@ def test_outliers_and_salt_and_pepper() -> None:
     out, mask = uniform_outliers(x, 0.1, g)
     assert abs(float(mask.float().mean()) - 0.1) < 0.03
     assert abs(float(out[mask].var()) - 1 / 3) < 0.02  # U(-1, 1)
-    sp, m2 = salt_and_pepper(x, amount=0.2, fraction=1.0, generator=g)
+    sp, _ = salt_and_pepper(x, amount=0.2, fraction=1.0, generator=g)
     hit = sp != 0
     assert abs(float(hit.float().mean()) - 0.2) < 0.01
     assert abs(float((sp[hit] > 0).float().mean()) - 0.5) < 0.03

@@ -7,7 +7,9 @@ from models.checkpoint import load_checkpoint
 from models.diffusers_import import convert_diffusers, load_diffusers_unet
 from models.errors import UserError
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only dependency (pip install -e '.[test]')")
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is a test-only dependency (pip install -e '.[test]')"
+)
 
 
 def _ddpm_like(tmp_path: Path, **kw: object) -> Path:
@@ -48,12 +50,12 @@ def test_outputs_match_diffusers(tmp_path: Path, kw: dict) -> None:
 def test_convert_writes_a_servable_checkpoint(tmp_path: Path) -> None:
     folder = _ddpm_like(tmp_path)
     header = convert_diffusers(folder, tmp_path / "imported.safetensors", "imported")
-    net, got = load_checkpoint(tmp_path / "imported.safetensors")
+    _, got = load_checkpoint(tmp_path / "imported.safetensors")
     assert got.content_hash == header.content_hash and got.training.method == "imported"
 
 
 def test_refuses_unsupported_layouts(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="config.json"):
+    with pytest.raises(UserError, match=r"config\.json"):
         load_diffusers_unet(tmp_path)
     _ddpm_like(tmp_path / "ss", resnet_time_scale_shift="scale_shift")
     with pytest.raises(UserError, match="resnet_time_scale_shift"):

@@ -13,7 +13,14 @@ MU, V, N = 0.5, 0.25, 20_000
 
 
 def _moments(sampler: str, steps: int, eta: float = 0.0) -> tuple[float, float]:
-    x = generate(gaussian_denoiser(MU, V), NoiseSource(range(N), (1,)), sampler=sampler, steps=steps, eta=eta, clip_x0=False)
+    x = generate(
+        gaussian_denoiser(MU, V),
+        NoiseSource(range(N), (1,)),
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        clip_x0=False,
+    )
     return float(x.mean()), float(x.var())
 
 
@@ -60,7 +67,13 @@ def test_step_count_and_progress(sampler: str, steps: int) -> None:
         return inner(*args)
 
     den.net = counting
-    generate(den, NoiseSource([1, 2], (1, 2, 2)), sampler=sampler, steps=steps, callback=lambda i, n: calls.append((i, n)))
+    generate(
+        den,
+        NoiseSource([1, 2], (1, 2, 2)),
+        sampler=sampler,
+        steps=steps,
+        callback=lambda i, n: calls.append((i, n)),
+    )
     assert evals == steps
     assert calls == [(i + 1, steps) for i in range(steps)]
 
@@ -68,7 +81,13 @@ def test_step_count_and_progress(sampler: str, steps: int) -> None:
 def test_cancel_stops_between_steps() -> None:
     seen = []
     with pytest.raises(Cancelled):
-        generate(gaussian_denoiser(), NoiseSource([1], (1,)), steps=10, callback=lambda i, n: seen.append(i), cancel=lambda: len(seen) >= 3)
+        generate(
+            gaussian_denoiser(),
+            NoiseSource([1], (1,)),
+            steps=10,
+            callback=lambda i, n: seen.append(i),
+            cancel=lambda: len(seen) >= 3,
+        )
     assert seen == [1, 2, 3]
 
 

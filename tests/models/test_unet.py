@@ -13,7 +13,10 @@ def test_preset_sizes() -> None:
     assert 4_000_000 <= count_parameters(UNet(preset("fmnist"))) <= 8_000_000
 
 
-@pytest.mark.parametrize("overrides", [{}, {"scale_shift_norm": True}, {"num_classes": 3}, {"num_heads": 2, "mid_attention": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"scale_shift_norm": True}, {"num_classes": 3}, {"num_heads": 2, "mid_attention": False}],
+)
 def test_forward_shapes(overrides: dict) -> None:
     net = UNet(preset("tiny", **overrides)).eval()
     x = torch.randn(3, 1, 16, 16)
