@@ -32,15 +32,25 @@ FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("config", nargs="?", help="TOML (.toml) or YAML (.yaml/.yml) config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field, dotted for sections: options.eta=0.05, data.corruption.kind=gaussian")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, dotted for sections: options.eta=0.05, data.corruption.kind=gaussian",
+    )
     parser.add_argument("--resume", metavar="PATH", help="continue a run folder or checkpoints/step-*.json")
     for dest, key in FLAGS.items():
-        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, metavar="VALUE", help=f"same as --set {key}=VALUE")
+        parser.add_argument(
+            "--" + dest.replace("_", "-"), dest=dest, metavar="VALUE", help=f"same as --set {key}=VALUE"
+        )
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
-    out = [f"{key}={getattr(args, dest)}" for dest, key in FLAGS.items() if getattr(args, dest, None) is not None]
+    out = [
+        f"{key}={getattr(args, dest)}" for dest, key in FLAGS.items() if getattr(args, dest, None) is not None
+    ]
     return out + list(args.overrides)
 
 
@@ -51,7 +61,9 @@ def resume_config(path: str, sets: list[str]) -> TrainConfig:
     for s in sets:
         key = apply_override(data, s)
         if key.split(".")[0] not in RESUMABLE:
-            raise UserError(key, f"cannot be changed when resuming (resumable: {', '.join(sorted(RESUMABLE))})")
+            raise UserError(
+                key, f"cannot be changed when resuming (resumable: {', '.join(sorted(RESUMABLE))})"
+            )
     return build(data)
 
 
@@ -80,5 +92,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, command=command_line(args), resume=args.resume)
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.5f}"
     stop = " (stopped early)" if result.stopped_early else ""
-    print(f"trained {result.updates} updates in {result.wall_s:.0f} s{stop}; final loss {loss}; served file {result.export}")
+    print(
+        f"trained {result.updates} updates in {result.wall_s:.0f} s{stop}; final loss {loss}; served file {result.export}"
+    )
     return 0

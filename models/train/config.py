@@ -52,7 +52,9 @@ class CorruptionConfig(_Strict):
 
 class DataConfig(_Strict):
     name: str = "fashion-mnist"
-    path: str | None = Field(None, description="folder of the data set (fashion-mnist defaults to the Debian package)")
+    path: str | None = Field(
+        None, description="folder of the data set (fashion-mnist defaults to the Debian package)"
+    )
     split: Literal["train", "test"] = "train"
     limit: int | None = Field(None, ge=1, description="use only the first N images")
     corruption: CorruptionConfig | None = None
@@ -63,7 +65,9 @@ class DataConfig(_Strict):
             raise ValueError(f"name: unknown data set {self.name!r}; known: {', '.join(DATASETS)}")
         if self.name in DATASETS_WITH_PATH and not self.path:
             raise ValueError(f"path: data set {self.name!r} needs a path")
-        folder = Path(self.path) if self.path else (FASHION_MNIST_DIR if self.name == "fashion-mnist" else None)
+        folder = (
+            Path(self.path) if self.path else (FASHION_MNIST_DIR if self.name == "fashion-mnist" else None)
+        )
         if folder is not None and not folder.exists():
             raise ValueError(f"path: {folder} does not exist")
         return self
@@ -92,18 +96,24 @@ class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="global batch size (split over DDP ranks)")
     updates: int = Field(1000, ge=1, description="budget of parameter updates (not minibatches)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+u)/(10+u)) so short runs forget the init")
+    ema_warmup: bool = Field(
+        True, description="EMA decay min(decay, (1+u)/(10+u)) so short runs forget the init"
+    )
     seed: int = Field(0, ge=0)
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     out_dir: str = "runs/model"
-    checkpoint_every: int = Field(500, ge=1, description="training checkpoint (+ sample grid) every N updates")
+    checkpoint_every: int = Field(
+        500, ge=1, description="training checkpoint (+ sample grid) every N updates"
+    )
     log_every: int = Field(10, ge=1)
     sample_count: int = Field(16, ge=0, description="images in the grid written at each checkpoint")
     sample_steps: int = Field(20, ge=1, description="DDIM steps for that grid")
     export_path: str | None = Field(None, description="served safetensors file written at the end")
     export_dtype: Literal["float32", "float16"] = "float16"
-    max_minutes: float | None = Field(None, gt=0.0, description="stop (checkpoint + export) after this wall time")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="stop (checkpoint + export) after this wall time"
+    )
     progress: bool = True
 
     @model_validator(mode="after")

@@ -55,15 +55,21 @@ def served_header(
     )
     mc = cfg.model_config_()
     names = list(class_names or []) if mc.num_classes else []
-    return CheckpointHeader(name=name or cfg.name, model=mc, schedule=cfg.schedule, training=info, class_names=names)
+    return CheckpointHeader(
+        name=name or cfg.name, model=mc, schedule=cfg.schedule, training=info, class_names=names
+    )
 
 
-def write_served(path: str | Path, ema: nn.Module, header: CheckpointHeader, dtype: torch.dtype = torch.float16) -> Path:
+def write_served(
+    path: str | Path, ema: nn.Module, header: CheckpointHeader, dtype: torch.dtype = torch.float16
+) -> Path:
     save_checkpoint(path, ema, header, dtype)
     return Path(path)
 
 
-def export_checkpoint(source: str | Path, out: str | Path, name: str | None = None, dtype: str = "float16") -> Path:
+def export_checkpoint(
+    source: str | Path, out: str | Path, name: str | None = None, dtype: str = "float16"
+) -> Path:
     """Write the served file for a training checkpoint (a run folder, or a step-*.json/.safetensors)."""
     meta, tensors = ckpt.load(source)
     cfg = build(meta["config"])

@@ -151,11 +151,17 @@ class EquivariantOptions(MethodOptions):
     perturbations, weighted like the eps loss (alphabar_t / s_t^2 in x0 terms).
     """
 
-    lam: float = Field(0.3, ge=0.0, alias="lambda", description="weight lambda_t of the equivariance term (constant)")
+    lam: float = Field(
+        0.3, ge=0.0, alias="lambda", description="weight lambda_t of the equivariance term (constant)"
+    )
     variant: Literal["random", "adversarial"] = "adversarial"
     r_floor: float = Field(2 * 8 / 255, ge=0.0, description="pixel-unit floor of the box ([-1, 1] scale)")
-    r_scale: float = Field(0.1, ge=0.0, description="noise-unit box where it exceeds the floor (pixel radius r_scale*s_t)")
-    adv_step: float = Field(1.0, ge=0.0, description="adversarial: signed-gradient step, as a fraction of r(t)")
+    r_scale: float = Field(
+        0.1, ge=0.0, description="noise-unit box where it exceeds the floor (pixel radius r_scale*s_t)"
+    )
+    adv_step: float = Field(
+        1.0, ge=0.0, description="adversarial: signed-gradient step, as a fraction of r(t)"
+    )
     stop_grad_anchor: bool = Field(True, description="treat eps_theta(x_t) in the target as a constant")
     target: Literal["equivariance", "invariance"] = Field(
         "equivariance", description="'invariance' is the naive ablation: target eps_theta(x_t) without + w"
@@ -175,8 +181,20 @@ class EquivariantAT(Method):
         o = self.options
         return torch.maximum(o.r_floor / s, torch.full_like(s, o.r_scale))
 
-    def target(self, anchor: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return anchor + w if self.options.target == "equivariance" else anchor
+    def residual(
+        self,
+        ctx: StepContext,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        w: torch.Tensor,
+        anchor: torch.Tensor,
+        *,
+        sync: bool = True,
+    ) -> torch.Tensor:
+        """eps_theta(x_t + s_t w) minus its target: anchor + w (equivariance) or anchor (invariance ablation)."""
+        target = anchor + w if self.options.target == "equivariance" else anchor
+        return ctx.eps(x_t + s * w, t, sync=sync) - target
 
     def step(self, ctx: StepContext, x0: torch.Tensor) -> list[float]:
         o = self.options
@@ -186,10 +204,9 @@ class EquivariantAT(Method):
         r = self.radius(s)
         w = ((torch.rand(x0.shape, generator=ctx.generator) * 2 - 1).to(ctx.device)) * r
         out = ctx.eps(x_t, t)
-        anchor = out.detach() if o.stop_grad_anchor else out
         if o.variant == "adversarial":
             w = self.ascend(ctx, x_t, t, s, w, r, out.detach())
-        residual = ctx.eps(x_t + s * w, t) - self.target(anchor, w)
+        residual = self.residual(ctx, x_t, t, s, w, out.detach() if o.stop_grad_anchor else out)
         loss = mse(out, eps) + o.lam * residual.pow(2).mean()
         ctx.update(loss)
         return [float(loss.detach())]
@@ -206,7 +223,7 @@ class EquivariantAT(Method):
     ) -> torch.Tensor:
         """One signed-gradient step from ``w`` that increases the residual, projected back on the box."""
         w = w.detach().requires_grad_(True)
-        residual = ctx.eps(x_t + s * w, t, sync=False) - self.target(anchor, w)
+        residual = self.residual(ctx, x_t, t, s, w, anchor, sync=False)
         (g,) = torch.autograd.grad(residual.pow(2).sum(), w)
         return project_box(w.detach() + self.options.adv_step * r * g.sign(), r)
 

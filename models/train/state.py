@@ -46,9 +46,10 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inverse of ``optimizer_tensors``; ``tensors`` are named ``<index>.<key>`` (the ``optim`` section)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
+        idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": groups}
 
@@ -120,7 +121,10 @@ def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
     """This process's RNG states as plain lists (JSON)."""
-    out: dict[str, Any] = {"generator": generator.get_state().tolist(), "torch": torch.get_rng_state().tolist()}
+    out: dict[str, Any] = {
+        "generator": generator.get_state().tolist(),
+        "torch": torch.get_rng_state().tolist(),
+    }
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device).tolist()
     return out

@@ -57,7 +57,10 @@ def load_data(cfg: TrainConfig) -> Dataset:
     mc = cfg.model_config_()
     ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.split, mc.image_size, mc.in_channels)
     if tuple(ds.images.shape[1:]) != (mc.in_channels, mc.image_size, mc.image_size):
-        raise UserError("preset", f"the model takes {mc.in_channels}x{mc.image_size}x{mc.image_size}, data is {tuple(ds.images.shape[1:])}")
+        raise UserError(
+            "preset",
+            f"the model takes {mc.in_channels}x{mc.image_size}x{mc.image_size}, data is {tuple(ds.images.shape[1:])}",
+        )
     if cfg.data.limit is not None:
         ds = Dataset(ds.images[: cfg.data.limit], ds.labels[: cfg.data.limit], ds.class_names, ds.name)
     c = cfg.data.corruption
@@ -85,7 +88,9 @@ def hardware(device: torch.device, world: int) -> str:
 class Trainer:
     """Owns the model, EMA, optimizer and data order; implements the methods' ``StepContext``."""
 
-    def __init__(self, cfg: TrainConfig, command: str | None = None, resume: str | Path | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, command: str | None = None, resume: str | Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.command = command
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -108,9 +113,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.ema_params = [p for p in self.ema.parameters()]
+        self.ema_params: list[torch.Tensor] = list(self.ema.parameters())
         o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         self.state = ckpt.LoopState()
         self.out = Path(cfg.out_dir)
@@ -175,7 +182,9 @@ class Trainer:
         saved = meta["state"]
         self.state = ckpt.LoopState(**saved)
         if len(self.state.rng) != self.world:
-            raise UserError("resume", f"checkpoint was written by {len(self.state.rng)} ranks, this run has {self.world}")
+            raise UserError(
+                "resume", f"checkpoint was written by {len(self.state.rng)} ranks, this run has {self.world}"
+            )
         ckpt.set_rng_state(self.generator, self.device, self.state.rng[self.rank])
 
     # Data ----------------------------------------------------------------------------------------
@@ -207,7 +216,15 @@ class Trainer:
             return None
         self.state.rng = rngs
         extra = {"command": self.command, "hardware": hardware(self.device, self.world)}
-        path = ckpt.save(self.out, self.net.state_dict(), self.ema.state_dict(), self.opt, self.state, self.cfg.model_dump(), extra)
+        path = ckpt.save(
+            self.out,
+            self.net.state_dict(),
+            self.ema.state_dict(),
+            self.opt,
+            self.state,
+            self.cfg.model_dump(),
+            extra,
+        )
         if self.cfg.sample_count:
             self.sample_grid(self.out / "samples" / f"step-{self.state.updates:08d}.png")
         return path
@@ -216,7 +233,9 @@ class Trainer:
     def sample_grid(self, path: Path) -> Path:
         """EMA samples, DDIM ``sample_steps`` steps, fixed seeds: the same images at every checkpoint."""
         noise = NoiseSource(range(self.cfg.sample_count), self.data.images.shape[1:], self.device)
-        images = generate(EpsDenoiser(self.ema, self.schedule), noise, sampler="ddim", steps=self.cfg.sample_steps)
+        images = generate(
+            EpsDenoiser(self.ema, self.schedule), noise, sampler="ddim", steps=self.cfg.sample_steps
+        )
         return save_grid(images, path)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -246,7 +265,9 @@ class Trainer:
         return total / count
 
     def export(self) -> Path:
-        path = Path(self.cfg.export_path) if self.cfg.export_path else self.out / f"{self.cfg.name}.safetensors"
+        path = (
+            Path(self.cfg.export_path) if self.cfg.export_path else self.out / f"{self.cfg.name}.safetensors"
+        )
         header = served_header(
             self.cfg,
             updates=self.state.updates,
@@ -299,7 +320,9 @@ class Trainer:
                 if not all(math.isfinite(x) for x in losses):
                     raise RuntimeError(f"loss became {losses} at update {self.state.updates}")
                 bar.update(self.state.updates - before)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", upd_s=f"{ups:.2f}", img_s=f"{ips:.1f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.4f}", upd_s=f"{ups:.2f}", img_s=f"{ips:.1f}", refresh=False
+                )
                 crossed = self.state.updates // cfg.log_every > before // cfg.log_every
                 if crossed or self.state.updates >= cfg.updates:
                     self.log(
@@ -341,7 +364,12 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return TrainResult(
-            self.state.updates, self.state.wall_s, self.final_loss(), last_ckpt, exported, self.stop_reason is not None
+            self.state.updates,
+            self.state.wall_s,
+            self.final_loss(),
+            last_ckpt,
+            exported,
+            self.stop_reason is not None,
         )
 
 

@@ -1,0 +1,71 @@
+"""Config files, overrides and validation: mistakes fail before training, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.errors import UserError
+from models.train.config import load_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["method=nope"], "method"),
+        (["method=dro-at", "options.eta=-1"], "options.eta"),
+        (["method=equivariant-at", "options.r_floor=-0.1"], "options.r_floor"),
+        (["method=equivariant-at", "options.variant=sideways"], "options.variant"),
+        (["method=standard", "options.alpha=0.1"], "options.alpha"),
+        (["data.name=mnist"], "data.path"),
+        (["data.name=idx", "data.path=/nonexistent/folder"], "data.path"),
+        (["data.name=digits", "batch_size=0"], "batch_size"),
+        (["data.name=digits", "preset=huge"], "preset"),
+        (["data.name=digits", "learning_rate=1"], "learning_rate"),
+        (
+            ["data.name=digits", "data.corruption.kind=gaussian", "data.corruption.fraction=2"],
+            "data.corruption.fraction",
+        ),
+    ],
+)
+def test_bad_configs_name_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert err.value.field == field
+
+
+def test_toml_yaml_and_overrides(tmp_path: Path) -> None:
+    toml = tmp_path / "a.toml"
+    toml.write_text('method = "dro-at"\nbatch_size = 4\n[options]\nm = 2\n[data]\nname = "digits"\n')
+    yml = tmp_path / "a.yaml"
+    yml.write_text("method: dro-at\nbatch_size: 4\noptions: {m: 2}\ndata: {name: digits}\n")
+    a, b = load_config(toml), load_config(yml)
+    assert a == b
+    assert a.options["m"] == 2 and a.options["eta"] == 0.1
+    c = load_config(
+        toml,
+        [
+            "options.m=5",
+            "optim.grad_clip=null",
+            "data.corruption.kind=outliers",
+            "data.corruption.fraction=0.1",
+        ],
+    )
+    assert c.options["m"] == 5 and c.optim.grad_clip is None
+    assert c.data.corruption is not None and c.data.corruption.fraction == 0.1
+
+
+def test_equivariant_lambda_alias() -> None:
+    cfg = load_config(None, ["method=equivariant-at", "options.lambda=0.5", "data.name=digits"])
+    assert cfg.options["lambda"] == 0.5
+
+
+def test_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "b.toml"
+    bad.write_text("method = \n")
+    with pytest.raises(UserError) as err:
+        load_config(bad)
+    assert err.value.field == "config"
+    with pytest.raises(UserError):
+        load_config(tmp_path / "missing.yaml")
