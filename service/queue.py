@@ -1,0 +1,518 @@
+"""The one job queue: Redis Streams with a consumer group, job hashes, and completion events.
+
+Layout (all keys under ``robustdiff:``):
+
+- ``jobs:{model}``   stream of ``{id}`` entries, consumer group ``workers`` (at-least-once delivery);
+  a worker acks *and deletes* an entry when the job ends, so XLEN - pending = jobs still waiting.
+- ``job:{id}``       hash: status, kind, model, request (JSON), created/started/finished, step/steps,
+  result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1).
+- ``dead``           dead-letter stream for jobs delivered more than MAX_DELIVERIES times.
+- ``idem:{key}``     Idempotency-Key -> "job_id fingerprint".
+- ``models``/``heartbeats``  what the workers serve and when each last said so.
+- ``events``         pub/sub channel carrying the id of each job that reached a final status.
+
+State changes that must not race (submit, start, finish, cancel, requeue) are Lua scripts, so a
+job reclaimed from a dead worker can never be answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+PREFIX = "robustdiff"
+GROUP = "workers"
+DEAD_STREAM = f"{PREFIX}:dead"
+EVENTS_CHANNEL = f"{PREFIX}:events"
+MODELS_KEY = f"{PREFIX}:models"
+HEARTBEATS_KEY = f"{PREFIX}:heartbeats"
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+log = logging.getLogger(__name__)
+
+
+def stream_key(model: str) -> str:
+    return f"{PREFIX}:jobs:{model}"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def idem_key(key: str) -> str:
+    return f"{PREFIX}:idem:{key}"
+
+
+def connect(url: str) -> Redis:
+    """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging."""
+    return Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=30
+    )
+
+
+_SUBMIT = """
+if KEYS[3] ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {'existing', prev} end
+end
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
+local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[5])[1]
+if waiting >= tonumber(ARGV[4]) then return {'full', tostring(waiting)} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[3]) end
+return {'created', ARGV[1]}
+"""
+
+_START = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[2], 'error', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return 'running'
+"""
+
+_FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+local written = 0
+if ARGV[1] ~= '' and st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[4])
+  if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+  if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[10], 'steps', ARGV[10]) end
+  redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('PUBLISH', ARGV[8], ARGV[9])
+  written = 1
+end
+if ARGV[6] ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[7], ARGV[6])
+  redis.call('XDEL', KEYS[2], ARGV[6])
+end
+return written
+"""
+
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[1], 'error', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 'cancelled'
+end
+return 'cancelling'
+"""
+
+_REQUEUE = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HDEL', KEYS[1], 'step', 'steps', 'worker')
+  redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
+end
+redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+return st
+"""
+
+CANCELLED_ERROR = json.dumps({"field": "job", "reason": "cancelled by DELETE /jobs/{id}"})
+
+
+@dataclass
+class Delivery:
+    """One stream entry handed to this worker, with its job's stored request."""
+
+    entry_id: str
+    model: str
+    job_id: str
+    kind: str
+    request: dict[str, Any]
+    created: float
+    reclaimed: bool = False
+
+    @property
+    def stream(self) -> str:
+        return stream_key(self.model)
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    created: bool
+    fingerprint_matches: bool = True
+
+
+@dataclass
+class DeadLetter:
+    job_id: str
+    model: str
+    kind: str
+    deliveries: int
+
+
+class QueueFull(Exception):
+    """The model's stream already holds MAX_QUEUE_DEPTH waiting jobs."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} jobs waiting")
+        self.waiting = waiting
+
+
+@dataclass
+class JobQueue:
+    """Queue operations shared by the API (submit, read, cancel) and the workers (claim, run, finish)."""
+
+    redis: Redis
+    job_ttl_s: int = 3600
+    _scripts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, source in (
+            ("submit", _SUBMIT),
+            ("start", _START),
+            ("finish", _FINISH),
+            ("cancel", _CANCEL),
+            ("requeue", _REQUEUE),
+        ):
+            self._scripts[name] = self.redis.register_script(source)
+
+    # ---- API side --------------------------------------------------------------------------------
+    async def submit(
+        self,
+        kind: str,
+        model: str,
+        request: dict[str, Any],
+        *,
+        max_depth: int,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+    ) -> SubmitResult:
+        """Store the job and append it to its model's stream, atomically with the depth and key checks."""
+        job_id = uuid.uuid4().hex
+        now = repr(time.time())
+        fields = {
+            "id": job_id,
+            "kind": kind,
+            "model": model,
+            "status": "queued",
+            "created": now,
+            "request": json.dumps(request, separators=(",", ":")),
+        }
+        args: list[Any] = [job_id, fingerprint, self.job_ttl_s, max_depth, GROUP]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = [job_key(job_id), stream_key(model), idem_key(idempotency_key) if idempotency_key else ""]
+        outcome, value = await self._scripts["submit"](keys=keys, args=args)
+        if outcome == "full":
+            raise QueueFull(int(value))
+        if outcome == "existing":
+            prev_id, _, prev_fp = value.partition(" ")
+            if not await self.redis.exists(job_key(prev_id)):
+                await self.redis.delete(keys[2])
+                return await self.submit(
+                    kind,
+                    model,
+                    request,
+                    max_depth=max_depth,
+                    idempotency_key=idempotency_key,
+                    fingerprint=fingerprint,
+                )
+            return SubmitResult(prev_id, created=False, fingerprint_matches=prev_fp == fingerprint)
+        return SubmitResult(job_id, created=True)
+
+    async def get(self, job_id: str) -> dict[str, str] | None:
+        data: dict[str, str] = await self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
+        return data or None
+
+    async def cancel(self, job_id: str) -> str:
+        """Returns 'missing', a final status, 'cancelled' (was queued) or 'cancelling' (running)."""
+        args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id]
+        return str(await self._scripts["cancel"](keys=[job_key(job_id)], args=args))
+
+    async def models(self) -> dict[str, dict[str, Any]]:
+        raw: dict[str, str] = await self.redis.hgetall(MODELS_KEY)  # type: ignore[assignment]
+        return {name: json.loads(info) for name, info in raw.items()}
+
+    async def heartbeats(self) -> dict[str, dict[str, Any]]:
+        raw: dict[str, str] = await self.redis.hgetall(HEARTBEATS_KEY)  # type: ignore[assignment]
+        return {worker: json.loads(beat) for worker, beat in raw.items()}
+
+    async def waiting(self, models: Iterable[str]) -> dict[str, int]:
+        """Jobs not yet delivered to any worker, per model."""
+        names = list(models)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.xlen(stream_key(name))
+            pipe.xpending(stream_key(name), GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, name in enumerate(names):
+            length, pending = replies[2 * i], replies[2 * i + 1]
+            count = pending["pending"] if isinstance(pending, dict) else 0
+            out[name] = max(0, int(length) - int(count)) if isinstance(length, int) else 0
+        return out
+
+    async def dead_letter_size(self) -> int:
+        return int(await self.redis.xlen(DEAD_STREAM))
+
+    # ---- worker side -----------------------------------------------------------------------------
+    async def ensure_groups(self, models: Iterable[str]) -> None:
+        for name in models:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                await self.redis.xgroup_create(stream_key(name), GROUP, id="0", mkstream=True)
+
+    async def register(self, worker: str, infos: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+        """Heartbeat: say which models this worker serves, and that it is alive now."""
+        beat = dict(meta, ts=time.time(), models=sorted(infos))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(MODELS_KEY, mapping={name: json.dumps(info) for name, info in infos.items()})
+        pipe.hset(HEARTBEATS_KEY, worker, json.dumps(beat))
+        await pipe.execute()
+
+    async def deregister(self, worker: str) -> None:
+        await self.redis.hdel(HEARTBEATS_KEY, worker)
+
+    async def read(
+        self, consumer: str, models: list[str], count: int, block_ms: int | None
+    ) -> list[Delivery]:
+        """New entries for this consumer; ``block_ms`` None returns at once."""
+        streams: dict[Any, Any] = {stream_key(m): ">" for m in models}
+        try:
+            reply: Any = await self.redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+        except ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            await self.ensure_groups(models)  # Redis lost its data (restart without persistence)
+            return []
+        entries = [(stream, entry_id, data) for stream, items in (reply or []) for entry_id, data in items]
+        return await self._load(entries, reclaimed=False)
+
+    async def _load(
+        self, entries: list[tuple[str, str, dict[str, str]]], *, reclaimed: bool
+    ) -> list[Delivery]:
+        if not entries:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for _, _, data in entries:
+            pipe.hmget(job_key(data.get("id", "")), ["kind", "model", "request", "created"])
+        rows = await pipe.execute()
+        out = []
+        for (stream, entry_id, data), (kind, model, request, created) in zip(entries, rows, strict=True):
+            if request is None:  # expired or malformed entry: nothing to run
+                await self.ack(stream, entry_id)
+                continue
+            out.append(
+                Delivery(entry_id, model, data["id"], kind, json.loads(request), float(created), reclaimed)
+            )
+        return out
+
+    async def ack(self, stream: str, entry_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(stream, GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def reclaim(
+        self, consumer: str, model: str, idle_ms: int, max_deliveries: int
+    ) -> tuple[list[Delivery], list[DeadLetter]]:
+        """Take over entries idle for ``idle_ms`` (their worker died); dead-letter the over-delivered."""
+        stream = stream_key(model)
+        try:
+            reply = await self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, "0-0", count=100)
+        except ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            return [], []
+        claimed = [(entry_id, data) for entry_id, data in reply[1] if data]
+        keep: list[tuple[str, str, dict[str, str]]] = []
+        dead: list[DeadLetter] = []
+        for entry_id, data in claimed:
+            info = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+            times = int(info[0]["times_delivered"]) if info else 1
+            if times > max_deliveries:
+                job_id = data.get("id", "")
+                kind = str(await self.redis.hget(job_key(job_id), "kind") or "sample")
+                await self.dead_letter(stream, entry_id, job_id, model, times)
+                dead.append(DeadLetter(job_id, model, kind, times))
+            else:
+                keep.append((stream, entry_id, data))
+        return await self._load(keep, reclaimed=True), dead
+
+    async def dead_letter(self, stream: str, entry_id: str, job_id: str, model: str, times: int) -> None:
+        reason = (
+            f"dead_letter: delivered {times} times and never finished "
+            "(the worker crashed or was killed each time)"
+        )
+        await self.redis.xadd(
+            DEAD_STREAM,
+            {
+                "id": job_id,
+                "model": model,
+                "entry": entry_id,
+                "deliveries": times,
+                "reason": reason,
+                "ts": repr(time.time()),
+            },
+        )
+        await self.finish(stream, entry_id, job_id, "failed", error={"field": "job", "reason": reason})
+
+    async def touch(self, consumer: str, held: Iterable[Delivery]) -> None:
+        """Reset the idle time of entries this live worker holds, so nobody reclaims them."""
+        by_stream: dict[str, list[Any]] = {}
+        for d in held:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
+
+    async def start(self, worker: str, deliveries: list[Delivery]) -> list[str]:
+        """Mark jobs running; returns each one's status ('running' means: run it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = repr(time.time())
+        for d in deliveries:
+            await self._scripts["start"](
+                keys=[job_key(d.job_id)],
+                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id],
+                client=pipe,
+            )
+        return [str(s) for s in await pipe.execute()]
+
+    async def progress(self, deliveries: list[Delivery], step: int, steps: int) -> list[bool]:
+        """Record step i of n for each job; returns each job's cancel flag."""
+        pipe = self.redis.pipeline(transaction=False)
+        for d in deliveries:
+            pipe.hset(job_key(d.job_id), mapping={"step": step, "steps": steps})
+            pipe.hget(job_key(d.job_id), "cancel")
+        replies = await pipe.execute()
+        return [replies[2 * i + 1] == "1" for i in range(len(deliveries))]
+
+    async def finish(
+        self,
+        stream: str,
+        entry_id: str,
+        job_id: str,
+        status: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, str] | None = None,
+        steps: int | None = None,
+    ) -> bool:
+        """Write the final status once (False if it already had one) and ack the entry.
+
+        ``steps`` marks the progress complete: per-step updates are coalesced and may skip the last.
+        """
+        args = [
+            status,
+            json.dumps(result, separators=(",", ":")) if result is not None else "",
+            json.dumps(error) if error is not None else "",
+            repr(time.time()),
+            self.job_ttl_s,
+            entry_id,
+            GROUP,
+            EVENTS_CHANNEL,
+            job_id,
+            "" if steps is None else steps,
+        ]
+        return bool(await self._scripts["finish"](keys=[job_key(job_id), stream], args=args))
+
+    async def requeue(self, delivery: Delivery) -> None:
+        """Hand a job back: a fresh entry at the stream's end, the held one acked."""
+        await self._scripts["requeue"](
+            keys=[job_key(delivery.job_id), delivery.stream], args=[delivery.entry_id, GROUP, delivery.job_id]
+        )
+
+
+class CompletionListener:
+    """One pub/sub subscription per API process that wakes the requests waiting on a job.
+
+    A waiter re-reads the job hash after registering (so an event that came first is not lost) and
+    at most every ``recheck_s`` (so events missed while Redis was unreachable are not either).
+    """
+
+    def __init__(self, redis: Redis, recheck_s: float = 5.0) -> None:
+        self._redis = redis
+        self._recheck_s = recheck_s
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._wake(str(message["data"]))
+            except REDIS_ERRORS:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await pubsub.aclose()
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.get(job_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(
+        self, job_id: str, timeout: float, fetch: Callable[[str], Awaitable[dict[str, str] | None]]
+    ) -> dict[str, str] | None:
+        """The job once final (or as it is when ``timeout`` runs out; None if it vanished)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(job_id, set()).add(fut)
+        try:
+            while True:
+                job = await fetch(job_id)
+                remaining = deadline - loop.time()
+                if job is None or job.get("status") in TERMINAL or remaining <= 0:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), min(remaining, self._recheck_s))
+                if fut.done():
+                    self._waiters[job_id].discard(fut)
+                    fut = loop.create_future()
+                    self._waiters[job_id].add(fut)
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    del self._waiters[job_id]

@@ -1,0 +1,148 @@
+"""Request and response bodies (pydantic v2). Flat models, so OpenAPI needs no shared definitions.
+
+Requests forbid unknown fields (a typo is a 422 naming it, not a silently ignored option) and
+non-finite floats.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+MAX_SEED = 2**63 - 1
+STRENGTHS: dict[str, float] = {"light": 0.05, "medium": 0.1, "strong": 0.2}
+
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Label = Annotated[StrictInt, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    model: str | None = Field(
+        None, min_length=1, max_length=128, description="Served model; default: see /models."
+    )
+    sampler: str | None = Field(
+        None,
+        description="ddpm | ddim | dpm-solver++ (diffusion models) or consistency; default: the model's.",
+    )
+    steps: int | None = Field(
+        None, ge=1, description="Sampler steps (network evaluations); default: the model's."
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity (0: deterministic).")
+    seeds: list[Seed] | Seed | None = Field(
+        None,
+        description="One seed per output image, or a base seed (output i gets base + i); omitted: random, "
+        "returned in the response.",
+    )
+    format: Literal["png", "npy"] = Field(
+        "png", description="png: base64 PNG per image; npy: one base64 float32 .npy array in [-1, 1]."
+    )
+    async_: bool = Field(
+        False, alias="async", description="Return 202 with the job id and a Location header at once."
+    )
+
+
+class SampleRequest(_JobRequest):
+    """POST /sample."""
+
+    num_images: int = Field(1, ge=1, description="Images to generate (at most ROBUSTDIFF_MAX_IMAGES).")
+    labels: list[Label] | Label | None = Field(
+        None,
+        description="Class label(s) for a conditional model: one per image or one for all; index or name.",
+    )
+
+
+class PurifyRequest(_JobRequest):
+    """POST /purify as JSON (multipart/form-data takes the same fields, with images as `files`)."""
+
+    images: list[str] = Field(
+        ..., min_length=1, description="Base64 PNG, JPEG or .npy (shape [C,H,W] or [N,C,H,W]) images."
+    )
+    npy_range: Literal["0,1", "-1,1"] | None = Field(
+        None, description="Value range of .npy inputs; required when any image is a .npy array."
+    )
+    t_star: float | None = Field(None, gt=0.0, le=1.0, description="Diffusion time to noise the input to.")
+    strength: Literal["light", "medium", "strong"] | None = Field(
+        None, description="Named t*: light 0.05, medium 0.1, strong 0.2 (default medium); excludes t_star."
+    )
+    draws: int = Field(1, ge=1, description="Purified draws per image (independent noise), e.g. for voting.")
+    resize: bool = Field(
+        False, description="Resize and convert channels of images that differ from the model's shape."
+    )
+    labels: list[Label] | Label | None = Field(
+        None,
+        description="Class label(s) of the inputs, required by a conditional model: one per image or one.",
+    )
+
+
+class ErrorItem(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a code, a one-line detail, and each offending field with its reason."""
+
+    error: str
+    detail: str
+    errors: list[ErrorItem]
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="Enqueue to the start of the job's batch.")
+    compute_s: float = Field(description="Compute time of the batch the job ran in.")
+    total_s: float = Field(description="Enqueue to the response.")
+    batch_images: int = Field(description="Images in that batch (jobs sharing it are batched together).")
+
+
+class JobResult(BaseModel):
+    job_id: str
+    kind: Literal["sample", "purify"]
+    model: str
+    model_hash: str
+    sampler: str
+    steps: int
+    format: Literal["png", "npy"]
+    seeds: list[int] | list[list[int]] = Field(description="Per image (per image and draw for /purify).")
+    images: list[str] | list[list[str]] | None = Field(None, description="Base64 PNGs (format png).")
+    array: str | None = Field(
+        None, description="Base64 .npy float32 in [-1,1], [N,C,H,W] or [N,draws,C,H,W] (format npy)."
+    )
+    labels: list[int] | None = None
+    t_star: float | None = None
+    timings: Timings
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: str
+    model: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: dict[str, int] | None = Field(None, description="{'step': i, 'steps': n} once running.")
+    result: JobResult | None = None
+    error: ErrorItem | None = None
+
+
+class ModelEntry(BaseModel):
+    name: str
+    kind: str
+    method: str
+    image_shape: list[int]
+    num_classes: int
+    class_names: list[str]
+    hash: str
+    samplers: list[str]
+    default_steps: int
+    workers: int = Field(description="Live workers serving it.")
+    default: bool
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelEntry]
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON schema of a flat request model, inlined into OpenAPI by the routes that parse bodies by hand."""
+    return model.model_json_schema(by_alias=True)

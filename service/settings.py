@@ -1,0 +1,141 @@
+"""Service settings, read from ``ROBUSTDIFF_*`` environment variables.
+
+Every option carries a description because the README's settings table is generated from these
+fields; a bad value stops the process at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.errors import UserError
+
+ENV_PREFIX = "ROBUSTDIFF_"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _committed_weights() -> list[str]:
+    """The checkpoints shipped in models/weights, the default model first so it is served first."""
+    paths = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    paths.sort(key=lambda p: p.stem != "fmnist-dro-at")
+    return [str(p) for p in paths]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All service options; field names map to ``ROBUSTDIFF_<NAME>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore")
+
+    redis_url: str = Field(
+        "",
+        description="Redis URL (redis://host:port/db). Empty: `robustdiff serve` starts a private Redis.",
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=_committed_weights,
+        description="Comma-separated checkpoint paths the worker serves, each optionally `name=path`. "
+        "Default: the committed models/weights/*.safetensors.",
+    )
+    default_model: str = Field(
+        "fmnist-dro-at",
+        description="Model used when a request names none; if it is not served and exactly one model "
+        "is, that one is used.",
+    )
+    device: str = Field(
+        "auto", description="Worker device: auto | cpu | cuda | cuda:N (auto: cuda if present)."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens; when set, every route but /healthz, /readyz and "
+        "/metrics requires `Authorization: Bearer <key>`.",
+    )
+    max_images: int = Field(
+        64, ge=1, description="Most output images per request (images x draws for /purify)."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; larger -> 413.")
+    max_steps: int = Field(1000, ge=1, description="Largest `steps` a request may ask for.")
+    max_queue_depth: int = Field(
+        1000, ge=1, description="Jobs waiting per model before new ones are refused with 429 + Retry-After."
+    )
+    max_batch_images: int = Field(
+        256, ge=1, description="Most images a worker puts in one batch (must be >= MAX_IMAGES)."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+    )
+    job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
+    reclaim_idle_ms: int = Field(
+        30000, ge=100, description="A delivered job idle this long (its worker died) is reclaimed by another."
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="Deliveries after which a job goes to the dead-letter stream and fails."
+    )
+    heartbeat_s: float = Field(
+        2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."
+    )
+    worker_metrics_port: int = Field(
+        9400, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: disabled)."
+    )
+    log_level: str = Field("INFO", description="Log level: DEBUG | INFO | WARNING | ERROR | CRITICAL.")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_batch_images < self.max_images:
+            raise ValueError(
+                "ROBUSTDIFF_MAX_BATCH_IMAGES must be >= ROBUSTDIFF_MAX_IMAGES (a job is never split)"
+            )
+        if self.reclaim_idle_ms < 2000 * self.heartbeat_s:
+            raise ValueError(
+                "ROBUSTDIFF_RECLAIM_IDLE_MS must be >= 2 x ROBUSTDIFF_HEARTBEAT_S, or live workers lose jobs"
+            )
+        return self
+
+    @property
+    def liveness_s(self) -> float:
+        """A worker whose heartbeat is older than this is counted as dead."""
+        return 3 * self.heartbeat_s
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus explicit overrides), turning a bad value into a UserError naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = "_".join(str(part) for part in first["loc"]) or "settings"
+        field = f"{ENV_PREFIX}{loc.upper()}" if first["loc"] else "settings"
+        raise UserError(field, first["msg"]) from None

@@ -1,0 +1,210 @@
+"""End to end through HTTP: the API app, the session's real Redis and a real worker process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def decode_npy(text: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+
+
+def grey_png(seed: int = 0, size: int = 16) -> bytes:
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8))
+
+
+def test_sample_png_is_reproducible(client: TestClient) -> None:
+    body = {"model": "tiny", "num_images": 2, "steps": 3, "seeds": 7}
+    first = client.post("/sample", json=body)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["seeds"] == [7, 8] and out["model"] == "tiny" and len(out["model_hash"]) == 64
+    assert out["sampler"] == "ddim" and out["steps"] == 3
+    assert set(out["timings"]) == {"queue_s", "compute_s", "total_s", "batch_images"}
+    images = [decode_png(x) for x in out["images"]]
+    assert images[0].shape == (16, 16) and images[0].dtype == np.uint8
+    again = client.post("/sample", json=body).json()
+    assert again["images"] == out["images"]
+
+
+def test_sample_npy_random_seeds_returned(client: TestClient) -> None:
+    r = client.post("/sample", json={"num_images": 3, "steps": 2, "format": "npy", "sampler": "ddpm"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    arr = decode_npy(out["array"])
+    assert arr.shape == (3, 1, 16, 16) and arr.dtype == np.float32
+    assert -1 <= arr.min() and arr.max() <= 1
+    assert len(out["seeds"]) == 3 and out["model"] == "tiny"
+    same = client.post(
+        "/sample",
+        json={"num_images": 3, "steps": 2, "format": "npy", "sampler": "ddpm", "seeds": out["seeds"]},
+    ).json()
+    np.testing.assert_array_equal(decode_npy(same["array"]), arr)
+
+
+def test_conditional_labels(client: TestClient) -> None:
+    r = client.post("/sample", json={"model": "tiny-cond", "num_images": 2, "steps": 2, "labels": ["2", 0]})
+    assert r.status_code == 200, r.text
+    assert r.json()["labels"] == [2, 0]
+    derived = client.post(
+        "/sample", json={"model": "tiny-cond", "num_images": 2, "steps": 2, "seeds": 5}
+    ).json()
+    assert derived["labels"] == [5 % 3, 6 % 3]
+
+
+def test_purify_json_png_and_npy_with_draws(client: TestClient) -> None:
+    npy = io.BytesIO()
+    np.save(npy, np.random.default_rng(1).uniform(0, 1, (2, 1, 16, 16)).astype(np.float32))
+    body = {
+        "model": "tiny",
+        "images": [base64.b64encode(grey_png()).decode(), base64.b64encode(npy.getvalue()).decode()],
+        "npy_range": "0,1",
+        "strength": "light",
+        "steps": 2,
+        "draws": 2,
+        "seeds": 100,
+        "format": "npy",
+    }
+    r = client.post("/purify", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert decode_npy(out["array"]).shape == (3, 2, 1, 16, 16)
+    assert out["seeds"] == [[100, 101], [102, 103], [104, 105]] and out["t_star"] == 0.05
+
+
+def test_purify_multipart_with_resize(client: TestClient) -> None:
+    rgb = png_bytes(np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    files = [("files", ("a.png", grey_png(), "image/png")), ("files", ("b.png", rgb, "image/png"))]
+    data = {"model": "tiny", "t_star": "0.2", "steps": "2", "resize": "true", "seeds": "[1, 2]"}
+    r = client.post("/purify", files=files, data=data)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["images"]) == 2 and len(out["images"][0]) == 1
+    assert decode_png(out["images"][1][0]).shape == (16, 16)
+    refused = client.post("/purify", files=files, data={"model": "tiny"})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "files[1]"
+
+
+def test_consistency_model_one_step(client: TestClient) -> None:
+    r = client.post("/sample", json={"model": "tiny-cm", "num_images": 2, "seeds": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["sampler"] == "consistency" and r.json()["steps"] == 1
+    p = client.post("/purify", json={"model": "tiny-cm", "images": [base64.b64encode(grey_png()).decode()]})
+    assert p.status_code == 200, p.text
+    wrong = client.post("/sample", json={"model": "tiny", "sampler": "consistency"})
+    assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "sampler"
+    assert "consistency model" in wrong.json()["detail"]
+
+
+def test_async_then_poll(client: TestClient, wait_for: Any) -> None:
+    r = client.post("/sample", json={"num_images": 1, "steps": 3, "seeds": 1, "async": True})
+    assert r.status_code == 202, r.text
+    location = r.headers["location"]
+    assert location == f"/jobs/{r.json()['id']}"
+    done = wait_for(lambda: (j := client.get(location).json())["status"] == "done" and j)
+    assert done["progress"] == {"step": 3, "steps": 3}
+    assert done["result"]["seeds"] == [1]
+    sync = client.post("/sample", json={"num_images": 1, "steps": 3, "seeds": 1}).json()
+    assert sync["images"] == done["result"]["images"]
+
+
+def test_cancel_running_job(client: TestClient, wait_for: Any) -> None:
+    r = client.post("/sample", json={"model": "tiny", "num_images": 8, "steps": 20, "async": True})
+    location = r.headers["location"]
+    wait_for(lambda: client.get(location).json()["status"] in ("running", "done"), interval=0.005)
+    cancel = client.delete(location)
+    assert cancel.status_code in (200, 202, 409), cancel.text
+    if cancel.status_code == 409:  # finished before the cancel arrived: nothing to test on this machine
+        return
+    final = wait_for(lambda: (j := client.get(location).json())["status"] in ("cancelled", "done") and j)
+    assert final["status"] == "cancelled"
+    assert final["progress"]["step"] < 20
+    assert client.delete(location).status_code in (200, 409)
+
+
+def test_idempotency_key(client: TestClient) -> None:
+    key = uuid.uuid4().hex
+    body = {"num_images": 1, "steps": 2, "seeds": 11, "async": True}
+    a = client.post("/sample", json=body, headers={"Idempotency-Key": key})
+    b = client.post("/sample", json=body, headers={"Idempotency-Key": key})
+    assert a.status_code == b.status_code == 202
+    assert a.json()["id"] == b.json()["id"]
+    sync = client.post("/sample", json={**body, "async": False}, headers={"Idempotency-Key": key})
+    assert sync.status_code == 200 and sync.json()["job_id"] == a.json()["id"]  # a retry that waits
+    changed = client.post("/sample", json={**body, "seeds": 12}, headers={"Idempotency-Key": key})
+    assert changed.status_code == 409 and changed.json()["errors"][0]["field"] == "Idempotency-Key"
+    random_seeds = {"num_images": 1, "steps": 2}
+    key2 = uuid.uuid4().hex
+    first = client.post("/sample", json=random_seeds, headers={"Idempotency-Key": key2}).json()
+    retry = client.post("/sample", json=random_seeds, headers={"Idempotency-Key": key2}).json()
+    assert retry["job_id"] == first["job_id"] and retry["seeds"] == first["seeds"]
+    other = client.post("/sample", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
+    assert other.json()["id"] != a.json()["id"]
+
+
+def test_two_requests_batched_equal_each_alone(client: TestClient, wait_for: Any) -> None:
+    bodies = [
+        {"model": "tiny", "num_images": 2, "steps": 4, "seeds": [21, 22], "async": True},
+        {"model": "tiny", "num_images": 3, "steps": 4, "seeds": 40, "async": True},
+    ]
+    locations = [client.post("/sample", json=b).headers["location"] for b in bodies]
+    together = [
+        wait_for(lambda loc=loc: (j := client.get(loc).json())["status"] == "done" and j) for loc in locations
+    ]
+    assert [t["result"]["timings"]["batch_images"] for t in together] == [5, 5]
+    for body, both in zip(bodies, together, strict=True):
+        alone = client.post("/sample", json={**body, "async": False}).json()
+        assert alone["timings"]["batch_images"] == body["num_images"]
+        assert alone["images"] == both["result"]["images"]
+
+
+def test_models_and_readiness(client: TestClient) -> None:
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert set(models) == {"tiny", "tiny-cond", "tiny-cm"}
+    assert models["tiny"]["default"] and models["tiny"]["workers"] == 1
+    assert models["tiny-cm"]["kind"] == "consistency" and models["tiny-cm"]["samplers"] == ["consistency"]
+    assert models["tiny-cond"]["num_classes"] == 3 and models["tiny"]["image_shape"] == [1, 16, 16]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] == 1
+
+
+def test_metrics_route(client: TestClient) -> None:
+    client.post("/sample", json={"num_images": 1, "steps": 1})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in (
+        "robustdiff_requests_total",
+        "robustdiff_request_duration_seconds_bucket",
+        "robustdiff_queue_size",
+        "robustdiff_dead_letter_size",
+        "robustdiff_workers_alive 1.0",
+        "robustdiff_worker_heartbeat_age_seconds",
+        "robustdiff_failures_total",
+    ):
+        assert name in text, name
+    assert 'route="/sample"' in text
+    assert client.get("/metrics", follow_redirects=False).status_code == 200  # a route: no redirect
+
+
+def test_unknown_job(client: TestClient) -> None:
+    assert client.get(f"/jobs/{uuid.uuid4().hex}").status_code == 404
+    assert client.delete(f"/jobs/{uuid.uuid4().hex}").status_code == 404
