@@ -34,11 +34,11 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: int = Field(32, ge=8)
-    in_channels: int = Field(1, ge=1)
-    num_classes: int = Field(10, ge=2)
-    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1, description="channels per stage")
-    blocks: int = Field(1, ge=1, description="residual blocks per stage (the first one strides by 2)")
+    image_size: int = Field(default=32, ge=8)
+    in_channels: int = Field(default=1, ge=1)
+    num_classes: int = Field(default=10, ge=2)
+    widths: tuple[int, ...] = Field(default=(32, 64, 128), min_length=1, description="channels per stage")
+    blocks: int = Field(default=1, ge=1, description="residual blocks per stage (the first one strides by 2)")
 
 
 class ClassifierHeader(BaseModel):
@@ -52,7 +52,7 @@ class ClassifierHeader(BaseModel):
     model: ClassifierConfig
     dataset: str = "fashion-mnist"
     class_names: list[str] = Field(default_factory=list)
-    test_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     command: str | None = None
     hardware: str | None = None
     date: str | None = None
@@ -87,7 +87,9 @@ class ResNetClassifier(nn.Module):
         super().__init__()
         self.config = config
         c0 = config.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(config.in_channels, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU()
+        )
         layers: list[nn.Module] = []
         cin = c0
         for width in config.widths:
@@ -109,10 +111,15 @@ class ResNetClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+def _hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The checkpoint content hash; BatchNorm's 0-dim step counters are hashed as 1-element vectors."""
+    return content_hash({k: v.reshape(1) if v.ndim == 0 else v for k, v in tensors.items()})
+
+
 def save_classifier(path: str | Path, net: ResNetClassifier, header: ClassifierHeader) -> ClassifierHeader:
     """Write weights and header atomically; returns the header with its content hash."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    header = header.model_copy(update={"content_hash": content_hash(tensors), "model": net.config})
+    header = header.model_copy(update={"content_hash": _hash(tensors), "model": net.config})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -136,7 +143,10 @@ def read_classifier_header(path: str | Path) -> ClassifierHeader:
     except (KeyError, json.JSONDecodeError) as err:
         raise CheckpointError("classifier", f"{path} has no valid '{HEADER_KEY}' JSON header") from err
     if not isinstance(raw, dict) or raw.get("kind") != "classifier":
-        raise CheckpointError("classifier", f"{path} is not a classifier (kind={raw.get('kind') if isinstance(raw, dict) else None!r})")
+        raise CheckpointError(
+            "classifier",
+            f"{path} is not a classifier (kind={raw.get('kind') if isinstance(raw, dict) else None!r})",
+        )
     try:
         return ClassifierHeader.model_validate(raw)
     except ValidationError as err:
@@ -145,16 +155,20 @@ def read_classifier_header(path: str | Path) -> ClassifierHeader:
         raise CheckpointError(f"classifier.{field}", first["msg"]) from err
 
 
-def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu") -> tuple[ResNetClassifier, ClassifierHeader]:
+def load_classifier(
+    path: str | Path = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu"
+) -> tuple[ResNetClassifier, ClassifierHeader]:
     """Rebuild the network from the header, check every tensor and the hash, return it in eval mode."""
     header = read_classifier_header(path)
     net = ResNetClassifier(header.model)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
     expected = net.state_dict()
-    if set(tensors) != set(expected) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
+    if set(tensors) != set(expected) or any(
+        tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()
+    ):
         raise CheckpointError("classifier", f"{path}: tensors do not match the architecture in its header")
-    if header.content_hash and content_hash(tensors) != header.content_hash:
+    if header.content_hash and _hash(tensors) != header.content_hash:
         raise CheckpointError("classifier", f"{path}: tensors do not match the header's content hash")
     net.load_state_dict(tensors)
     net.requires_grad_(False)
@@ -200,7 +214,9 @@ def train_classifier(
     images, labels = train
     steps_per_epoch = images.shape[0] // batch_size
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25
+    )
     step = 0
     for _ in range(epochs):
         net.train()

@@ -1,4 +1,4 @@
-"""``robustdiff eval {quality,robust,corruption,train-classifier}``: each writes JSON (+ PNG) and shows progress.
+"""``robustdiff eval {quality,robust,corruption,train-classifier}``: JSON + PNG, with progress bars.
 
 Argument checks run before any model is loaded or any image is generated, so a typo costs nothing.
 """
@@ -15,8 +15,14 @@ from models.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quality": ("models.evaluation.quality", "Frechet distance and precision/recall of generated samples"),
     "robust": ("models.evaluation.robust", "accuracy of the classifier behind the purifier under attacks"),
-    "corruption": ("models.evaluation.corruption", "PSNR, SSIM and accuracy before/after purifying noisy images"),
-    "train-classifier": ("models.evaluation.train", "train the Fashion-MNIST classifier (judge and FD features)"),
+    "corruption": (
+        "models.evaluation.corruption",
+        "PSNR, SSIM and accuracy before/after purifying noisy images",
+    ),
+    "train-classifier": (
+        "models.evaluation.train",
+        "train the Fashion-MNIST classifier (judge and FD features)",
+    ),
 }
 
 
@@ -48,3 +54,42 @@ def parse_list(text: str, kind: type, field: str) -> list:
     if not items:
         raise UserError(field, "must not be empty")
     return items
+
+
+def check_classifier_fits(classifier_path: str, image_shape: tuple[int, int, int]) -> None:
+    """The classifier must take the images the model makes (a header-only check)."""
+    from models.evaluation.classifier import read_classifier_header
+
+    cls = read_classifier_header(classifier_path).model
+    cls_shape = (cls.in_channels, cls.image_size, cls.image_size)
+    check(
+        cls_shape == image_shape,
+        "classifier",
+        f"expects images {'x'.join(map(str, cls_shape))}, the model makes {'x'.join(map(str, image_shape))}",
+    )
+
+
+def check_purifier(model_path: str, sampler: str, steps: int, t_stars: list[float]) -> None:
+    """Header-only checks of a purifier setting: unconditional model, sampler, steps below t*."""
+    from models.checkpoint import read_header
+    from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
+    from models.schedules import Schedule
+
+    header = read_header(model_path)
+    check(
+        header.model.num_classes == 0,
+        "model",
+        "purification needs an unconditional model (labels are unknown)",
+    )
+    allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
+    check(
+        sampler in allowed,
+        "sampler",
+        f"{sampler!r} is not available for {header.kind} models; use one of {list(allowed)}",
+    )
+    check(steps >= 1, "steps", "must be >= 1")
+    T = Schedule(header.schedule).T
+    for t in t_stars:
+        check(1.0 / T <= t <= 1.0, "t-star", f"must be in [{1.0 / T}, 1], got {t}")
+        if sampler in ("ddim", "ddpm"):
+            check(steps <= round(t * T), "steps", f"at most {round(t * T)} steps fit below t*={t}")

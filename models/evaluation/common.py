@@ -21,7 +21,8 @@ def machine_description(device: str = "cpu") -> str:
     """A one-line description of the hardware, stored next to every number."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({platform.machine()} host)"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.get_num_threads()} threads, no GPU"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {threads} threads, no GPU"
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from models.data import load_fashion_mnist
 from models.errors import UserError
-from models.evaluation.common import now_utc
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
     ClassifierConfig,
@@ -22,6 +21,7 @@ from models.evaluation.classifier import (
     save_classifier,
     train_classifier,
 )
+from models.evaluation.common import now_utc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     net = train_classifier(
-        config, (train.images, train.labels), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress
+        config,
+        (train.images, train.labels),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=progress,
     )
     wall = time.perf_counter() - start
     bar.close()

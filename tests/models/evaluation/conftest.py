@@ -34,3 +34,8 @@ def tiny_model16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_classifier(tmp_path_factory.mktemp("c") / "cls.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("c16") / "cls16.safetensors", image_size=16)
