@@ -17,8 +17,12 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import read_header
-from models.evaluation.classifier import DEFAULT_CLASSIFIER, FEATURE_NAME, load_classifier, read_classifier_header
-from models.evaluation.cli import check, parse_list
+from models.evaluation.classifier import (
+    DEFAULT_CLASSIFIER,
+    FEATURE_NAME,
+    load_classifier,
+)
+from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import machine_description, now_utc, save_plot
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
 
@@ -58,38 +62,48 @@ def fd_of_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def _kth_radii(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    """Distance from each row to its k-th nearest other row (the k-NN manifold's ball radius)."""
-    radii = []
-    for i in range(0, x.shape[0], chunk):
-        d = torch.cdist(x[i : i + chunk], x)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself sits at distance 0
-    return torch.cat(radii)
+class KNNManifold:
+    """A feature set with the radius of its k-th nearest neighbour around each point (the manifold estimate)."""
+
+    def __init__(self, features: np.ndarray | torch.Tensor, k: int, chunk: int = 1024) -> None:
+        self.features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        if self.features.shape[0] <= k:
+            raise ValueError(f"a k-NN manifold with k={k} needs more than {k} samples")
+        self.chunk = chunk
+        radii = []
+        for i in range(0, self.features.shape[0], chunk):
+            d = torch.cdist(self.features[i : i + chunk], self.features)
+            radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
+        self.radii = torch.cat(radii)
+
+    def covers(self, queries: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Whether each query falls inside at least one ball."""
+        q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
+        out = []
+        for i in range(0, q.shape[0], self.chunk):
+            out.append((torch.cdist(q[i : i + self.chunk], self.features) <= self.radii[None, :]).any(dim=1))
+        return torch.cat(out)
 
 
-def _covered(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Whether each query falls inside at least one support ball."""
-    out = []
-    for i in range(0, queries.shape[0], chunk):
-        d = torch.cdist(queries[i : i + chunk], support)
-        out.append((d <= radii[None, :]).any(dim=1))
-    return torch.cat(out)
-
-
-def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Kynkaanniemi et al. (2019): precision = share of fakes inside the real k-NN manifold, recall vice versa."""
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
-    if min(r.shape[0], f.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    precision = _covered(f, r, _kth_radii(r, k)).double().mean()
-    recall = _covered(r, f, _kth_radii(f, k)).double().mean()
-    return float(precision), float(recall)
+def precision_recall(
+    real: np.ndarray | torch.Tensor,
+    fake: np.ndarray | torch.Tensor,
+    k: int = 3,
+    real_manifold: KNNManifold | None = None,
+) -> tuple[float, float]:
+    """Kynkaanniemi et al. (2019): precision = share of fakes in the real k-NN manifold; recall vice versa."""
+    real_m = real_manifold or KNNManifold(real, k)
+    fake_m = KNNManifold(fake, k)
+    return float(real_m.covers(fake).double().mean()), float(fake_m.covers(real_m.features).double().mean())
 
 
 @torch.no_grad()
 def extract_features(net: Any, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    return torch.cat([net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]).double().numpy()
+    return (
+        torch.cat([net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+        .double()
+        .numpy()
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,18 +127,20 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     check(all(s >= 1 for s in steps), "steps", "every step count must be >= 1")
     check(args.n >= 2, "n", "needs at least 2 samples for a covariance")
     check(args.n > args.k, "n", f"must exceed k={args.k}")
-    check(args.k >= 1 and args.batch_size >= 1 and args.seed >= 0, "k/batch-size/seed", "k, batch size >= 1; seed >= 0")
+    check(
+        args.k >= 1 and args.batch_size >= 1 and args.seed >= 0,
+        "k/batch-size/seed",
+        "k, batch size >= 1; seed >= 0",
+    )
     header = read_header(args.model)
     allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
     for s in samplers:
-        check(s in allowed, "sampler", f"{s!r} is not available for {header.kind} models; use one of {list(allowed)}")
-    cls = read_classifier_header(args.classifier)
-    check(
-        (cls.model.in_channels, cls.model.image_size, cls.model.image_size) == header.image_shape,
-        "classifier",
-        f"expects images {cls.model.in_channels}x{cls.model.image_size}x{cls.model.image_size}, "
-        f"the model makes {'x'.join(map(str, header.image_shape))}",
-    )
+        check(
+            s in allowed,
+            "sampler",
+            f"{s!r} is not available for {header.kind} models; use one of {list(allowed)}",
+        )
+    check_classifier_fits(args.classifier, header.image_shape)
     return samplers, steps
 
 
@@ -143,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
     ref_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.n]
     ref_feats = extract_features(classifier, train.images[ref_idx])
     ref_fd = fd_of_features(ref_feats, real)
-    ref_p, ref_r = precision_recall(real, ref_feats, args.k)
+    # Precision/recall compare equal-size sets (as in the paper): a fixed random n of the test split.
+    pr_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(1))[: min(args.n, len(test))]
+    real_manifold = KNNManifold(real[pr_idx.numpy()], args.k)
+    ref_p, ref_r = precision_recall(real_manifold.features, ref_feats, args.k, real_manifold)
     # Batch-invariant row-by-row evaluation buys bitwise reproducibility that FD does not need.
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
     classes = pipe.info.num_classes
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 wall = time.perf_counter() - start
                 images = torch.cat(imgs)
                 feats = extract_features(classifier, images)
-                precision, recall = precision_recall(real, feats, args.k)
+                precision, recall = precision_recall(real_manifold.features, feats, args.k, real_manifold)
                 grid = save_grid(images[:64], out / f"samples_{sampler}_{steps}.png", nrow=8)
                 results.append(
                     {
@@ -182,16 +201,25 @@ def run(args: argparse.Namespace) -> int:
         "command": args.command_line,
         "date": now_utc(),
         "machine": machine_description(args.device),
-        "model": {"path": args.model, "name": pipe.info.name, "method": pipe.info.method, "hash": pipe.info.hash},
+        "model": {
+            "path": args.model,
+            "name": pipe.info.name,
+            "method": pipe.info.method,
+            "hash": pipe.info.hash,
+        },
         "feature_network": FEATURE_NAME,
-        "classifier": {"path": args.classifier, "test_accuracy": cls_header.test_accuracy, "hash": cls_header.content_hash},
+        "classifier": {
+            "path": args.classifier,
+            "test_accuracy": cls_header.test_accuracy,
+            "hash": cls_header.content_hash,
+        },
         "reference": {
             "what": f"FD of {args.n} real training images vs the test split: the floor at this n",
             "fd": ref_fd,
             "precision": ref_p,
             "recall": ref_r,
         },
-        "real_set": f"{test.name} test split, {len(test)} images",
+        "real_set": f"{test.name} test split: all {len(test)} images for FD, a fixed random {len(pr_idx)} for P/R",
         "k": args.k,
         "results": results,
     }
@@ -209,7 +237,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.axhline(report["reference"]["fd"], color="gray", ls="--", label="real train vs test (same n)")
         ax.set_xlabel("NFE")
         ax.set_ylabel("Frechet distance")
-        ax.set_title(f"{report['model']['name']}: FD in the feature space of {report['feature_network']}", fontsize=8)
+        ax.set_title(
+            f"{report['model']['name']}: FD in the feature space of {report['feature_network']}", fontsize=8
+        )
         ax.legend()
 
     save_plot(path, draw)
