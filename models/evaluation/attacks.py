@@ -97,7 +97,9 @@ class PurifiedClassifier:
         if self.denoiser is None:
             return x
         noise = NoiseSource(seeds, tuple(x.shape[1:]), x.device)
-        return purify(self.denoiser, x, noise, t_star=self.t_star, sampler=self.sampler, steps=self.steps, eta=self.eta)
+        return purify(
+            self.denoiser, x, noise, t_star=self.t_star, sampler=self.sampler, steps=self.steps, eta=self.eta
+        )
 
     def logits(self, x: torch.Tensor, seeds: torch.Tensor, *, gradient: str = "exact") -> torch.Tensor:
         """Classifier logits of the purified images; ``gradient='bpda'`` uses the identity backward."""
@@ -173,7 +175,9 @@ class GradStats:
 
     @classmethod
     def of(cls, grad: torch.Tensor) -> GradStats:
-        return cls(bool(torch.isfinite(grad).all()), float((grad != 0).float().mean()), float(grad.abs().mean()))
+        return cls(
+            bool(torch.isfinite(grad).all()), float((grad != 0).float().mean()), float(grad.abs().mean())
+        )
 
 
 @dataclass
@@ -211,7 +215,11 @@ def pgd(
     alpha = 2.0 * (step_size if step_size is not None else eps / 4)
     wanted = set(record) | {steps}
     x = x.detach()
-    x_adv = random_start(x, e, threat, torch.Generator().manual_seed(seed)) if rand_init and eps > 0 else x.clone()
+    x_adv = (
+        random_start(x, e, threat, torch.Generator().manual_seed(seed))
+        if rand_init and eps > 0
+        else x.clone()
+    )
     out = PGDResult({0: x_adv.clone()} if 0 in wanted else {})
     for k in range(steps):
         grad = oracle(x_adv, y, indices, k)
@@ -224,6 +232,10 @@ def pgd(
 
 
 @torch.no_grad()
-def predict_draws(defense: PurifiedClassifier, x: torch.Tensor, indices: torch.Tensor, draws: int) -> torch.Tensor:
+def predict_draws(
+    defense: PurifiedClassifier, x: torch.Tensor, indices: torch.Tensor, draws: int
+) -> torch.Tensor:
     """Predicted labels [R, N] under R evaluation draws of the purifier's noise (unseen by attacks)."""
-    return torch.stack([defense.logits(x, draw_seeds(indices, EVAL_PURPOSE, r)).argmax(1) for r in range(draws)])
+    return torch.stack(
+        [defense.logits(x, draw_seeds(indices, EVAL_PURPOSE, r)).argmax(1) for r in range(draws)]
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -13,13 +14,19 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import read_header
-from models.evaluation.attacks import ATTACKS, THREATS, PGDResult, PurifiedClassifier, make_oracle, pgd, predict_draws
-from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier, read_classifier_header
-from models.evaluation.cli import check, parse_list
+from models.evaluation.attacks import (
+    ATTACKS,
+    THREATS,
+    PGDResult,
+    PurifiedClassifier,
+    make_oracle,
+    pgd,
+    predict_draws,
+)
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
+from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
 from models.evaluation.common import machine_description, now_utc, save_plot
 from models.evaluation.metrics import vote_metrics
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
-from models.schedules import Schedule
 
 GRADIENT_ATTACKS = ("classifier-only", "bpda-eot", "pgd-eot")
 DEFAULT_SANITY_EPS = {"linf": 0.5, "l2": 8.0}
@@ -31,17 +38,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--threat", default="linf", help="linf or l2")
     p.add_argument("--eps", default="0.1", help="comma-separated radii on the [0, 1] pixel scale")
-    p.add_argument("--attacks", default="none,classifier-only,bpda-eot,pgd-eot", help=f"subset of {','.join(ATTACKS)}")
-    p.add_argument("--attack-steps", default="10,20", help="PGD step counts to report (one trajectory, recorded along it)")
+    p.add_argument(
+        "--attacks", default="none,classifier-only,bpda-eot,pgd-eot", help=f"subset of {','.join(ATTACKS)}"
+    )
+    p.add_argument(
+        "--attack-steps",
+        default="10,20",
+        help="PGD step counts to report (one trajectory, recorded along it)",
+    )
     p.add_argument("--step-size", type=float, default=None, help="[0, 1] scale; default eps/4")
-    p.add_argument("--eot", default="4", help="EOT draws per gradient; a list (1,4) also checks monotonicity in EOT")
+    p.add_argument(
+        "--eot", default="4", help="EOT draws per gradient; a list (1,4) also checks monotonicity in EOT"
+    )
     p.add_argument("--draws", type=int, default=4, help="R: evaluation draws of the purifier's noise")
     p.add_argument("--n", type=int, default=64, help="test images (the first n of the test split)")
     p.add_argument("--t-star", type=float, default=0.1)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--sanity-eps", type=float, default=None, help="large radius that must drive accuracy to ~0 (0 = skip)")
+    p.add_argument(
+        "--sanity-eps",
+        type=float,
+        default=None,
+        help="large radius that must drive accuracy to ~0 (0 = skip)",
+    )
     p.add_argument("--sanity-n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval-robust")
@@ -65,23 +85,13 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     check(args.step_size is None or args.step_size > 0, "step-size", "must be > 0")
     sanity = DEFAULT_SANITY_EPS[args.threat] if args.sanity_eps is None else args.sanity_eps
     check(sanity >= 0, "sanity-eps", "must be >= 0")
-    header = read_header(args.model)
-    check(header.model.num_classes == 0, "model", "purification needs an unconditional model (labels are unknown at request time)")
-    allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
-    check(args.sampler in allowed, "sampler", f"{args.sampler!r} is not available for {header.kind} models; use one of {list(allowed)}")
-    check(args.steps >= 1, "steps", "must be >= 1")
-    T = Schedule(header.schedule).T
-    check(1.0 / T <= args.t_star <= 1.0, "t-star", f"must be in [{1.0 / T}, 1]")
-    if args.sampler in ("ddim", "ddpm"):
-        check(args.steps <= round(args.t_star * T), "steps", f"at most {round(args.t_star * T)} steps fit below t*={args.t_star}")
-    cls = read_classifier_header(args.classifier)
-    cls_shape = (cls.model.in_channels, cls.model.image_size, cls.model.image_size)
-    check(
-        cls_shape == header.image_shape,
-        "classifier",
-        f"expects images {'x'.join(map(str, cls_shape))}, the model purifies {'x'.join(map(str, header.image_shape))}",
-    )
+    check_purifier(args.model, args.sampler, args.steps, [args.t_star])
+    check_classifier_fits(args.classifier, read_header(args.model).image_shape)
     return {"eps": eps, "attacks": attacks, "attack_steps": attack_steps, "eot": eot, "sanity_eps": sanity}
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -89,8 +99,19 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 def _attack(
-    defense: PurifiedClassifier, attack: str, x: torch.Tensor, y: torch.Tensor, *, eps: float, threat: str,
-    steps: list[int], eot: int, step_size: float | None, batch: int, seed: int, bar: tqdm,
+    defense: PurifiedClassifier,
+    attack: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    threat: str,
+    steps: list[int],
+    eot: int,
+    step_size: float | None,
+    batch: int,
+    seed: int,
+    bar: tqdm,
 ) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]], float]:
     """Run one PGD trajectory per batch; returns adversarial images per recorded step count."""
     oracle = make_oracle(defense, attack, eot)
@@ -100,7 +121,16 @@ def _attack(
     for sl in _batches(x.shape[0], batch):
         idx = torch.arange(sl.start, sl.stop)
         res: PGDResult = pgd(
-            oracle, x[sl], y[sl], idx, eps=eps, threat=threat, steps=max(steps), step_size=step_size, record=steps, seed=seed + sl.start
+            oracle,
+            x[sl],
+            y[sl],
+            idx,
+            eps=eps,
+            threat=threat,
+            steps=max(steps),
+            step_size=step_size,
+            record=steps,
+            seed=seed + sl.start,
         )
         grads.append(vars(res.grad))
         for s in steps:
@@ -109,9 +139,17 @@ def _attack(
     return {s: torch.cat(v) for s, v in advs.items()}, grads, time.perf_counter() - start
 
 
-def _evaluate(defense: PurifiedClassifier, x: torch.Tensor, y: torch.Tensor, draws: int, batch: int, classes: int) -> tuple[dict[str, Any], float]:
+def _evaluate(
+    defense: PurifiedClassifier, x: torch.Tensor, y: torch.Tensor, draws: int, batch: int, classes: int
+) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
-    preds = torch.cat([predict_draws(defense, x[sl], torch.arange(sl.start, sl.stop), draws) for sl in _batches(x.shape[0], batch)], dim=1)
+    preds = torch.cat(
+        [
+            predict_draws(defense, x[sl], torch.arange(sl.start, sl.stop), draws)
+            for sl in _batches(x.shape[0], batch)
+        ],
+        dim=1,
+    )
     wall = time.perf_counter() - start
     out = vote_metrics(preds, y, classes)
     out["latency_s_per_purification"] = wall / (x.shape[0] * draws)
@@ -131,11 +169,16 @@ def run(args: argparse.Namespace) -> int:
     x, y = test.images[: args.n].to(args.device), test.labels[: args.n].to(args.device)
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
     pipe.net.requires_grad_(False)
-    defense = PurifiedClassifier(classifier, pipe.denoiser(), t_star=args.t_star, sampler=args.sampler, steps=args.steps)
+    defense = PurifiedClassifier(
+        classifier, pipe.denoiser(), t_star=args.t_star, sampler=args.sampler, steps=args.steps
+    )
     undefended = PurifiedClassifier(classifier, None)
     threat, steps, records = args.threat, cfg["attack_steps"], []
     gradient_attacks = [a for a in cfg["attacks"] if a in GRADIENT_ATTACKS]
-    work = args.n * (2 + sum(len(cfg["eps"]) * (1 if a == "classifier-only" else len(cfg["eot"])) for a in gradient_attacks))
+    work = args.n * (
+        2
+        + sum(len(cfg["eps"]) * (1 if a == "classifier-only" else len(cfg["eot"])) for a in gradient_attacks)
+    )
     bar = tqdm(total=work, desc="eval robust", unit="img")
 
     def record(**fields: Any) -> dict[str, Any]:
@@ -152,14 +195,33 @@ def run(args: argparse.Namespace) -> int:
         for eps in cfg["eps"]:
             for eot in [1] if attack == "classifier-only" else cfg["eot"]:
                 advs, grads, wall = _attack(
-                    defense if attack != "classifier-only" else undefended, attack, x, y, eps=eps, threat=threat, steps=steps,
-                    eot=eot, step_size=args.step_size, batch=args.batch_size, seed=args.seed, bar=bar,
+                    defense if attack != "classifier-only" else undefended,
+                    attack,
+                    x,
+                    y,
+                    eps=eps,
+                    threat=threat,
+                    steps=steps,
+                    eot=eot,
+                    step_size=args.step_size,
+                    batch=args.batch_size,
+                    seed=args.seed,
+                    bar=bar,
                 )
                 for s in steps:
                     m, _ = _evaluate(defense, advs[s], y, args.draws, args.batch_size, classes)
                     nfe = 0 if attack == "classifier-only" else s * eot * defense.nfe
-                    record(defense="purifier", attack=attack, eps=eps, eot=eot, attack_steps=s, attack_wall_s=round(wall, 2),
-                           attack_network_evals_per_image=nfe, gradients=grads, **m)
+                    record(
+                        defense="purifier",
+                        attack=attack,
+                        eps=eps,
+                        eot=eot,
+                        attack_steps=s,
+                        attack_wall_s=round(wall, 2),
+                        attack_network_evals_per_image=nfe,
+                        gradients=grads,
+                        **m,
+                    )
                     if attack == "classifier-only":
                         m_undef, _ = _evaluate(undefended, advs[s], y, 1, args.batch_size, classes)
                         record(defense="none", attack=attack, eps=eps, eot=1, attack_steps=s, **m_undef)
@@ -169,9 +231,25 @@ def run(args: argparse.Namespace) -> int:
         "command": args.command_line,
         "date": now_utc(),
         "machine": machine_description(args.device),
-        "model": {"path": args.model, "name": pipe.info.name, "method": pipe.info.method, "hash": pipe.info.hash},
-        "classifier": {"path": args.classifier, "test_accuracy": cls_header.test_accuracy, "hash": cls_header.content_hash},
-        "purifier": {"t_star": args.t_star, "sampler": args.sampler, "steps": args.steps, "nfe": defense.nfe, "eta": 0.0, "clip_x0": True},
+        "model": {
+            "path": args.model,
+            "name": pipe.info.name,
+            "method": pipe.info.method,
+            "hash": pipe.info.hash,
+        },
+        "classifier": {
+            "path": args.classifier,
+            "test_accuracy": cls_header.test_accuracy,
+            "hash": cls_header.content_hash,
+        },
+        "purifier": {
+            "t_star": args.t_star,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "nfe": defense.nfe,
+            "eta": 0.0,
+            "clip_x0": True,
+        },
         "threat": threat,
         "eps_scale": "[0, 1] pixel scale (2*eps in the model's [-1, 1] units)",
         "n": args.n,
@@ -182,14 +260,27 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "robust.json").write_text(json.dumps(report, indent=2))
     _plots(report, cfg, out)
-    headline = [r for r in records if r["attack_steps" if "attack_steps" in r else "attack"] == (max(steps) if "attack_steps" in r else "none")]
-    print(json.dumps([{k: r.get(k) for k in ("defense", "attack", "eps", "eot", "mean", "worst", "majority")} for r in headline]))
+    headline = [r for r in records if r["attack"] == "none" or r.get("attack_steps") == max(steps)]
+    print(
+        json.dumps(
+            [
+                {k: r.get(k) for k in ("defense", "attack", "eps", "eot", "mean", "worst", "majority")}
+                for r in headline
+            ]
+        )
+    )
     return 0
 
 
 def _sanity(
-    args: argparse.Namespace, cfg: dict[str, Any], defense: PurifiedClassifier, undefended: PurifiedClassifier,
-    x: torch.Tensor, y: torch.Tensor, classes: int, records: list[dict[str, Any]],
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    defense: PurifiedClassifier,
+    undefended: PurifiedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    records: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The checks an honest robustness number needs next to it."""
     out: dict[str, Any] = {}
@@ -200,13 +291,41 @@ def _sanity(
     steps_ok, eot_ok = [], []
     for r in records:
         if r.get("attack_steps") == max(cfg["attack_steps"]) and r["defense"] == "purifier":
-            series = [q["mean"] for q in records if q["attack"] == r["attack"] and q["eps"] == r["eps"] and q.get("eot") == r["eot"] and q["defense"] == "purifier"]
-            steps_ok.append({"attack": r["attack"], "eps": r["eps"], "eot": r["eot"], "mean_by_steps": series,
-                             "non_increasing": all(b <= a + tol for a, b in zip(series, series[1:], strict=False))})
-            by_eot = [q["mean"] for q in records if q["attack"] == r["attack"] and q["eps"] == r["eps"] and q.get("attack_steps") == r["attack_steps"] and q["defense"] == "purifier"]
+            series = [
+                q["mean"]
+                for q in records
+                if q["attack"] == r["attack"]
+                and q["eps"] == r["eps"]
+                and q.get("eot") == r["eot"]
+                and q["defense"] == "purifier"
+            ]
+            steps_ok.append(
+                {
+                    "attack": r["attack"],
+                    "eps": r["eps"],
+                    "eot": r["eot"],
+                    "mean_by_steps": series,
+                    "non_increasing": all(b <= a + tol for a, b in itertools.pairwise(series)),
+                }
+            )
+            by_eot = [
+                q["mean"]
+                for q in records
+                if q["attack"] == r["attack"]
+                and q["eps"] == r["eps"]
+                and q.get("attack_steps") == r["attack_steps"]
+                and q["defense"] == "purifier"
+            ]
             if len(by_eot) > 1 and r["eot"] == max(cfg["eot"]):
-                eot_ok.append({"attack": r["attack"], "eps": r["eps"], "eot": cfg["eot"], "mean_by_eot": by_eot,
-                               "non_increasing": all(b <= a + tol for a, b in zip(by_eot, by_eot[1:], strict=False))})
+                eot_ok.append(
+                    {
+                        "attack": r["attack"],
+                        "eps": r["eps"],
+                        "eot": cfg["eot"],
+                        "mean_by_eot": by_eot,
+                        "non_increasing": all(b <= a + tol for a, b in itertools.pairwise(by_eot)),
+                    }
+                )
     out["non_increasing_in_steps"] = steps_ok
     out["non_increasing_in_eot"] = eot_ok
     out["tolerance"] = f"{tol:.4f} (2 images of n)"
@@ -217,11 +336,32 @@ def _sanity(
         eot = 1 if strongest == "classifier-only" else min(cfg["eot"])
         target = undefended if strongest == "classifier-only" else defense
         with tqdm(total=n, desc=f"sanity eps={cfg['sanity_eps']}", unit="img") as bar:
-            advs, _, wall = _attack(target, strongest, x[:n], y[:n], eps=cfg["sanity_eps"], threat=args.threat, steps=[steps], eot=eot,
-                                    step_size=None, batch=args.batch_size, seed=args.seed, bar=bar)
+            advs, _, wall = _attack(
+                target,
+                strongest,
+                x[:n],
+                y[:n],
+                eps=cfg["sanity_eps"],
+                threat=args.threat,
+                steps=[steps],
+                eot=eot,
+                step_size=None,
+                batch=args.batch_size,
+                seed=args.seed,
+                bar=bar,
+            )
         m, _ = _evaluate(defense, advs[steps], y[:n], args.draws, args.batch_size, classes)
-        out["large_eps"] = {"attack": strongest, "eps": cfg["sanity_eps"], "attack_steps": steps, "eot": eot, "n": n,
-                            "mean": m["mean"], "majority": m["majority"], "reaches_zero": m["mean"] <= 0.1, "wall_s": round(wall, 1)}
+        out["large_eps"] = {
+            "attack": strongest,
+            "eps": cfg["sanity_eps"],
+            "attack_steps": steps,
+            "eot": eot,
+            "n": n,
+            "mean": m["mean"],
+            "majority": m["majority"],
+            "reaches_zero": m["mean"] <= 0.1,
+            "wall_s": round(wall, 1),
+        }
     return out
 
 
@@ -229,31 +369,64 @@ def _plots(report: dict[str, Any], cfg: dict[str, Any], out: Path) -> None:
     rows = report["results"]
     top_steps, top_eot = max(cfg["attack_steps"]), max(cfg["eot"])
     clean = next(r for r in rows if r["defense"] == "purifier" and r["attack"] == "none")
+    pur = report["purifier"]
 
     def vs_eps(ax: Any) -> None:
         for defense, attack in [("none", "classifier-only"), *[("purifier", a) for a in GRADIENT_ATTACKS]]:
-            pts = [r for r in rows if r["defense"] == defense and r["attack"] == attack and r.get("attack_steps") == top_steps
-                   and r.get("eot") in (1 if attack == "classifier-only" else top_eot,)]
+            pts = [
+                r
+                for r in rows
+                if r["defense"] == defense
+                and r["attack"] == attack
+                and r.get("attack_steps") == top_steps
+                and r.get("eot") in (1 if attack == "classifier-only" else top_eot,)
+            ]
             if pts:
-                label = "undefended classifier" if defense == "none" else f"purifier, {attack}" + (" (pitfall)" if attack == "classifier-only" else "")
-                ax.plot([0.0] + [p["eps"] for p in pts], [clean["majority"] if defense == "purifier" else rows[0]["mean"]] + [p["majority"] for p in pts], "o-", label=label)
+                label = (
+                    "undefended classifier"
+                    if defense == "none"
+                    else f"purifier, {attack}" + (" (pitfall)" if attack == "classifier-only" else "")
+                )
+                ax.plot(
+                    [0.0] + [p["eps"] for p in pts],
+                    [clean["majority"] if defense == "purifier" else rows[0]["mean"]]
+                    + [p["majority"] for p in pts],
+                    "o-",
+                    label=label,
+                )
         ax.set_xlabel(f"eps ({report['threat']}, [0, 1] scale)")
         ax.set_ylabel(f"majority-vote accuracy (R={report['draws']})")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{report['model']['name']}: n={report['n']}, {top_steps} PGD steps, EOT {top_eot}", fontsize=9)
+        ax.set_title(
+            f"{report['model']['name']}: n={report['n']}, {top_steps} PGD steps, EOT {top_eot}", fontsize=9
+        )
         ax.legend(fontsize=7)
 
     def vs_steps(ax: Any) -> None:
         for attack in GRADIENT_ATTACKS:
             for eps in cfg["eps"]:
-                pts = [r for r in rows if r["defense"] == "purifier" and r["attack"] == attack and r["eps"] == eps
-                       and r.get("eot") == (1 if attack == "classifier-only" else top_eot)]
+                pts = [
+                    r
+                    for r in rows
+                    if r["defense"] == "purifier"
+                    and r["attack"] == attack
+                    and r["eps"] == eps
+                    and r.get("eot") == (1 if attack == "classifier-only" else top_eot)
+                ]
                 if pts:
-                    ax.plot([p["attack_steps"] for p in pts], [p["majority"] for p in pts], "o-", label=f"{attack}, eps={eps}")
+                    ax.plot(
+                        [p["attack_steps"] for p in pts],
+                        [p["majority"] for p in pts],
+                        "o-",
+                        label=f"{attack}, eps={eps}",
+                    )
         ax.set_xlabel("PGD steps")
         ax.set_ylabel(f"majority-vote accuracy (R={report['draws']})")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{report['model']['name']}: purifier t*={report['purifier']['t_star']}, {report['purifier']['sampler']} {report['purifier']['steps']} steps", fontsize=9)
+        ax.set_title(
+            f"{report['model']['name']}: purifier t*={pur['t_star']}, {pur['sampler']} {pur['steps']} steps",
+            fontsize=9,
+        )
         ax.legend(fontsize=7)
 
     save_plot(out / "robust_vs_eps.png", vs_eps)

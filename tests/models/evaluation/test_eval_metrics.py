@@ -20,7 +20,9 @@ def test_vote_metrics_on_a_constructed_case() -> None:
     assert m["mean"] == pytest.approx(6 / 12)
     assert m["worst"] == pytest.approx(1 / 4)
     assert m["best"] == pytest.approx(3 / 4)
-    assert m["majority"] == pytest.approx(2 / 4)  # images 0 and 1 win the vote; image 2's votes 2,0,1 tie -> 0
+    assert m["majority"] == pytest.approx(
+        2 / 4
+    )  # images 0 and 1 win the vote; image 2's votes 2,0,1 tie -> 0
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -47,6 +49,6 @@ def test_one_draw_makes_all_summaries_equal() -> None:
 def test_wilson_width_shrinks_with_n_and_stays_in_range() -> None:
     widths = [hi - lo for lo, hi in (wilson_interval(0.7 * n, n) for n in (10, 100, 1000, 10000))]
     assert widths == sorted(widths, reverse=True)
-    assert 0.0 <= wilson_interval(0, 20)[0] and wilson_interval(20, 20)[1] <= 1.0
+    assert wilson_interval(0, 20)[0] >= 0.0 and wilson_interval(20, 20)[1] <= 1.0
     assert wilson_interval(0, 20)[1] > 0  # a zero count still has uncertainty
     assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.data import FASHION_MNIST_DIR
+from service.cli import main
+
+needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+
+
+def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "eval",
+        "robust",
+        "--model",
+        str(model),
+        "--classifier",
+        str(classifier),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--eps", "0.1,-0.03"), "eps: must be finite and >= 0"),
+        (("--attacks", "none,fgsm"), "attacks: unknown attack 'fgsm'"),
+        (("--threat", "l1"), "threat: unknown threat 'l1'"),
+        (("--eot", "0"), "eot: must be >= 1"),
+        (("--steps", "200"), "steps: at most 100 steps fit below t*=0.1"),
+        (("--sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
+    ],
+)
+def test_bad_robust_arguments_fail_before_any_work(
+    tiny_model: Path,
+    tiny_classifier: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    message: str,
+) -> None:
+    out = tmp_path / "out"
+    assert main(_robust(tiny_model, tiny_classifier, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_classifier_model_shape_mismatch_fails_before_any_work(
+    tiny_model16: Path, tiny_classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("robust", "quality", "corruption"):
+        out = tmp_path / command
+        args = [
+            "eval",
+            command,
+            "--model",
+            str(tiny_model16),
+            "--classifier",
+            str(tiny_classifier),
+            "--out",
+            str(out),
+        ]
+        assert main(args) == 2
+        assert "classifier: expects images 1x32x32" in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_a_diffusion_checkpoint_is_not_a_classifier(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_robust(tiny_model, tiny_model, tmp_path / "o")) == 2
+    assert "is not a classifier" in capsys.readouterr().err
+
+
+@needs_data
+def test_eval_robust_end_to_end_on_a_tiny_model(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "robust"
+    args = _robust(
+        tiny_model,
+        tiny_classifier,
+        out,
+        "--n",
+        "4",
+        "--eps",
+        "0.05",
+        "--attack-steps",
+        "1,2",
+        "--eot",
+        "1,2",
+        "--draws",
+        "3",
+        "--steps",
+        "2",
+        "--sanity-n",
+        "2",
+    )
+    assert main(args) == 0
+    report = json.loads((out / "robust.json").read_text())
+    attacks = {(r["defense"], r["attack"]) for r in report["results"]}
+    assert attacks == {("none", "none"), ("purifier", "none"), ("purifier", "classifier-only"), ("none", "classifier-only"),
+                       ("purifier", "bpda-eot"), ("purifier", "pgd-eot")}  # fmt: skip
+    for r in report["results"]:
+        assert r["worst"] <= r["mean"] <= r["best"] and r["draws"] in (1, 3)
+    assert report["sanity"]["gradients_finite"] is True
+    assert "large_eps" in report["sanity"] and report["sanity"]["non_increasing_in_eot"]
+    assert (out / "robust_vs_eps.png").stat().st_size > 0 and (out / "robust_vs_steps.png").stat().st_size > 0
+
+
+@needs_data
+def test_eval_quality_and_corruption_end_to_end(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path
+) -> None:
+    q = tmp_path / "q"
+    args = [
+        "eval",
+        "quality",
+        "--model",
+        str(tiny_model),
+        "--classifier",
+        str(tiny_classifier),
+        "--out",
+        str(q),
+    ]
+    assert main([*args, "--sampler", "ddim,dpm-solver++", "--steps", "1,2", "--n", "8"]) == 0
+    report = json.loads((q / "quality.json").read_text())
+    assert [(r["sampler"], r["nfe"]) for r in report["results"]] == [
+        ("ddim", 1),
+        ("ddim", 2),
+        ("dpm-solver++", 1),
+        ("dpm-solver++", 2),
+    ]
+    assert report["feature_network"] == "fmnist-classifier (penultimate layer)"
+    assert all(r["fd"] >= 0 for r in report["results"]) and (q / "fd_vs_nfe.png").is_file()
+    c = tmp_path / "c"
+    args = [
+        "eval",
+        "corruption",
+        "--model",
+        str(tiny_model),
+        "--classifier",
+        str(tiny_classifier),
+        "--out",
+        str(c),
+    ]
+    assert main([*args, "--t-star", "0.05,0.1", "--steps", "2", "--n", "4"]) == 0
+    rows = json.loads((c / "corruption.json").read_text())["results"]
+    assert len(rows) == 3 * 3
+    clean = next(r for r in rows if r["t_star"] == 0.0 and r["images"] == "clean")
+    assert clean["ssim"] == pytest.approx(1.0) and clean["psnr_db"] == 100.0
