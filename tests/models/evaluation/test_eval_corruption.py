@@ -14,7 +14,10 @@ def test_ssim_of_an_image_with_itself_is_one() -> None:
 def test_ssim_falls_with_noise_and_is_symmetric() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
-    values = [float(ssim(x, (x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1)).mean()) for s in (0.05, 0.2, 0.8)]
+    values = [
+        float(ssim(x, (x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1)).mean())
+        for s in (0.05, 0.2, 0.8)
+    ]
     assert values == sorted(values, reverse=True)
     y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     assert torch.allclose(ssim(x, y), ssim(y, x))
