@@ -27,7 +27,10 @@ class Denoiser(ABC):
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The raw network output at per-row times t (float64 [B])."""
-        timestep = self.schedule.net_time(t).to(x.device)
+        return self.forward(x, self.schedule.net_time(t).to(x.device))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The raw network output at DDPM timestep indices already on x's device (the sampler's path)."""
         if self.labels is None:
             return self.net(x, timestep)
         return self.net(x, timestep, self.labels)

@@ -119,34 +119,43 @@ def run_sampler(
         raise ValueError("ts must be a strictly decreasing 1-D time grid ending at 0")
     if eta < 0:
         raise ValueError("eta must be >= 0")
-    step_rule = RULES[rule]
+    table = coefficient_table(rule, denoiser, ts, eta)
+    uses_prev, uses_noise = (table[:, 4] != 0).tolist(), (table[:, 5] != 0).tolist()
+    # One host-to-device copy for the whole run: no step waits on the device for its coefficients.
+    coefs = table.to(device=x.device, dtype=torch.float32)
+    timesteps = denoiser.schedule.net_time(ts[:-1]).to(x.device)
     batch = x.shape[0]
     n_steps = len(ts) - 1
     x0_prev: torch.Tensor | None = None
-    t_prev: torch.Tensor | None = None
     for i in range(n_steps):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before step {i} of {n_steps}")
-        t = ts[i].expand(batch)
-        s = ts[i + 1].expand(batch)
-        out = denoiser(x, t)
-        kx, km = denoiser.x0_coefs(t)
-        p, q, r, n = step_rule(denoiser, t, s, t_prev, eta)
-        coef = torch.stack([kx, km, p, q, r, n], dim=1).to(device=x.device, dtype=torch.float32)
-        use_prev = x0_prev is not None and bool((r != 0).any())
-        x, x0 = sampler_update(
+        out = denoiser.forward(x, timesteps[i].expand(batch))
+        x, x0_prev = sampler_update(
             x,
             out,
-            coef,
-            x0_prev=x0_prev if use_prev else None,
-            seeds=noise.seeds_device if bool((n != 0).any()) else None,
+            coefs[i].expand(batch, 6).contiguous(),
+            x0_prev=x0_prev if uses_prev[i] else None,
+            seeds=noise.seeds_device if uses_noise[i] else None,
             stream=noise.step_stream(i),
             clip_x0=clip_x0,
         )
-        x0_prev, t_prev = x0, t
         if callback is not None:
             callback(i + 1, n_steps)
     return x
+
+
+def coefficient_table(rule: str, denoiser: Denoiser, ts: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+    """float64 [steps, 6] rows (kx, km, p, q, r, n) of every step of ``rule`` on the grid ``ts``."""
+    step_rule = RULES[rule]
+    rows = []
+    t_prev: torch.Tensor | None = None
+    for i in range(len(ts) - 1):
+        t, s = ts[i : i + 1], ts[i + 1 : i + 2]
+        kx, km = denoiser.x0_coefs(t)
+        rows.append(torch.cat([kx, km, *step_rule(denoiser, t, s, t_prev, eta)]))
+        t_prev = t
+    return torch.stack(rows)
 
 
 def _make(rule: str) -> Callable[..., torch.Tensor]:
