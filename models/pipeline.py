@@ -118,6 +118,20 @@ class Pipeline:
 
         return rowwise
 
+    def warmup(self, max_batch: int = 256) -> list[int]:
+        """Run one step at every CUDA-graph bucket up to ``max_batch`` so no request pays a capture.
+
+        On the CPU one batch-1 step pages the weights in. Returns the batch sizes warmed up.
+        """
+        from kernels.graphs import DEFAULT_BUCKETS
+
+        sizes = [b for b in DEFAULT_BUCKETS if b <= max_batch] if self.device.type == "cuda" else [1]
+        sampler = self.info.samplers[0 if self.info.kind == "consistency" else 1]
+        labels_for = (lambda n: [0] * n) if self.info.num_classes else (lambda n: None)
+        for n in sizes:
+            self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels_for(n))
+        return sizes
+
     def denoiser(self, labels: torch.Tensor | None = None) -> Denoiser:
         if self.header.kind == "consistency":
             cm = self.header.consistency

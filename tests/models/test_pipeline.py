@@ -63,6 +63,10 @@ def test_labels_and_seeds_are_checked(pipe: Pipeline, tmp_path: Path) -> None:
         cond.sample([1], labels=[5], steps=2)
 
 
+def test_warmup_on_cpu_runs_one_small_batch(pipe: Pipeline) -> None:
+    assert pipe.warmup(64) == [1]
+
+
 def test_cancel(pipe: Pipeline) -> None:
     with pytest.raises(Cancelled):
         pipe.sample([1], steps=5, cancel=lambda: True)
