@@ -93,15 +93,22 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
+def _is_union_tag(part: int | str) -> bool:
+    """Pydantic puts the tried union member ('list[constrained-int]', 'str'...) in an error's loc."""
+    return isinstance(part, str) and (
+        any(c in part for c in "[-") or part in ("int", "str", "float", "bool", "list", "dict")
+    )
+
+
 def _validation_errors(err: ValidationError | RequestValidationError) -> list[tuple[str, str]]:
-    out = []
+    out: dict[str, str] = {}
     for e in err.errors():
-        loc = tuple(x for x in e.get("loc", ()) if not (isinstance(x, str) and x in ("int", "list[int]")))
+        loc = tuple(x for x in e.get("loc", ()) if not _is_union_tag(x))
         reason = str(e.get("msg", "invalid"))
         if e.get("type") == "json_invalid":
             reason = f"malformed JSON ({e.get('ctx', {}).get('error', reason)})"
-        out.append((_loc(loc), reason))
-    return out or [("body", "invalid")]
+        out.setdefault(_loc(loc), reason)
+    return list(out.items()) or [("body", "invalid")]
 
 
 class _Observe:

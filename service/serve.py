@@ -10,6 +10,7 @@ where workers run as their own processes or machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ class WorkerSupervisor:
         self.env = env
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
+        self._given_up: set[int] = set()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -63,9 +65,10 @@ class WorkerSupervisor:
         while not self._stop.wait(1.0):
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
-                if code is not None and not self._stop.is_set():
+                if code is not None and not self._stop.is_set() and i not in self._given_up:
                     if code == 2:  # a configuration error: restarting would fail the same way
                         log.error("worker exited with a configuration error; not restarting it")
+                        self._given_up.add(i)
                         continue
                     log.warning("worker %d exited with code %s; restarting it", proc.pid, code)
                     time.sleep(1.0)
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(settings.model_copy(update={"redis_url": url}))
         supervisor.start()
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
-        uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+            uvicorn.Server(config).run()
     finally:
         supervisor.stop()
         if redis_server is not None:

@@ -198,7 +198,8 @@ class Worker:
     async def _next_batch(self) -> list[Delivery]:
         """Jobs sharing the oldest job's batch key, waiting at most MAX_WAIT_MS for more to arrive."""
         if not self.backlog:
-            self.backlog = await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000)
+            # extend, never reassign: the heartbeat task may append reclaimed jobs during the read
+            self.backlog.extend(await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000))
             if not self.backlog:
                 return []
         key = batch_key(self.backlog[0])

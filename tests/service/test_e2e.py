@@ -50,7 +50,7 @@ def test_sample_npy_random_seeds_returned(client: TestClient) -> None:
     out = r.json()
     arr = decode_npy(out["array"])
     assert arr.shape == (3, 1, 16, 16) and arr.dtype == np.float32
-    assert -1 <= arr.min() and arr.max() <= 1
+    assert arr.min() >= -1 and arr.max() <= 1
     assert len(out["seeds"]) == 3 and out["model"] == "tiny"
     same = client.post(
         "/sample",

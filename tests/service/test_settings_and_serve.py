@@ -1,0 +1,124 @@
+"""Settings from the environment, the torch-free API import, and `robustdiff serve` as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.errors import UserError
+from service.redis_server import free_port
+from service.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_csv(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("ROBUSTDIFF_"):
+            monkeypatch.delenv(key)
+    s = load_settings()
+    assert (s.redis_url, s.device, s.worker_metrics_port, s.default_model) == (
+        "",
+        "auto",
+        9400,
+        "fmnist-dro-at",
+    )
+    monkeypatch.setenv("ROBUSTDIFF_API_KEYS", " a, b ,,")
+    monkeypatch.setenv("ROBUSTDIFF_MODELS", "x=/a.safetensors,/b.safetensors")
+    monkeypatch.setenv("robustdiff_device", "cuda:1")
+    s = load_settings()
+    assert (
+        s.api_keys == ["a", "b"]
+        and s.models == ["x=/a.safetensors", "/b.safetensors"]
+        and s.device == "cuda:1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("ROBUSTDIFF_MAX_IMAGES", "many"),
+        ("ROBUSTDIFF_MAX_IMAGES", "0"),
+        ("ROBUSTDIFF_DEVICE", "tpu"),
+        ("ROBUSTDIFF_LOG_LEVEL", "LOUD"),
+        ("ROBUSTDIFF_WORKER_METRICS_PORT", "70000"),
+        ("ROBUSTDIFF_HEARTBEAT_S", "-1"),
+    ],
+)
+def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(UserError) as err:
+        load_settings()
+    assert err.value.field == var
+
+
+def test_inconsistent_settings_refused() -> None:
+    with pytest.raises(UserError, match="MAX_BATCH_IMAGES"):
+        load_settings(max_images=64, max_batch_images=8)
+    with pytest.raises(UserError, match="RECLAIM_IDLE_MS"):
+        load_settings(reclaim_idle_ms=1000, heartbeat_s=2)
+
+
+def test_every_setting_is_documented() -> None:
+    assert all(f.description for f in Settings.model_fields.values())
+
+
+def test_api_import_does_not_import_torch() -> None:
+    code = "import sys, service.api, service.serve; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+
+
+def _get(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    env.update(
+        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ROBUSTDIFF_MODELS=str(checkpoints["tiny"]),
+        ROBUSTDIFF_WORKER_METRICS_PORT=str(free_port()), ROBUSTDIFF_DEVICE="cpu", ROBUSTDIFF_HEARTBEAT_S="0.5",
+    )  # fmt: skip
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+        stderr=log,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if _get(f"{base}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        status, out = _get(f"{base}/sample", {"steps": 2, "seeds": 5})
+        assert status == 200 and out["model"] == "tiny" and out["seeds"] == [5]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['ROBUSTDIFF_WORKER_METRICS_PORT']}/metrics")
+        assert b'robustdiff_images_generated_total{model="tiny"} 1.0' in metrics.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()
+        log.close()
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    assert not children.strip()
