@@ -1,0 +1,196 @@
+"""Service overhead benchmark: the HTTP service under load vs the same work on Pipeline in one process.
+
+    python bench/bench_service.py --checkpoint models/weights/fmnist-dro-at.safetensors --out bench.json
+
+Without --url it starts `robustdiff serve` (private Redis + one worker) on a free port with the same
+checkpoint and device, so both sides run on this machine. It reports, for each side: requests/s,
+p50/p99 latency and images/s at saturation (--concurrency clients sending --images-per-request), and
+the added latency of one small request (1 image) over its compute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def direct(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+    """The engine alone: batches of the size the worker would form, and one 1-image call."""
+    from models.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(checkpoint, device=args.device)
+    sampler = "consistency" if pipe.info.kind == "consistency" else args.sampler
+    batch = args.concurrency * args.images_per_request
+    pipe.sample(list(range(batch)), sampler=sampler, steps=args.steps)  # warm-up (and CUDA graphs)
+    singles = []
+    for i in range(args.single_requests):
+        t0 = time.perf_counter()
+        pipe.sample([i], sampler=sampler, steps=args.steps)
+        singles.append(time.perf_counter() - t0)
+    rounds = max(1, args.requests // args.concurrency)
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        pipe.sample(list(range(r * batch, (r + 1) * batch)), sampler=sampler, steps=args.steps)
+    elapsed = time.perf_counter() - t0
+    return {
+        "images_per_s": rounds * batch / elapsed,
+        "batch": batch,
+        "single_p50_s": statistics.median(singles),
+        "model": pipe.info.name,
+        "sampler": sampler,
+    }
+
+
+async def service(args: argparse.Namespace, url: str, model: str, sampler: str) -> dict[str, Any]:
+    body = {"model": model, "sampler": sampler, "steps": args.steps, "format": "npy"}
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        for _ in range(3):  # warm-up
+            (
+                await client.post("/sample", json={**body, "num_images": args.images_per_request})
+            ).raise_for_status()
+        singles, computes = [], []
+        for i in range(args.single_requests):
+            t0 = time.perf_counter()
+            r = await client.post("/sample", json={**body, "num_images": 1, "seeds": i})
+            singles.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            computes.append(r.json()["timings"]["compute_s"])
+
+        latencies: list[float] = []
+        queue = list(range(args.requests))
+
+        async def client_loop() -> None:
+            while queue:
+                seed = queue.pop() * args.images_per_request
+                t0 = time.perf_counter()
+                r = await client.post(
+                    "/sample", json={**body, "num_images": args.images_per_request, "seeds": seed}
+                )
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - t0
+    return {
+        "requests_per_s": args.requests / elapsed,
+        "images_per_s": args.requests * args.images_per_request / elapsed,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "single_p50_s": statistics.median(singles),
+        "single_compute_p50_s": statistics.median(computes),
+    }
+
+
+def start_serve(args: argparse.Namespace, checkpoint: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        ROBUSTDIFF_MODELS=str(checkpoint),
+        ROBUSTDIFF_DEVICE=args.device,
+        ROBUSTDIFF_MAX_IMAGES=str(max(64, args.images_per_request)),
+        ROBUSTDIFF_MAX_BATCH_IMAGES=str(max(256, args.concurrency * args.images_per_request)),
+        ROBUSTDIFF_MAX_QUEUE_DEPTH=str(10 * args.concurrency),
+        ROBUSTDIFF_WORKER_METRICS_PORT="0",
+        ROBUSTDIFF_LOG_LEVEL="WARNING",
+    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=out,
+            stderr=out,
+        )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("service not ready within 180 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, help="served checkpoint (default: a random tiny one)")
+    parser.add_argument("--url", help="an already running service (default: start `robustdiff serve`)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--images-per-request", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--single-requests", type=int, default=20)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from models.testing import tiny_checkpoint
+
+            checkpoint = tiny_checkpoint(Path(tmp) / "tiny.safetensors", name="tiny")
+        engine = direct(args, checkpoint)
+        proc = None
+        url = args.url
+        if url is None:
+            from service.redis_server import free_port
+
+            port = free_port()
+            proc = start_serve(args, checkpoint, port, Path(tmp) / "serve.log")
+            url = f"http://127.0.0.1:{port}"
+        try:
+            served = asyncio.run(service(args, url, engine["model"], engine["sampler"]))
+        finally:
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(60)
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "direct": engine,
+        "service": served,
+        "service_vs_direct_images_per_s": served["images_per_s"] / engine["images_per_s"],
+        "added_latency_one_small_request_s": served["single_p50_s"] - served["single_compute_p50_s"],
+        "added_latency_vs_direct_call_s": served["single_p50_s"] - engine["single_p50_s"],
+    }
+    print(f"direct engine : {engine['images_per_s']:.1f} images/s (batch {engine['batch']}), "
+          f"1 image {engine['single_p50_s'] * 1e3:.1f} ms")  # fmt: skip
+    print(f"service       : {served['requests_per_s']:.1f} requests/s, {served['images_per_s']:.1f} images/s, "
+          f"p50 {served['p50_s'] * 1e3:.1f} ms, p99 {served['p99_s'] * 1e3:.1f} ms")  # fmt: skip
+    print(f"service / direct images/s: {result['service_vs_direct_images_per_s']:.1%}")
+    print(f"one small request: p50 {served['single_p50_s'] * 1e3:.1f} ms, of which compute "
+          f"{served['single_compute_p50_s'] * 1e3:.1f} ms: added "
+          f"{result['added_latency_one_small_request_s'] * 1e3:.1f} ms")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
