@@ -47,6 +47,8 @@ from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
+DEAD_WORKER_RETENTION_S = 600.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
 }
@@ -615,6 +617,8 @@ async def _refresh_gauges(svc: Service) -> None:
             m.QUEUE_SIZE.labels(model=name).set(waiting)
         m.DEAD_LETTER_SIZE.set(await svc.queue.dead_letter_size())
         beats = await svc.queue.heartbeats()
+        for worker in await svc.queue.forget_dead_workers(beats, DEAD_WORKER_RETENTION_S):
+            del beats[worker]
     except REDIS_ERRORS:
         m.WORKERS_ALIVE.set(0)
         return

@@ -296,6 +296,16 @@ class JobQueue:
     async def deregister(self, worker: str) -> None:
         await self.redis.hdel(HEARTBEATS_KEY, worker)
 
+    async def forget_dead_workers(self, beats: dict[str, dict[str, Any]], max_age_s: float) -> list[str]:
+        """Drop heartbeats older than ``max_age_s``: a killed worker never deregisters, and its
+        ever-growing heartbeat age would otherwise keep the stale-worker alert firing forever.
+        Its unacknowledged jobs are not touched: other workers reclaim them (XAUTOCLAIM)."""
+        now = time.time()
+        dead = [w for w, b in beats.items() if now - float(b.get("ts", 0)) > max_age_s]
+        if dead:
+            await self.redis.hdel(HEARTBEATS_KEY, *dead)
+        return dead
+
     async def read(
         self, consumer: str, models: list[str], count: int, block_ms: int | None
     ) -> list[Delivery]:

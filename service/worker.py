@@ -87,9 +87,17 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
             )
         if model in out:
             raise UserError("ROBUSTDIFF_MODELS", f"two checkpoints named {model!r}; use name=path for one")
+        # Before the first heartbeat, so no request ever pays a CUDA-graph capture or a cold start.
+        warmed = pipe.warmup(settings.max_batch_images)
         out[model] = pipe
         log.info(
-            "loaded %s (%s, %s) from %s on %s", model, pipe.info.kind, pipe.info.hash[:12], path, pipe.device
+            "loaded %s (%s, %s) from %s on %s, warmed batch sizes %s",
+            model,
+            pipe.info.kind,
+            pipe.info.hash[:12],
+            path,
+            pipe.device,
+            warmed,
         )
     return out
 

@@ -205,6 +205,23 @@ def test_metrics_route(client: TestClient) -> None:
     assert client.get("/metrics", follow_redirects=False).status_code == 200  # a route: no redirect
 
 
+def test_long_dead_workers_are_forgotten(client: TestClient, redis_server: Any) -> None:
+    """A kill -9'd worker never deregisters: after the retention its heartbeat series goes away."""
+    import json
+    import time
+
+    import redis
+
+    from service.api import DEAD_WORKER_RETENTION_S
+
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    beat = {"ts": time.time() - DEAD_WORKER_RETENTION_S - 5, "models": ["tiny"], "pid": 1}
+    r.hset("robustdiff:heartbeats", "ghost-worker", json.dumps(beat))
+    text = client.get("/metrics").text
+    assert 'worker="ghost-worker"' not in text and "robustdiff_workers_alive 1.0" in text
+    assert not r.hexists("robustdiff:heartbeats", "ghost-worker")
+
+
 def test_unknown_job(client: TestClient) -> None:
     assert client.get(f"/jobs/{uuid.uuid4().hex}").status_code == 404
     assert client.delete(f"/jobs/{uuid.uuid4().hex}").status_code == 404
