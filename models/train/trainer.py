@@ -296,6 +296,7 @@ class Trainer:
         t0 = time.perf_counter()
         start_updates, start_images = self.state.updates, self.state.images
         last_ckpt: Path | None = None
+        last_ckpt_at = -1
         bar = tqdm(
             total=cfg.updates,
             initial=self.state.updates,
@@ -338,14 +339,14 @@ class Trainer:
                         }
                     )
                 if self.state.updates // cfg.checkpoint_every > before // cfg.checkpoint_every:
-                    last_ckpt = self.checkpoint()
+                    last_ckpt, last_ckpt_at = self.checkpoint(), self.state.updates
                 if cfg.max_minutes is not None and self.state.wall_s - start_wall > 60 * cfg.max_minutes:
                     self.stop_reason = "max_minutes"
         finally:
             bar.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        if last_ckpt is None or int(last_ckpt.stem.split("-")[1]) != self.state.updates:
+        if last_ckpt_at != self.state.updates:  # every rank decides alike: checkpoint() is collective
             last_ckpt = self.checkpoint()
         exported = None
         if self.rank == 0:
@@ -363,6 +364,7 @@ class Trainer:
             )
         if self.world > 1:
             dist.barrier()
+            dist.destroy_process_group()
         return TrainResult(
             self.state.updates,
             self.state.wall_s,
