@@ -6,9 +6,9 @@ is built in) and sees x_vp = a * x_ve, exactly what the ``consistency`` sampler 
 ODE step (CD) or the one-sample estimate x0 + sigma_n z (CT) gives the point x_hat_{t_n} that the
 stop-gradient target network maps; the student maps x_{t_{n+1}} and the two are pulled together.
 
-Seed B's adversarial training for CMs (``replays`` > 1) perturbs the student's input by delta in an
+Seed B's adversarial training for CMs (``m`` > 1 replays) perturbs the student's input by delta in an
 L2 ball with free minibatch replay: each replay is one full parameter update, and the same backward
-pass gives the gradient that moves delta. With ``replays = 1`` the update is plain CD / CT, step for
+pass gives the gradient that moves delta. With ``m = 1`` the update is plain CD / CT, step for
 step and bit for bit, because it runs the very same code with no delta.
 """
 
@@ -32,7 +32,7 @@ Solver = Literal["ddim", "heun"]
 
 
 class ConsistencyOptions(BaseModel):
-    """Every knob of the CD / CT objective and of its adversarial variant, validated once."""
+    """The knobs of the CD / CT objective itself (shared by all four training methods), validated once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,18 +40,18 @@ class ConsistencyOptions(BaseModel):
     sigma_max: float | None = Field(
         None,
         gt=0.0,
-        description="largest noise level; None = the schedule's sigma at t = 1 (where sampling starts)",
+        description="largest noise level; None = the schedule's sigma at t = 1, where sampling starts",
     )
     sigma_data: float = Field(0.5, gt=0.0, description="data scale in c_skip / c_out")
     rho: float = Field(7.0, gt=0.0, description="EDM discretisation exponent")
-    curriculum: Literal["fixed", "ict"] = Field(
-        "fixed", description="fixed N, or iCT's doubling schedule for N"
-    )
+    curriculum: Literal["fixed", "ict"] = Field("fixed", description="fixed N, or iCT's doubling of N")
     n_steps: int = Field(18, ge=2, description="N, the number of noise levels, when curriculum = fixed")
     s0: int = Field(10, ge=1, description="iCT curriculum: initial number of intervals")
     s1: int = Field(1280, ge=1, description="iCT curriculum: final number of intervals")
-    curriculum_updates: int = Field(
-        10_000, ge=1, description="iCT curriculum: K, the parameter updates over which N doubles up to s1"
+    curriculum_updates: int | None = Field(
+        None,
+        ge=1,
+        description="iCT curriculum: K, updates over which N doubles up to s1 (None: the run's budget)",
     )
     noise_sampling: Literal["uniform", "lognormal"] = Field(
         "uniform", description="how the interval n is drawn"
@@ -59,24 +59,12 @@ class ConsistencyOptions(BaseModel):
     p_mean: float = Field(-1.1, description="lognormal sampling: mean of log sigma")
     p_std: float = Field(2.0, gt=0.0, description="lognormal sampling: std of log sigma")
     weighting: Literal["uniform", "ict"] = Field(
-        "uniform", description="lambda(n): 1, or iCT's 1 / (sigma_{n+1} - sigma_n)"
+        "uniform", description="lambda(n): 1, or 1 / (sigma_{n+1} - sigma_n)"
     )
     distance: Literal["pseudo-huber", "l2"] = "pseudo-huber"
     huber_c: float | None = Field(None, gt=0.0, description="pseudo-Huber c; None = 0.00054 * sqrt(d)")
     target_ema: float = Field(
-        0.0, ge=0.0, lt=1.0, description="target network EMA decay mu (0: sg of the student)"
-    )
-    solver: Solver = Field("heun", description="teacher ODE step (CD only): DDIM (= Euler in sigma) or Heun")
-    replays: int = Field(
-        1, ge=1, description="m: parameter updates per minibatch (seed B's free AT when > 1)"
-    )
-    alpha: float = Field(
-        0.1, gt=0.0, description="AT: L2 length of each per-sample normalised ascent step on delta"
-    )
-    eta: float = Field(0.1, gt=0.0, description="AT: delta lies in the L2 ball of radius eta * sqrt(d)")
-    norm: Literal["l2"] = Field("l2", description="AT: the perturbation ball (L2 only, as in seed B)")
-    perturb_teacher: bool = Field(
-        False, description="AT: also take the teacher step from the perturbed point"
+        0.0, ge=0.0, lt=1.0, description="target network EMA decay (0: sg of the student)"
     )
 
     @model_validator(mode="after")
@@ -89,6 +77,22 @@ class ConsistencyOptions(BaseModel):
 
     def resolved_sigma_max(self, schedule: Schedule) -> float:
         return float(schedule.sigma(1.0)) if self.sigma_max is None else self.sigma_max
+
+
+class ReplayOptions(BaseModel):
+    """Seed B's AT for CMs: delta on the student input, free minibatch replay (as dro-at)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    m: int = Field(3, ge=1, description="replays (parameter updates) per minibatch; the first is clean")
+    alpha: float = Field(
+        0.1, ge=0.0, description="L2 length of each per-sample normalised ascent step on delta"
+    )
+    eta: float = Field(
+        0.1, ge=0.0, description="delta lies in the L2 ball of radius eta * sqrt(d) (VP pixels)"
+    )
+    norm: Literal["l2"] = Field("l2", description="the perturbation ball (L2 only, as in seed B)")
+    perturb_teacher: bool = Field(False, description="also take the teacher step from the perturbed point")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -199,18 +203,27 @@ class TargetNetwork:
 class ConsistencyObjective:
     """CD (with a teacher) or CT (without one) and their seed-B adversarial variants.
 
-    ``step`` takes one minibatch and spends up to ``replays`` parameter updates through ``update``.
+    ``step`` takes one minibatch and spends up to ``m`` parameter updates through ``update``.
     The target is ``target`` (an EMA network's raw function) or, when None, the student itself under
     stop-gradient (iCT's choice, mu = 0); either way it is re-evaluated before every update, since
     every update moves it.
     """
 
     def __init__(
-        self, options: ConsistencyOptions, schedule: Schedule, teacher_net: Net | None = None
+        self,
+        options: ConsistencyOptions,
+        schedule: Schedule,
+        teacher_net: Net | None = None,
+        solver: Solver = "heun",
+        replay: ReplayOptions | None = None,
+        total_updates: int = 10_000,
     ) -> None:
         self.options = options
         self.schedule = schedule
         self.teacher_net = teacher_net
+        self.solver: Solver = solver
+        self.replay = replay
+        self.total_updates = options.curriculum_updates or total_updates
         self.sigma_max = options.resolved_sigma_max(schedule)
         self.coefs = ConsistencyDenoiser(_no_net, schedule, None, options.sigma_min, options.sigma_data)
         self._cache: dict[int, Discretisation] = {}
@@ -228,7 +241,7 @@ class ConsistencyObjective:
     def num_levels(self, update: int) -> int:
         o = self.options
         if o.curriculum == "ict":
-            return ict_num_levels(update, o.curriculum_updates, o.s0, o.s1)
+            return ict_num_levels(update, self.total_updates, o.s0, o.s1)
         return o.n_steps
 
     def discretisation(self, update: int) -> Discretisation:
@@ -268,7 +281,7 @@ class ConsistencyObjective:
                 x_hi_ve = x_hi_ve + delta_ve
             with torch.no_grad():
                 return teacher_ode_step(
-                    teacher, x_hi_ve, sig_hi, sig_lo, self.options.solver, disc.ts[idx + 1], disc.ts[idx]
+                    teacher, x_hi_ve, sig_hi, sig_lo, self.solver, disc.ts[idx + 1], disc.ts[idx]
                 )
         x_lo_ve = x0 + _rows(sig_lo, x0) * z
         if delta_ve is not None:  # Euler with the exact x0 carries delta scaled by sigma_n / sigma_{n+1}
@@ -287,7 +300,7 @@ class ConsistencyObjective:
         max_updates: int | None = None,
     ) -> list[float]:
         """One minibatch: draw n and z once (CPU generator), then the replays; returns each update's loss."""
-        o = self.options
+        o, r = self.options, self.replay
         disc = self.discretisation(updates_done)
         idx = torch.multinomial(disc.probs, x0.shape[0], replacement=True, generator=generator)
         z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
@@ -295,14 +308,15 @@ class ConsistencyObjective:
         a_hi, a_lo = _rows(disc.a[idx + 1], x0), _rows(disc.a[idx], x0)
         weights = disc.weights[idx].to(device=x0.device, dtype=x0.dtype)
         x_hi = a_hi * (x0 + _rows(disc.sigmas[idx + 1], x0) * z)
-        radius = o.eta * math.sqrt(x0[0].numel())
+        m = 1 if r is None else r.m
+        radius = 0.0 if r is None else r.eta * math.sqrt(x0[0].numel())
         x_lo_ve = self._teacher_point(x0, z, idx, disc, None)
         target_fn = student if target is None else target
-        replays = o.replays if max_updates is None else max(1, min(o.replays, max_updates))
+        replays = m if max_updates is None else max(1, min(m, max_updates))
         delta: torch.Tensor | None = None
         losses: list[float] = []
         for replay in range(replays):
-            if o.perturb_teacher and delta is not None:
+            if r is not None and r.perturb_teacher and delta is not None:
                 x_lo_ve = self._teacher_point(x0, z, idx, disc, delta / a_hi)
             with torch.no_grad():
                 goal = self.f(target_fn, a_lo * x_lo_ve, t_lo)
@@ -317,10 +331,10 @@ class ConsistencyObjective:
             loss = (weights * per_sample).mean()
             update(loss)
             losses.append(float(loss.detach()))
-            if leaf is not None:
+            if leaf is not None and r is not None:
                 if leaf.grad is None:
                     raise RuntimeError("the update did not back-propagate into the perturbation")
                 g = leaf.grad.detach()
                 g = g / _rows(g.flatten(1).norm(dim=1).clamp(min=1e-12), g)
-                delta = project_l2(leaf.detach() + o.alpha * g, radius)
+                delta = project_l2(leaf.detach() + r.alpha * g, radius)
         return losses
