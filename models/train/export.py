@@ -15,6 +15,7 @@ from torch import nn
 from models.checkpoint import CheckpointHeader, TrainingInfo, save_checkpoint
 from models.train import state as ckpt
 from models.train.config import TrainConfig, build
+from models.train.methods import get_method
 from models.unet import UNet
 
 
@@ -55,9 +56,10 @@ def served_header(
     )
     mc = cfg.model_config_()
     names = list(class_names or []) if mc.num_classes else []
-    return CheckpointHeader(
+    header = CheckpointHeader(
         name=name or cfg.name, model=mc, schedule=cfg.schedule, training=info, class_names=names
     )
+    return get_method(cfg.method, cfg.options).served_header(header)
 
 
 def write_served(

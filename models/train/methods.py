@@ -18,7 +18,10 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
+from models.checkpoint import CheckpointHeader
+from models.denoisers import Denoiser, EpsDenoiser
 from models.schedules import Schedule
 
 __all__ = [
@@ -76,6 +79,28 @@ class Method(ABC):
     @abstractmethod
     def step(self, ctx: StepContext, x0: torch.Tensor) -> list[float]:
         """Train on one minibatch ``x0`` (on ``ctx.device``); return the loss of each update made."""
+
+    # Hooks with diffusion defaults; consistency methods (models.train.consistency_methods) override them.
+
+    def setup(self, net: nn.Module, schedule: Schedule, updates: int, fresh: bool) -> None:
+        """Called once the network exists, before its EMA copy; ``fresh`` is False when resuming."""
+        return None
+
+    def served_header(self, header: CheckpointHeader) -> CheckpointHeader:
+        """The served file's header for a model this method trained (kind, extra settings)."""
+        return header
+
+    def sampling(self, net: nn.Module, schedule: Schedule, steps: int) -> tuple[Denoiser, str, int]:
+        """(denoiser, sampler, steps) for the checkpoint sample grid."""
+        return EpsDenoiser(net, schedule), "ddim", steps
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs beyond the model, EMA and optimizer (e.g. a target network)."""
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -315,3 +340,6 @@ def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
     norm = delta.flatten(1).norm(dim=1)
     scale = (radius / norm.clamp_min(1e-12)).clamp(max=1.0)
     return delta * rows(scale, delta)
+
+
+from models.train import consistency_methods  # noqa: E402, F401  (registers cd, ct, cd-at, ct-at)

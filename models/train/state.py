@@ -62,6 +62,7 @@ def save(
     state: LoopState,
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    method: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write one checkpoint (atomically: tensors, then JSON, then the ``latest`` pointer)."""
     folder = Path(out_dir) / "checkpoints"
@@ -69,6 +70,7 @@ def save(
     stem = folder / f"step-{state.updates:08d}"
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
+    tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in (method or {}).items()})
     opt_tensors, groups = optimizer_tensors(opt)
     tensors.update(opt_tensors)
     tmp = stem.with_suffix(".safetensors.tmp")

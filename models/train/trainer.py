@@ -27,7 +27,6 @@ from torch import nn
 from tqdm import tqdm
 
 from models.data import Dataset, gaussian_noise, load_dataset, salt_and_pepper, uniform_outliers
-from models.denoisers import EpsDenoiser
 from models.errors import UserError
 from models.generate import generate
 from models.grid import save_grid
@@ -106,6 +105,7 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
         self.net = UNet(cfg.model_config_()).to(self.device)
+        self.method.setup(self.net, self.schedule, cfg.updates, fresh=resume is None)
         self.ema = UNet(cfg.model_config_()).to(self.device).eval().requires_grad_(False)
         self.ema.load_state_dict(self.net.state_dict())
         self.model: nn.Module = self.net
@@ -179,6 +179,7 @@ class Trainer:
         self.ema.load_state_dict(ckpt.section(tensors, "ema"))
         opt_sd = ckpt.optimizer_state(ckpt.section(tensors, "optim"), meta["optimizer_param_groups"])
         self.opt.load_state_dict(opt_sd)
+        self.method.load_state_dict(ckpt.section(tensors, "method"))
         saved = meta["state"]
         self.state = ckpt.LoopState(**saved)
         if len(self.state.rng) != self.world:
@@ -224,6 +225,7 @@ class Trainer:
             self.state,
             self.cfg.model_dump(),
             extra,
+            self.method.state_dict(),
         )
         if self.cfg.sample_count:
             self.sample_grid(self.out / "samples" / f"step-{self.state.updates:08d}.png")
@@ -231,11 +233,10 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> Path:
-        """EMA samples, DDIM ``sample_steps`` steps, fixed seeds: the same images at every checkpoint."""
+        """EMA samples with the method's sampler (DDIM, ``sample_steps``), fixed seeds: same images every checkpoint."""
         noise = NoiseSource(range(self.cfg.sample_count), self.data.images.shape[1:], self.device)
-        images = generate(
-            EpsDenoiser(self.ema, self.schedule), noise, sampler="ddim", steps=self.cfg.sample_steps
-        )
+        denoiser, sampler, steps = self.method.sampling(self.ema, self.schedule, self.cfg.sample_steps)
+        images = generate(denoiser, noise, sampler=sampler, steps=steps)
         return save_grid(images, path)
 
     def log(self, record: dict[str, Any]) -> None:
