@@ -321,9 +321,11 @@ class ConsistencyObjective:
             with torch.no_grad():
                 goal = self.f(target_fn, a_lo * x_lo_ve, t_lo)
             leaf = None
-            if replay < replays - 1:  # the last replay's delta would never be used: skip its gradient
+            x_in = x_hi if delta is None else x_hi + delta
+            if replay < replays - 1:  # the last replay's input gradient would never be used: skip it
                 leaf = (torch.zeros_like(x_hi) if delta is None else delta).requires_grad_(True)
-            pred = self.f(student, x_hi if leaf is None else x_hi + leaf, t_hi)
+                x_in = x_hi + leaf
+            pred = self.f(student, x_in, t_hi)
             if o.distance == "pseudo-huber":
                 per_sample = pseudo_huber(pred, goal, o.huber_c)
             else:
