@@ -1,0 +1,130 @@
+"""Shared pieces of the known-distribution experiments: a small MLP eps-model and a vector trainer.
+
+The trainer implements ``models.train.methods.StepContext``, so the experiments run the very method
+classes the image trainer runs (standard, equivariant-at, dro-at, input-perturbation), on [B, D]
+vectors instead of images.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.denoisers import EpsDenoiser
+from models.generate import generate
+from models.noise import NoiseSource
+from models.schedules import Schedule
+from models.train.methods import Method, get_method
+
+
+class MLP(nn.Module):
+    """eps_theta(x, timestep) for vectors: sinusoidal time features + a SiLU MLP (EpsDenoiser's net(x, timestep))."""
+
+    def __init__(self, dim: int, hidden: int = 128, layers: int = 3, time_dim: int = 32) -> None:
+        super().__init__()
+        self.time_dim = time_dim
+        blocks: list[nn.Module] = [nn.Linear(dim + time_dim, hidden), nn.SiLU()]
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(hidden, hidden), nn.SiLU()]
+        blocks.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        half = self.time_dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x.device) / half)
+        arg = timestep.to(x.dtype).reshape(-1, 1) * freqs
+        return self.net(torch.cat([x, torch.sin(arg), torch.cos(arg)], dim=1))
+
+
+class VectorTrainer:
+    """A minimal StepContext: AdamW with warm-up, grad clipping and EMA over an MLP, counting updates."""
+
+    def __init__(
+        self,
+        dim: int,
+        method: str,
+        options: dict[str, Any],
+        updates: int,
+        seed: int,
+        lr: float = 1e-3,
+        ema_decay: float = 0.995,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.schedule = Schedule()
+        self.device = torch.device("cpu")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.net = MLP(dim)
+        self.ema = MLP(dim).requires_grad_(False)
+        self.ema.load_state_dict(self.net.state_dict())
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
+        self.method: Method = get_method(method, options)
+        self.budget = updates
+        self.updates = 0
+        self.lr = lr
+        self.ema_decay = ema_decay
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
+        return self.net(x, self.schedule.net_time(t))
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * min(1.0, (self.updates + 1) / 100)
+        self.opt.step()
+        decay = min(self.ema_decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+                e.lerp_(p, 1.0 - decay)
+        self.updates += 1
+
+    def remaining(self) -> int:
+        return self.budget - self.updates
+
+    def fit(self, data: torch.Tensor, batch: int) -> list[float]:
+        """Train to the update budget on minibatches drawn with replacement; returns the losses."""
+        losses: list[float] = []
+        while self.remaining() > 0:
+            idx = torch.randint(0, data.shape[0], (batch,), generator=self.generator)
+            losses += self.method.step(self, data[idx])
+        return losses
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int, seed: int = 10_000, clip: bool = False) -> torch.Tensor:
+        """n EMA samples with DDIM (``steps`` network evaluations); ``clip`` clamps x0_hat to [-1, 1] as for images."""
+        noise = NoiseSource(range(seed, seed + n), (self.dim,))
+        return generate(
+            EpsDenoiser(self.ema, self.schedule), noise, sampler="ddim", steps=steps, clip_x0=clip
+        )
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """SW2 between two equal-size samples: RMS over random unit directions of the sorted-quantile gap."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    pa = (a.double() @ dirs).sort(dim=0).values
+    pb = (b.double() @ dirs).sort(dim=0).values
+    return float((pa - pb).pow(2).mean().sqrt())
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), no GPU; torch {torch.__version__}"
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)

@@ -1,0 +1,117 @@
+"""Training throughput per method: parameter updates per second and the cost relative to `standard`.
+
+Runs the real trainer (``models.train.Trainer``) on a slice of Fashion-MNIST for each method and
+preset, interleaving the methods round by round so that a noisy (shared) machine biases none of
+them. Targets (issue 3): dro-at <= 1.15x and equivariant-at <= 2.5x the time of a standard update.
+
+    .venv/bin/python bench/bench_train.py --presets fmnist-cpu fmnist --batch 16 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.train.config import build
+from models.train.trainer import Trainer
+
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "standard": ("standard", {}),
+    "dro-at (m=3)": ("dro-at", {}),
+    "equivariant-at random": ("equivariant-at", {"variant": "random"}),
+    "equivariant-at adversarial": ("equivariant-at", {"variant": "adversarial"}),
+    "input-perturbation": ("input-perturbation", {}),
+}
+
+
+def trainer(preset: str, method: str, options: dict[str, Any], batch: int, device: str, out: str) -> Trainer:
+    cfg = build(
+        {
+            "preset": preset,
+            "method": method,
+            "options": options,
+            "batch_size": batch,
+            "updates": 10**9,
+            "device": device,
+            "data": {"name": "fashion-mnist", "limit": 1024},
+            "out_dir": out,
+            "progress": False,
+        }
+    )
+    return Trainer(cfg)
+
+
+def timed_updates(tr: Trainer, updates: int) -> float:
+    """Seconds per parameter update over at least ``updates`` updates (whole minibatches)."""
+    batches = tr.batches()
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    sync()
+    start, before = time.perf_counter(), tr.state.updates
+    while tr.state.updates - before < updates:
+        tr.method.step(tr, next(batches))
+    sync()
+    return (time.perf_counter() - start) / (tr.state.updates - before)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["fmnist-cpu", "fmnist"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--updates", type=int, default=6, help="timed updates per method per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+        + (
+            torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU only"
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "batch": args.batch,
+        "results": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            trainers = {
+                k: trainer(preset, m, o, args.batch, args.device, tmp) for k, (m, o) in METHODS.items()
+            }
+            for tr in trainers.values():
+                timed_updates(tr, 2)  # warm-up: allocator, oneDNN / cuDNN choices
+            times: dict[str, list[float]] = {k: [] for k in trainers}
+            for _ in range(args.rounds):
+                for k, tr in trainers.items():
+                    times[k].append(timed_updates(tr, args.updates))
+            best = {k: min(v) for k, v in times.items()}
+            rows = {
+                k: {
+                    "s_per_update": best[k],
+                    "updates_per_s": 1 / best[k],
+                    "vs_standard": best[k] / best["standard"],
+                    "all": v,
+                }
+                for k, v in times.items()
+            }
+            report["results"][preset] = rows
+            for k, r in rows.items():
+                print(
+                    f"{preset:11s} {k:28s} {r['updates_per_s']:7.3f} upd/s  {r['vs_standard']:.2f}x standard",
+                    flush=True,
+                )
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
