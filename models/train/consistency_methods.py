@@ -178,7 +178,9 @@ class _Distillation(_Consistency):
         o = self.options
         device = next(net.parameters()).device
         teacher, header = load_checkpoint(o.teacher, device)
-        if header.model != getattr(net, "cfg", None):
+        student_cfg = getattr(net, "cfg", None)
+        dropout = getattr(student_cfg, "dropout", 0.0)  # a training-only knob: the student may use its own
+        if header.model.model_copy(update={"dropout": dropout}) != student_cfg:
             raise UserError("preset", f"the student's UNet must match the teacher's ({Path(o.teacher).name})")
         if header.schedule != schedule.config:
             raise UserError("schedule", f"the schedule must match the teacher's ({Path(o.teacher).name})")
