@@ -1,0 +1,108 @@
+"""Print the docs/RESULTS.md tables from the JSON that ``bench/eval_served.sh`` wrote.
+
+usage: python bench/eval_report.py [bench/results/eval]
+Numbers are copied from the JSON files, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ci(row: dict[str, Any], key: str) -> str:
+    lo, hi = row[f"{key}_ci95"]
+    return f"{100 * row[key]:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def quality(root: Path) -> None:
+    print("| model | sampler | NFE | n | FD | precision | recall | s/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        for sub in ("quality-ddim", "quality-dpmpp"):
+            rep = _load(model / sub / "quality.json")
+            if rep is None:
+                continue
+            for r in rep["results"]:
+                print(
+                    f"| {model.name} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['fd']:.2f} | {r['precision']:.3f} "
+                    f"| {r['recall']:.3f} | {r['sampling_s_per_image']:.3f} |"
+                )
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        rep = _load(model / "quality-ddim" / "quality.json")
+        if rep is not None:
+            ref = rep["reference"]
+            print(
+                f"\n{model.name}: {ref['what']}: FD {ref['fd']:.2f}, precision {ref['precision']:.3f}, recall {ref['recall']:.3f}"
+            )
+            print(f"command: `{rep['command']}`; {rep['machine']}; {rep['date']}")
+
+
+def robust(root: Path) -> None:
+    print(
+        "| model | defence | attack | eps | PGD steps | EOT | mean % [95% CI] | worst-of-R % | majority % [95% CI] | attack s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        rep = _load(model / "robust-linf" / "robust.json")
+        if rep is None:
+            continue
+        top = max(r.get("attack_steps", 0) for r in rep["results"])
+        for r in rep["results"]:
+            if r.get("attack_steps", top) != top:
+                continue
+            print(
+                f"| {model.name} | {r['defense']} | {r['attack']} | {r['eps']} | {r.get('attack_steps', '-')} | {r.get('eot', '-')} "
+                f"| {_ci(r, 'mean')} | {100 * r['worst']:.1f} | {_ci(r, 'majority')} | {r.get('attack_wall_s', '-')} |"
+            )
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        rep = _load(model / "robust-linf" / "robust.json")
+        if rep is None:
+            continue
+        s = rep["sanity"]
+        steps = all(x["non_increasing"] for x in s["non_increasing_in_steps"])
+        eot = (
+            all(x["non_increasing"] for x in s["non_increasing_in_eot"])
+            if s["non_increasing_in_eot"]
+            else None
+        )
+        big = s.get("large_eps", {})
+        print(
+            f"\n{model.name}: n={rep['n']}, R={rep['draws']}, purifier {rep['purifier']}, step {rep['step_size']}; "
+            f"gradients finite {s['gradients_finite']}, non-zero {s['gradients_nonzero']}; non-increasing in steps {steps}, "
+            f"in EOT {eot} (tolerance {s['tolerance']}); eps={big.get('eps')} ({big.get('attack')}, n={big.get('n')}): "
+            f"mean {big.get('mean')}, majority {big.get('majority')}; purification latency "
+            f"{rep['results'][1]['latency_s_per_purification']:.4f} s/image"
+        )
+        print(f"command: `{rep['command']}`; {rep['machine']}; {rep['date']}")
+
+
+def corruption(root: Path) -> None:
+    print("| model | images | t* | PSNR dB | SSIM | accuracy % [95% CI] |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        rep = _load(model / "corruption" / "corruption.json")
+        if rep is None:
+            continue
+        for r in rep["results"]:
+            print(
+                f"| {model.name} | {r['images']} | {r['t_star']} | {r['psnr_db']:.2f} | {r['ssim']:.3f} | {_ci(r, 'accuracy')} |"
+            )
+        print(f"\ncommand: `{rep['command']}`; {rep['machine']}; {rep['date']}\n")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/eval")
+    for title, fn in (
+        ("Sample quality", quality),
+        ("Purification robustness", robust),
+        ("Corruption removal", corruption),
+    ):
+        print(f"\n### {title}\n")
+        fn(root)
