@@ -3,7 +3,9 @@
 They plug into the same loop as the diffusion methods: the network the trainer builds is the
 consistency function's F (the student), ``ctx.eps`` evaluates it, ``ctx.update`` spends an update.
 CD loads a served diffusion checkpoint as teacher (same UNet and schedule) and, by default, starts
-the student from the teacher's weights. The exported file has kind = consistency with sigma_min,
+the student from the teacher's weights with the output layer negated: the wrapper's f = c_skip x/a +
+c_out F is then x - sigma eps_teacher (the teacher's denoiser) to first order near sigma_min, where a
+plain copy (F = +eps) would be wrong in sign. The exported file has kind = consistency with sigma_min,
 sigma_max, sigma_data and the teacher's content hash in its header.
 """
 
@@ -46,7 +48,12 @@ class CDOptions(MethodOptions, ConsistencyOptions):
         description="path of the teacher: a diffusion checkpoint with the same UNet and schedule"
     )
     solver: Solver = Field("heun", description="teacher ODE step: ddim (= Euler in sigma) or heun")
-    init_from_teacher: bool = Field(True, description="start the student from the teacher's weights")
+    teacher_init: Literal["denoiser", "weights", "none"] = Field(
+        "denoiser",
+        description="student start: the teacher's weights with the output layer negated, so that F = -eps_teacher "
+        "and f = x - sigma eps_teacher + O(sigma^2) is the teacher's denoiser near sigma_min ('denoiser'); "
+        "the teacher's weights as they are ('weights'); or a random init ('none')",
+    )
     target_ema: float = Field(
         0.95, ge=0.0, lt=1.0, description="target network EMA decay (0: sg of the student)"
     )
@@ -184,8 +191,12 @@ class _Distillation(_Consistency):
             raise UserError("preset", f"the student's UNet must match the teacher's ({Path(o.teacher).name})")
         if header.schedule != schedule.config:
             raise UserError("schedule", f"the schedule must match the teacher's ({Path(o.teacher).name})")
-        if fresh and o.init_from_teacher:
+        if fresh and o.teacher_init != "none":
             net.load_state_dict(teacher.state_dict())
+            if o.teacher_init == "denoiser":
+                with torch.no_grad():
+                    for p in net.get_submodule("conv_out").parameters():
+                        p.neg_()
         return teacher.eval().requires_grad_(False)
 
     def teacher_hash(self) -> str | None:

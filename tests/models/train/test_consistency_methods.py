@@ -62,11 +62,15 @@ def test_replay_spends_m_updates_per_minibatch(
 
 def test_cd_student_starts_from_the_teacher(make_config: Callable[..., TrainConfig], teacher: Path) -> None:
     weights = Pipeline.from_checkpoint(teacher).net.state_dict()
+    plain = Trainer(make_config(method="cd", options={"teacher": str(teacher), "teacher_init": "weights"}))
+    assert all(torch.equal(plain.net.state_dict()[k], v) for k, v in weights.items())
+    assert all(torch.equal(plain.ema.state_dict()[k], v) for k, v in weights.items())
+    # Default: the output layer negated, so F = -eps_teacher and f is the teacher's denoiser near sigma_min.
     trainer = Trainer(make_config(method="cd", options={"teacher": str(teacher)}))
-    assert all(torch.equal(trainer.net.state_dict()[k], v) for k, v in weights.items())
-    assert all(torch.equal(trainer.ema.state_dict()[k], v) for k, v in weights.items())
-    fresh = Trainer(make_config(method="cd", options={"teacher": str(teacher), "init_from_teacher": False}))
-    assert not all(torch.equal(fresh.net.state_dict()[k], v) for k, v in weights.items())
+    for k, v in weights.items():
+        assert torch.equal(trainer.ema.state_dict()[k], -v if k.startswith("conv_out.") else v), k
+    fresh = Trainer(make_config(method="cd", options={"teacher": str(teacher), "teacher_init": "none"}))
+    assert not torch.equal(fresh.net.state_dict()["conv_in.weight"], weights["conv_in.weight"])
 
 
 def test_resume_with_an_ema_target_is_bitwise(
