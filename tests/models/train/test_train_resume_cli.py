@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,3 +129,20 @@ def test_cli_bad_config_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f": {field}:" in err
     assert not run.exists()
+
+
+def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
+    """DDP over gloo: both ranks finish (no collective left waiting), one checkpoint holds both RNG states."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "service.cli", "train", "--preset", "tiny", "--dataset", "digits", "--method", "dro-at"]
+    cmd += ["--updates", "4", "--batch-size", "8", "--out-dir", str(run), "--threads", "1", "--device", "cpu"]
+    cmd += ["--set", "checkpoint_every=3", "--set", "sample_count=0", "--set", "progress=false"]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta, _ = ckpt.load(run)
+    assert meta["state"]["updates"] == 4 and len(meta["state"]["rng"]) == 2
+    assert meta["state"]["rng"][0]["generator"] != meta["state"]["rng"][1]["generator"]
+    assert Pipeline.from_checkpoint(run / "model.safetensors").header.training.updates == 4
