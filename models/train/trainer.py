@@ -182,6 +182,8 @@ class Trainer:
         self.method.load_state_dict(ckpt.section(tensors, "method"))
         saved = meta["state"]
         self.state = ckpt.LoopState(**saved)
+        if meta.get("command"):  # provenance: every command that contributed updates, in order
+            self.command = f"{meta['command']} && {self.command}" if self.command else meta["command"]
         if len(self.state.rng) != self.world:
             raise UserError(
                 "resume", f"checkpoint was written by {len(self.state.rng)} ranks, this run has {self.world}"
