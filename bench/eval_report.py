@@ -84,6 +84,7 @@ def robust(root: Path) -> None:
 
 
 def corruption(root: Path) -> None:
+    notes: list[str] = []
     print("| model | images | t* | PSNR dB | SSIM | accuracy % [95% CI] |")
     print("| --- | --- | --- | --- | --- | --- |")
     for model in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -94,7 +95,58 @@ def corruption(root: Path) -> None:
             print(
                 f"| {model.name} | {r['images']} | {r['t_star']} | {r['psnr_db']:.2f} | {r['ssim']:.3f} | {_ci(r, 'accuracy')} |"
             )
-        print(f"\ncommand: `{rep['command']}`; {rep['machine']}; {rep['date']}\n")
+        notes.append(f"{model.name}: `{rep['command']}`; {rep['machine']}; {rep['date']}")
+    print("\n" + "\n\n".join(notes))
+
+
+def combined_plots(root: Path) -> None:
+    """One FD-vs-NFE and one robust-accuracy-vs-eps plot across the served models."""
+    from models.evaluation.common import save_plot
+
+    models = sorted(p for p in root.iterdir() if p.is_dir())
+
+    def fd(ax: Any) -> None:
+        for model in models:
+            for sub, style in (("quality-ddim", "o-"), ("quality-dpmpp", "s--")):
+                rep = _load(model / sub / "quality.json")
+                if rep is not None:
+                    rows = rep["results"]
+                    label = f"{model.name}, {rows[0]['sampler']}"
+                    ax.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], style, label=label)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("Frechet distance (n=200)")
+        ax.set_title("FD in the feature space of fmnist-classifier (penultimate layer)", fontsize=9)
+        ax.legend(fontsize=7)
+
+    def rob(ax: Any) -> None:
+        for model in models:
+            rep = _load(model / "robust-linf" / "robust.json")
+            if rep is None:
+                continue
+            rows = rep["results"]
+            top = max(r.get("attack_steps", 0) for r in rows)
+            eot = max(r.get("eot") or 0 for r in rows)
+            clean = next(r for r in rows if r["defense"] == "purifier" and r["attack"] == "none")
+            for attack, style in (("pgd-eot", "o-"), ("classifier-only", "x:")):
+                pts = [
+                    r
+                    for r in rows
+                    if r["defense"] == "purifier"
+                    and r["attack"] == attack
+                    and r.get("attack_steps") == top
+                    and r.get("eot") == (1 if attack == "classifier-only" else eot)
+                ]
+                xs = [0.0] + [r["eps"] for r in pts]
+                ys = [clean["majority"]] + [r["majority"] for r in pts]
+                ax.plot(xs, ys, style, label=f"{model.name}, {attack}")
+        ax.set_xlabel("eps (L-inf, [0, 1] scale)")
+        ax.set_ylabel("majority-vote accuracy behind the purifier")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("Purification robustness (reduced CPU budget, see RESULTS.md)", fontsize=9)
+        ax.legend(fontsize=7)
+
+    save_plot(root / "fd_vs_nfe.png", fd)
+    save_plot(root / "robust_vs_eps.png", rob)
 
 
 if __name__ == "__main__":
@@ -106,3 +158,4 @@ if __name__ == "__main__":
     ):
         print(f"\n### {title}\n")
         fn(root)
+    combined_plots(root)
