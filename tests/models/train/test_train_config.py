@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.errors import UserError
 from models.train.config import load_config
+from models.train.trainer import load_data
 
 
 @pytest.mark.parametrize(
@@ -69,3 +71,14 @@ def test_bad_file(tmp_path: Path) -> None:
     assert err.value.field == "config"
     with pytest.raises(UserError):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outliers", "salt-and-pepper"])
+def test_corruption_is_applied_once_and_reproducibly(kind: str) -> None:
+    clean = load_data(load_config(None, ["data.name=digits", "preset=tiny"]))
+    sets = ["data.name=digits", "preset=tiny", f"data.corruption.kind={kind}", "data.corruption.fraction=0.5"]
+    a, b = load_data(load_config(None, sets)), load_data(load_config(None, sets))
+    assert torch.equal(a.images, b.images)
+    changed = (a.images != clean.images).flatten(1).any(dim=1).float().mean().item()
+    assert 0.4 < changed < 0.6
+    assert float(a.images.min()) >= -1.0 and float(a.images.max()) <= 1.0
