@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,6 +26,7 @@ from models.unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1
 HEADER_KEY = "robustdiff"
+H = TypeVar("H", bound=BaseModel)
 
 
 class ConsistencyConfig(BaseModel):
@@ -94,40 +95,66 @@ def save_checkpoint(
     header = header.model_copy(
         update={"content_hash": content_hash(tensors), "format_version": FORMAT_VERSION}
     )
+    write_safetensors(path, tensors, header)
+    return header
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], header: BaseModel) -> None:
+    """Atomically write tensors with ``header`` as JSON under the header key (every robustdiff file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={HEADER_KEY: header.model_dump_json()})
     os.replace(tmp, path)
-    return header
 
 
-def read_header(path: str | Path) -> CheckpointHeader:
-    """Parse and validate the header only (cheap: no tensor is read)."""
+def read_header_json(path: str | Path, field: str, what: str = "checkpoint") -> dict[str, Any]:
+    """The raw JSON header of a robustdiff safetensors file; errors name ``field``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError("path", f"no checkpoint file at {path}")
+        raise CheckpointError(field, f"no {what} file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError("file", f"{path} is not a readable safetensors file ({err})") from err
+        raise CheckpointError(field, f"{path} is not a readable safetensors file ({err})") from err
     if HEADER_KEY not in meta:
-        raise CheckpointError("header", f"{path} has no '{HEADER_KEY}' header: not a robustdiff checkpoint")
+        raise CheckpointError(field, f"{path} has no '{HEADER_KEY}' header: not a robustdiff {what}")
     try:
         raw = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as err:
-        raise CheckpointError("header", f"{path}: header is not valid JSON ({err})") from err
-    if isinstance(raw, dict) and raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(
-            "format_version", f"{path} was written by a newer robustdiff (format {raw['format_version']})"
-        )
+        raise CheckpointError(field, f"{path}: header is not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(field, f"{path}: header is not a JSON object")
+    return raw
+
+
+def validate_header(cls: type[H], raw: dict[str, Any], prefix: str) -> H:
+    """``cls.model_validate(raw)`` with the first error as a CheckpointError naming its field."""
     try:
-        header = CheckpointHeader.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "header"
-        raise CheckpointError(f"header.{field}", first["msg"]) from err
+        raise CheckpointError(f"{prefix}.{field}", first["msg"]) from err
+
+
+def read_tensors(path: str | Path, field: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except Exception as err:
+        raise CheckpointError(field, f"{path}: tensor data is unreadable or truncated ({err})") from err
+
+
+def read_header(path: str | Path) -> CheckpointHeader:
+    """Parse and validate the header only (cheap: no tensor is read)."""
+    raw = read_header_json(path, "header")
+    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(
+            "format_version", f"{path} was written by a newer robustdiff (format {raw['format_version']})"
+        )
+    header = validate_header(CheckpointHeader, raw, "header")
     if header.kind == "consistency" and header.consistency is None:
         raise CheckpointError("header.consistency", "a consistency checkpoint needs its consistency settings")
     return header
@@ -140,11 +167,7 @@ def load_checkpoint(
     header = read_header(path)
     net = UNet(header.model)
     expected = net.state_dict()
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-    except Exception as err:
-        raise CheckpointError("file", f"{path}: tensor data is unreadable or truncated ({err})") from err
+    tensors = read_tensors(path, "file")
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

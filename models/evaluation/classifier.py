@@ -8,20 +8,16 @@ the command that trained it. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
-from safetensors.torch import save_file
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from models.checkpoint import HEADER_KEY, content_hash
+from models.checkpoint import content_hash, read_header_json, read_tensors, validate_header, write_safetensors
 from models.errors import CheckpointError, UserError
 
 FORMAT_VERSION = 1
@@ -120,39 +116,16 @@ def save_classifier(path: str | Path, net: ResNetClassifier, header: ClassifierH
     """Write weights and header atomically; returns the header with its content hash."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     header = header.model_copy(update={"content_hash": _hash(tensors), "model": net.config})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: header.model_dump_json()})
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, header)
     return header
 
 
 def read_classifier_header(path: str | Path) -> ClassifierHeader:
     """Parse and validate the header only, so argument checks can run before any tensor is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("classifier", f"no classifier file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError("classifier", f"{path} is not a readable safetensors file ({err})") from err
-    try:
-        raw = json.loads(meta[HEADER_KEY])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError("classifier", f"{path} has no valid '{HEADER_KEY}' JSON header") from err
-    if not isinstance(raw, dict) or raw.get("kind") != "classifier":
-        raise CheckpointError(
-            "classifier",
-            f"{path} is not a classifier (kind={raw.get('kind') if isinstance(raw, dict) else None!r})",
-        )
-    try:
-        return ClassifierHeader.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "header"
-        raise CheckpointError(f"classifier.{field}", first["msg"]) from err
+    raw = read_header_json(path, "classifier", what="classifier")
+    if raw.get("kind") != "classifier":
+        raise CheckpointError("classifier", f"{path} is not a classifier (kind={raw.get('kind')!r})")
+    return validate_header(ClassifierHeader, raw, "classifier")
 
 
 def load_classifier(
@@ -161,8 +134,7 @@ def load_classifier(
     """Rebuild the network from the header, check every tensor and the hash, return it in eval mode."""
     header = read_classifier_header(path)
     net = ResNetClassifier(header.model)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    tensors = read_tensors(path, "classifier")
     expected = net.state_dict()
     if set(tensors) != set(expected) or any(
         tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()
