@@ -5,7 +5,6 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 CODE := models service kernels
-APT_PACKAGES := redis-server prometheus dataset-fashion-mnist
 
 .PHONY: serve test lint system-deps
 
@@ -15,12 +14,14 @@ $(BIN)/robustdiff: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models.
+# Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models;
+# docker-compose 1.29 validates the compose file offline (no Docker engine needed).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
 		echo "installing$$missing with apt-get"; \
