@@ -25,6 +25,16 @@ def machine_description(device: str = "cpu") -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {threads} threads, no GPU"
 
 
+def report_header(command: str, device: str, model_path: str, info: Any) -> dict[str, Any]:
+    """What every eval report starts with: the command, when, where, and which model exactly."""
+    return {
+        "command": command,
+        "date": now_utc(),
+        "machine": machine_description(device),
+        "model": {"path": model_path, "name": info.name, "method": info.method, "hash": info.hash},
+    }
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (stays inside [0, 1], sane at 0% and 100%)."""
     if n <= 0:

@@ -20,7 +20,7 @@ from models.checkpoint import read_header
 from models.evaluation.attacks import EVAL_PURPOSE, PurifiedClassifier, draw_seeds
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
-from models.evaluation.common import machine_description, now_utc, save_plot, wilson_interval
+from models.evaluation.common import report_header, save_plot, wilson_interval
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -148,15 +148,7 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
     report = {
-        "command": args.command_line,
-        "date": now_utc(),
-        "machine": machine_description(args.device),
-        "model": {
-            "path": args.model,
-            "name": pipe.info.name,
-            "method": pipe.info.method,
-            "hash": pipe.info.hash,
-        },
+        **report_header(args.command_line, args.device, args.model, pipe.info),
         "classifier": {"path": args.classifier, "test_accuracy": cls_header.test_accuracy},
         "purifier": {"sampler": args.sampler, "steps": args.steps},
         "n": args.n,

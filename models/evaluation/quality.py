@@ -23,7 +23,7 @@ from models.evaluation.classifier import (
     load_classifier,
 )
 from models.evaluation.cli import check, check_classifier_fits, parse_list
-from models.evaluation.common import machine_description, now_utc, save_plot
+from models.evaluation.common import report_header, save_plot
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
 
 
@@ -198,15 +198,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 bar.set_postfix(sampler=sampler, steps=steps, fd=f"{results[-1]['fd']:.2f}")
     report = {
-        "command": args.command_line,
-        "date": now_utc(),
-        "machine": machine_description(args.device),
-        "model": {
-            "path": args.model,
-            "name": pipe.info.name,
-            "method": pipe.info.method,
-            "hash": pipe.info.hash,
-        },
+        **report_header(args.command_line, args.device, args.model, pipe.info),
         "feature_network": FEATURE_NAME,
         "classifier": {
             "path": args.classifier,

@@ -25,7 +25,7 @@ from models.evaluation.attacks import (
 )
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
-from models.evaluation.common import machine_description, now_utc, save_plot
+from models.evaluation.common import report_header, save_plot
 from models.evaluation.metrics import vote_metrics
 
 GRADIENT_ATTACKS = ("classifier-only", "bpda-eot", "pgd-eot")
@@ -228,15 +228,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records)
     report = {
-        "command": args.command_line,
-        "date": now_utc(),
-        "machine": machine_description(args.device),
-        "model": {
-            "path": args.model,
-            "name": pipe.info.name,
-            "method": pipe.info.method,
-            "hash": pipe.info.hash,
-        },
+        **report_header(args.command_line, args.device, args.model, pipe.info),
         "classifier": {
             "path": args.classifier,
             "test_accuracy": cls_header.test_accuracy,
