@@ -376,7 +376,8 @@ def test_core_series_carry_data(stack: Stack) -> None:
     (p50,) = quantile("robustdiff_request_duration_seconds")
     assert 0 < p50[1] < 60, p50
     batch = quantile("robustdiff_batch_size", "le, model")
-    assert {s["model"] for s, _ in batch} == {MODEL} and all(1 <= v <= 512 for _, v in batch), batch
+    # histogram_quantile interpolates inside a bucket: batches of 1 land in (0, 1], not at 1.
+    assert {s["model"] for s, _ in batch} == {MODEL} and all(0 < v <= 512 for _, v in batch), batch
     inference = quantile("robustdiff_inference_duration_seconds", "le, kind, sampler")
     assert {(s["kind"], s["sampler"]) for s, _ in inference} >= {("sample", "ddim"), ("purify", "ddim")}, (
         inference
