@@ -6,6 +6,7 @@ fields; a bad value stops the process at start with a message naming the variabl
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated
@@ -21,9 +22,31 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+SERVABLE_KINDS = ("diffusion", "consistency")
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """The ``kind`` in a robustdiff safetensors header, read as plain JSON (no torch in the API).
+
+    A safetensors file starts with an 8-byte little-endian header length and the JSON header,
+    whose ``__metadata__`` holds our JSON under the key ``robustdiff``.
+    """
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            meta = json.loads(f.read(size)).get("__metadata__") or {}
+        kind = json.loads(meta.get("robustdiff", "{}")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def _committed_weights() -> list[str]:
-    """The checkpoints shipped in models/weights, the default model first so it is served first."""
-    paths = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    """The servable checkpoints shipped in models/weights (not the evaluation classifier), the
+    default model first so it is served first."""
+    paths = [p for p in sorted(WEIGHTS_DIR.glob("*.safetensors")) if checkpoint_kind(p) in SERVABLE_KINDS]
     paths.sort(key=lambda p: p.stem != "fmnist-dro-at")
     return [str(p) for p in paths]
 

@@ -122,3 +122,14 @@ def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path:
         log.close()
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     assert not children.strip()
+
+
+def test_default_models_are_the_servable_committed_checkpoints() -> None:
+    """`make serve` serves models/weights: every diffusion/consistency file, never the classifier."""
+    from service.settings import WEIGHTS_DIR, checkpoint_kind, load_settings
+
+    models = load_settings().models
+    names = [Path(m).stem for m in models]
+    assert names[0] == "fmnist-dro-at" and "fmnist-classifier" not in names
+    assert checkpoint_kind(WEIGHTS_DIR / "fmnist-classifier.safetensors") == "classifier"
+    assert all(checkpoint_kind(Path(m)) in ("diffusion", "consistency") for m in models)
