@@ -157,6 +157,14 @@ class Pipeline:
                 f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}"
             )
 
+    def _prepare(
+        self, sampler: str, seeds: Sequence[int], labels: Sequence[int] | None
+    ) -> tuple[NoiseSource, Denoiser]:
+        """What sample and purify both check and build: the sampler, per-image noise, the denoiser."""
+        self._check_sampler(sampler)
+        noise = NoiseSource(seeds, self.info.image_shape, self.device)
+        return noise, self.denoiser(self._labels(labels, len(noise)))
+
     @torch.inference_mode()
     def sample(
         self,
@@ -170,9 +178,7 @@ class Pipeline:
         cancel: Cancel | None = None,
     ) -> torch.Tensor:
         """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed."""
-        self._check_sampler(sampler)
-        noise = NoiseSource(seeds, self.info.image_shape, self.device)
-        den = self.denoiser(self._labels(labels, len(noise)))
+        noise, den = self._prepare(sampler, seeds, labels)
         out = generate(den, noise, sampler=sampler, steps=steps, eta=eta, callback=callback, cancel=cancel)
         return out.float().cpu()
 
@@ -191,15 +197,13 @@ class Pipeline:
         cancel: Cancel | None = None,
     ) -> torch.Tensor:
         """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1]."""
-        self._check_sampler(sampler)
         if tuple(images.shape[1:]) != self.info.image_shape:
             raise ValueError(
                 f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}"
             )
         if not torch.isfinite(images).all():
             raise ValueError("images: contain NaN or infinity")
-        noise = NoiseSource(seeds, self.info.image_shape, self.device)
-        den = self.denoiser(self._labels(labels, len(noise)))
+        noise, den = self._prepare(sampler, seeds, labels)
         x = images.to(self.device, torch.float32)
         out = purify(
             den,
