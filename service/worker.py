@@ -77,7 +77,9 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
         if not Path(path).is_file():
             raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
         try:
-            pipe = Pipeline.from_checkpoint(path, device=settings.device, name=name or None)
+            pipe = Pipeline.from_checkpoint(
+                path, device=settings.device, name=name or None, gpu_dtype=settings.gpu_dtype
+            )
         except ValueError as err:  # UserError/CheckpointError and device errors
             raise UserError("ROBUSTDIFF_MODELS", f"{path}: {err}") from None
         model = pipe.info.name

@@ -32,7 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--widths", default="32,64,128", help="channels per stage")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+
+def _hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, no GPU"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        device=args.device,
         progress=progress,
     )
     wall = time.perf_counter() - start
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         class_names=train.class_names,
         test_accuracy=acc,
         command=args.command_line,
-        hardware=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, no GPU",
+        hardware=_hardware(args.device),
         date=now_utc(),
         wall_time_s=round(wall, 1),
         epochs=args.epochs,

@@ -45,6 +45,22 @@ def test_cpu_calls_the_function_directly() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device is needed")
+def test_gpu_gradients_bypass_the_graph() -> None:
+    """An attack differentiates through the purifier: a replay has no autograd graph, so it runs eagerly."""
+    cuda = torch.device("cuda")
+    net = _toy_net(cuda)
+    graphed = GraphedForward(net, buckets=(4,))
+    x = torch.randn(3, 3, 8, 8, device=cuda, requires_grad=True)
+    t = torch.rand(3, device=cuda)
+    graphed(x, t).square().sum().backward()
+    assert graphed._graphs == {}
+    expected = torch.autograd.grad(net(x, t).square().sum(), x)[0]
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device is needed")
 def test_gpu_replays_match_eager() -> None:
     cuda = torch.device("cuda")
     net = _toy_net(cuda)

@@ -52,6 +52,13 @@ def test_sampler_must_fit_the_model_kind(pipe: Pipeline, tmp_path: Path) -> None
         cm.sample([1], sampler="ddim", steps=1)
 
 
+def test_gpu_dtype_is_validated_and_ignored_on_the_cpu(tmp_path: Path) -> None:
+    path = tiny_checkpoint(tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="gpu_dtype"):
+        Pipeline.from_checkpoint(path, gpu_dtype="float8")
+    assert Pipeline.from_checkpoint(path, gpu_dtype="bfloat16").dtype == torch.float32
+
+
 def test_labels_and_seeds_are_checked(pipe: Pipeline, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unconditional"):
         pipe.sample([1], labels=[0])

@@ -38,3 +38,15 @@ def test_invalid_configs() -> None:
         UNetConfig(image_size=30, channel_mult=(1, 2, 2))
     with pytest.raises(KeyError):
         preset("huge")
+
+
+def test_bf16_network_takes_float32_timesteps() -> None:
+    """The GPU pipeline casts the network to bf16 and still passes float32 timesteps (a crash before)."""
+    torch.manual_seed(0)
+    net = UNet(preset("tiny", image_size=16)).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        ref = net(x, t)
+        out = net.to(torch.bfloat16)(x.to(torch.bfloat16), t)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-2
