@@ -294,7 +294,7 @@ class UNet(nn.Module):
         # Sinusoids in float32 (timesteps up to 999 need its precision), then the weights' dtype: a
         # network cast to bf16 for serving takes the same float32 timesteps as in training.
         freqs = timestep_embedding(timestep, cfg.base_channels, cfg.time_flip_sin_to_cos, cfg.time_freq_shift)
-        emb = self.time_mlp(freqs.to(self.time_mlp[0].weight.dtype))
+        emb = self.time_mlp(freqs.to(next(self.time_mlp.parameters()).dtype))
         if self.class_emb is not None:
             if labels is None:
                 raise ValueError("this model is class-conditional: labels are required")
