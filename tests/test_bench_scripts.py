@@ -60,3 +60,27 @@ def test_diffusers_baseline_computes_our_function() -> None:
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([5.0, 900.0])
     with torch.no_grad():
         assert float((theirs(x, t).sample - net(x, t)).abs().max()) < 1e-4
+
+
+def test_gpu_report_reads_committed_results(tmp_path: Path) -> None:
+    """bench/gpu_report.py turns the committed H100 JSON into tables and the five docs plots."""
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_report.py", "bench/results/gpu", "--img-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = ("seed_b_fd_vs_nfe", "seed_a_fd", "cm_fd_vs_steps", "robust_vs_steps", "train_loss")
+    for name in names:
+        png = tmp_path / f"gpu_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads((ROOT / "bench/results/gpu/quality/fmnist-standard/quality.json").read_text())
+    first = rep["results"][0]
+    assert (
+        f"| fmnist-standard | {first['sampler']} | {first['nfe']} | {first['n']} | {first['fd']:.2f} |"
+        in proc.stdout
+    )
+    for header in ("| run | defence | attack |", "| model | task | sampler |", "| run | updates |"):
+        assert header in proc.stdout
