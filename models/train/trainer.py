@@ -130,8 +130,9 @@ class Trainer:
     def eps(self, x: torch.Tensor, t: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
         net = self.model if sync else self.net
         timestep = self.schedule.net_time(t).to(self.device)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        mode = self.cfg.autocast
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return net(x, timestep).float()
         return net(x, timestep)
 

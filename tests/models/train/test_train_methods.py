@@ -160,3 +160,20 @@ def test_replay_performs_m_updates_per_batch(make_config: Callable[..., TrainCon
     assert losses[0] != losses[1]
     capped, tr = one_step(make_config(method="dro-at", options={"m": 3}, updates=2))
     assert len(capped) == 2 and tr.state.updates == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype"), [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_autocast_setting_decides_the_network_precision(
+    make_config: Callable[..., TrainConfig], mode: str, dtype: torch.dtype
+) -> None:
+    """'auto' is bf16 on CUDA only; 'bf16' forces autocast (on the CPU too); 'fp32' never autocasts."""
+    trainer = Trainer(make_config(autocast=mode))
+    seen: list[torch.dtype] = []
+    handle = trainer.net.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = trainer.net.cfg
+    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    out = trainer.eps(x, torch.full((2,), 0.5))
+    handle.remove()
+    assert seen == [dtype] and out.dtype == torch.float32 and out.isfinite().all()
