@@ -102,10 +102,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     device: str = "auto"
     autocast: Literal["auto", "bf16", "fp32"] = Field(
-        "auto",
-        description="network precision: bf16 autocast (auto: on CUDA only) or fp32 (no autocast). Consistency "
-        "losses compare two network outputs that differ by far less than bf16's rounding, so CD/CT "
-        "configs use fp32",
+        "auto", description="network precision: bf16 autocast (auto: on CUDA only) or fp32 (no autocast)"
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     out_dir: str = "runs/model"
