@@ -35,6 +35,7 @@ class ConsistencyConfig(BaseModel):
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)
     sigma_data: float = Field(0.5, gt=0.0)
+    parameterization: Literal["edm", "eps"] = "edm"
     teacher_hash: str | None = None
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.checkpoint import ConsistencyConfig
-from models.denoisers import ConsistencyDenoiser, EpsDenoiser, Net
+from models.denoisers import ConsistencyDenoiser, EpsDenoiser, Net, Parameterization
 from models.schedules import Schedule
 
 Solver = Literal["ddim", "heun"]
@@ -43,6 +43,11 @@ class ConsistencyOptions(BaseModel):
         description="largest noise level; None = the schedule's sigma at t = 1, where sampling starts",
     )
     sigma_data: float = Field(0.5, gt=0.0, description="data scale in c_skip / c_out")
+    parameterization: Parameterization = Field(
+        "edm",
+        description="c_skip / c_out: edm (Song et al.), or eps (c_skip 1, c_out -(sigma - sigma_min)), "
+        "which makes a copy of an eps-prediction teacher start as its denoiser at every noise level",
+    )
     rho: float = Field(7.0, gt=0.0, description="EDM discretisation exponent")
     curriculum: Literal["fixed", "ict"] = Field("fixed", description="fixed N, or iCT's doubling of N")
     n_steps: int = Field(18, ge=2, description="N, the number of noise levels, when curriculum = fixed")
@@ -225,7 +230,9 @@ class ConsistencyObjective:
         self.replay = replay
         self.total_updates = options.curriculum_updates or total_updates
         self.sigma_max = options.resolved_sigma_max(schedule)
-        self.coefs = ConsistencyDenoiser(_no_net, schedule, None, options.sigma_min, options.sigma_data)
+        self.coefs = ConsistencyDenoiser(
+            _no_net, schedule, None, options.sigma_min, options.sigma_data, options.parameterization
+        )
         self._cache: dict[int, Discretisation] = {}
 
     def config(self, teacher_hash: str | None = None) -> ConsistencyConfig:
@@ -235,6 +242,7 @@ class ConsistencyObjective:
             sigma_min=o.sigma_min,
             sigma_max=self.sigma_max,
             sigma_data=o.sigma_data,
+            parameterization=o.parameterization,
             teacher_hash=teacher_hash,
         )
 

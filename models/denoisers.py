@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -58,11 +59,20 @@ class EpsDenoiser(Denoiser):
         return self(x, t)
 
 
+Parameterization = Literal["edm", "eps"]
+
+
 class ConsistencyDenoiser(Denoiser):
     """Consistency function f(x, t) = c_skip(sigma) x / a_t + c_out(sigma) F(x, t), sigma = s_t / a_t.
 
-    c_skip and c_out are EDM's boundary-preserving coefficients in the VE time sigma, so
-    f(x, t_min) = x / a_{t_min} exactly: the boundary condition is built into the wrapper.
+    Both parameterizations give c_skip = 1 and c_out = 0 at sigma_min, so f(x, t_min) = x / a_{t_min}
+    exactly: the boundary condition is built into the wrapper.
+
+    * ``edm`` (Song et al. 2023): c_skip = sd^2 / ((sigma - smin)^2 + sd^2),
+      c_out = (sigma - smin) sd / sqrt(sigma^2 + sd^2); F is an output of unit scale.
+    * ``eps``: c_skip = 1, c_out = -(sigma - smin); F plays the part of an eps prediction, so a
+      student that starts as a copy of an eps-prediction teacher starts as that teacher's denoiser
+      x_ve - sigma eps at every noise level (EDM's coefficients match it only near sigma_min).
     """
 
     def __init__(
@@ -72,13 +82,17 @@ class ConsistencyDenoiser(Denoiser):
         labels: torch.Tensor | None = None,
         sigma_min: float = 0.002,
         sigma_data: float = 0.5,
+        parameterization: Parameterization = "edm",
     ) -> None:
         super().__init__(net, schedule, labels)
         self.sigma_min = sigma_min
         self.sigma_data = sigma_data
+        self.parameterization = parameterization
 
     def c_skip_out(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sd, smin = self.sigma_data, self.sigma_min
+        if self.parameterization == "eps":
+            return torch.ones_like(sigma), smin - sigma
         c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
         c_out = (sigma - smin) * sd / torch.sqrt(sigma**2 + sd**2)
         return c_skip, c_out

@@ -145,7 +145,9 @@ class Pipeline:
         if self.header.kind == "consistency":
             cm = self.header.consistency
             assert cm is not None
-            return ConsistencyDenoiser(self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data)
+            return ConsistencyDenoiser(
+                self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
+            )
         return EpsDenoiser(self._forward, self.schedule, labels)
 
     def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:

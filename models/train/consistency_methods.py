@@ -3,10 +3,12 @@
 They plug into the same loop as the diffusion methods: the network the trainer builds is the
 consistency function's F (the student), ``ctx.eps`` evaluates it, ``ctx.update`` spends an update.
 CD loads a served diffusion checkpoint as teacher (same UNet and schedule) and, by default, starts
-the student from the teacher's weights with the output layer negated: the wrapper's f = c_skip x/a +
-c_out F is then x - sigma eps_teacher (the teacher's denoiser) to first order near sigma_min, where a
-plain copy (F = +eps) would be wrong in sign. The exported file has kind = consistency with sigma_min,
-sigma_max, sigma_data and the teacher's content hash in its header.
+the student as the teacher's denoiser: with ``parameterization = eps`` (f = x/a - (sigma - sigma_min)
+F) a plain copy is exactly x - sigma eps_teacher at every noise level; with EDM's c_skip / c_out the
+copy has its output layer negated, which matches the denoiser only to first order near sigma_min
+(at sigma = 0.33, t* = 0.1, f starts as 0.7 x0 - 0.04 eps: a poor purifier). The exported file has
+kind = consistency with sigma_min, sigma_max, sigma_data, the parameterization and the teacher's
+content hash in its header.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class CDOptions(MethodOptions, ConsistencyOptions):
     solver: Solver = Field("heun", description="teacher ODE step: ddim (= Euler in sigma) or heun")
     teacher_init: Literal["denoiser", "weights", "none"] = Field(
         "denoiser",
-        description="student start: the teacher's weights with the output layer negated, so that F = -eps_teacher "
-        "and f = x - sigma eps_teacher + O(sigma^2) is the teacher's denoiser near sigma_min ('denoiser'); "
+        description="student start: as the teacher's denoiser ('denoiser': with parameterization eps a plain "
+        "copy, exact at every noise level; with edm the copy with its output layer negated, so that "
+        "F = -eps_teacher and f = x - sigma eps_teacher + O(sigma^2) only near sigma_min); "
         "the teacher's weights as they are ('weights'); or a random init ('none')",
     )
     target_ema: float = Field(
@@ -151,7 +154,8 @@ class _Consistency(Method):
 
     def sampling(self, net: nn.Module, schedule: Schedule, steps: int) -> tuple[Denoiser, str, int]:
         o = self.options
-        return ConsistencyDenoiser(net, schedule, None, o.sigma_min, o.sigma_data), "consistency", 1
+        den = ConsistencyDenoiser(net, schedule, None, o.sigma_min, o.sigma_data, o.parameterization)
+        return den, "consistency", 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.target is None:
@@ -193,7 +197,7 @@ class _Distillation(_Consistency):
             raise UserError("schedule", f"the schedule must match the teacher's ({Path(o.teacher).name})")
         if fresh and o.teacher_init != "none":
             net.load_state_dict(teacher.state_dict())
-            if o.teacher_init == "denoiser":
+            if o.teacher_init == "denoiser" and o.parameterization == "edm":
                 with torch.no_grad():
                     for p in net.get_submodule("conv_out").parameters():
                         p.neg_()

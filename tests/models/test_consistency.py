@@ -23,7 +23,7 @@ from models.consistency import (
     pseudo_huber,
     teacher_ode_step,
 )
-from models.denoisers import ConsistencyDenoiser
+from models.denoisers import ConsistencyDenoiser, Parameterization
 from models.generate import generate
 from models.noise import NoiseSource
 from models.samplers import RULES
@@ -42,9 +42,12 @@ def huge_net(x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | Non
     return 1e4 * torch.sin(x) + 1e3
 
 
-def test_boundary_condition_is_exact_at_sigma_min() -> None:
+@pytest.mark.parametrize("parameterization", ["edm", "eps"])
+def test_boundary_condition_is_exact_at_sigma_min(parameterization: Parameterization) -> None:
     sch = Schedule()
-    den = ConsistencyDenoiser(huge_net, sch, sigma_min=0.002, sigma_data=0.5)
+    den = ConsistencyDenoiser(
+        huge_net, sch, sigma_min=0.002, sigma_data=0.5, parameterization=parameterization
+    )
     c_skip, c_out = den.c_skip_out(torch.tensor([0.002], dtype=torch.float64))
     assert float(c_skip) == 1.0 and float(c_out) == 0.0
     # At t_min (the VP time of sigma_min) the network's output cannot move f off x / a, however large.
@@ -63,6 +66,9 @@ def test_c_skip_c_out_match_the_formulas() -> None:
     c_skip, c_out = den.c_skip_out(sigma)
     torch.testing.assert_close(c_skip, sd**2 / ((sigma - smin) ** 2 + sd**2), rtol=0, atol=0)
     torch.testing.assert_close(c_out, (sigma - smin) * sd / torch.sqrt(sigma**2 + sd**2), rtol=0, atol=0)
+    eps = ConsistencyDenoiser(huge_net, sch, sigma_min=smin, sigma_data=sd, parameterization="eps")
+    e_skip, e_out = eps.c_skip_out(sigma)
+    assert torch.equal(e_skip, torch.ones_like(sigma)) and torch.equal(e_out, smin - sigma)
     # In VP coordinates f = c_skip x / a + c_out F: the read-out coefficients are (c_skip / a, c_out).
     t = sch.t_from_sigma(sigma[1:])
     kx, km = den.x0_coefs(t)

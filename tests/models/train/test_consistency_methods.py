@@ -73,6 +73,30 @@ def test_cd_student_starts_from_the_teacher(make_config: Callable[..., TrainConf
     assert not torch.equal(fresh.net.state_dict()["conv_in.weight"], weights["conv_in.weight"])
 
 
+def test_eps_parameterized_student_starts_as_the_teachers_denoiser_at_every_noise_level(
+    make_config: Callable[..., TrainConfig], tmp_path: Path, teacher: Path
+) -> None:
+    """With c_skip = 1, c_out = -(sigma - sigma_min) a plain copy is x/a - (sigma - sigma_min) eps_teacher;
+    EDM's coefficients (the default) are far from the denoiser at mid noise, which made poor purifiers."""
+    out = tmp_path / "cm.safetensors"
+    opts = {"teacher": str(teacher), "parameterization": "eps"}
+    trainer = Trainer(make_config(method="cd", options=opts, export_path=str(out), export_dtype="float32"))
+    trainer.export()
+    assert read_header(out).consistency.parameterization == "eps"  # type: ignore[union-attr]
+    cm = Pipeline.from_checkpoint(out).denoiser()
+    den = Pipeline.from_checkpoint(teacher).denoiser()
+    sch = Schedule(read_header(teacher).schedule)
+    t = torch.tensor([0.02, 0.1, 0.3, 0.7, 1.0], dtype=torch.float64)
+    x = torch.randn(5, *read_header(teacher).image_shape)
+    sigma = sch.sigma(t).reshape(-1, 1, 1, 1).float()
+    expected = x / sch.a(t).reshape(-1, 1, 1, 1).float() - (sigma - 0.002) * den(x, t)
+    torch.testing.assert_close(cm.x0(x, t), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm.x0(x, t), den.x0(x, t), rtol=0, atol=0.002 * 10)
+    edm = Trainer(make_config(method="cd", options={"teacher": str(teacher)}))
+    edm_cm = edm.method.sampling(edm.ema, sch, 1)[0]
+    assert float((edm_cm.x0(x[1:], t[1:]) - den.x0(x[1:], t[1:])).abs().max()) > 0.1
+
+
 def test_resume_with_an_ema_target_is_bitwise(
     make_config: Callable[..., TrainConfig], tmp_path: Path, teacher: Path
 ) -> None:
