@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import FrameType
 
 import uvicorn
 
@@ -88,6 +89,10 @@ class WorkerSupervisor:
                 proc.wait()
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(settings.model_copy(update={"redis_url": url}))
         supervisor.start()
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handler
+        # that was in place before it ran. SIGTERM's default handler would end this process at once
+        # and leak the worker and the private Redis, so SIGTERM ends up as Ctrl-C does, here.
+        signal.signal(signal.SIGTERM, _interrupt)
+        with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run()
     finally:
         supervisor.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from models.errors import UserError
 from service.redis_server import free_port
@@ -89,7 +91,10 @@ def _get(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         return err.code, json.loads(err.read())
 
 
-def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path: Path, stop: int) -> None:
+    """Serve, answer a request, and on Ctrl-C or SIGTERM (what Docker and Kubernetes send) stop the
+    worker and the private Redis too: SIGTERM once ended the process before its cleanup ran."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
     env.update(
@@ -117,11 +122,15 @@ def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path:
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['ROBUSTDIFF_WORKER_METRICS_PORT']}/metrics")
         assert b'robustdiff_images_generated_total{model="tiny"} 1.0' in metrics.read()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()
         log.close()
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     assert not children.strip()
+    redis_url = re.search(r"started a private Redis at (\S+)", (tmp_path / "serve.log").read_text())
+    assert redis_url is not None
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(redis_url.group(1), socket_connect_timeout=1).ping()
 
 
 def test_default_models_are_the_servable_committed_checkpoints() -> None:
