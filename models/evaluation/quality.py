@@ -1,4 +1,4 @@
-"""``eval quality``: Frechet distance and k-NN precision/recall of generated samples vs a test split.
+"""``eval quality``: Frechet distance, k-NN precision/recall and density/coverage of samples vs a test split.
 
 Features come from the project's own classifier (penultimate layer); every reported number names it,
 because a Frechet distance is only comparable within one feature space.
@@ -62,6 +62,12 @@ def fd_of_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise L2 distances computed directly: the matmul shortcut rounds d(i, j) and d(j, i) apart, which
+    flips membership of the k-th neighbour, the point that sits exactly on a ball's boundary."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 class KNNManifold:
     """A feature set with the radius of its k-th nearest neighbour around each point (the manifold estimate)."""
 
@@ -69,20 +75,32 @@ class KNNManifold:
         self.features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         if self.features.shape[0] <= k:
             raise ValueError(f"a k-NN manifold with k={k} needs more than {k} samples")
-        self.chunk = chunk
+        self.k, self.chunk = k, chunk
         radii = []
         for i in range(0, self.features.shape[0], chunk):
-            d = torch.cdist(self.features[i : i + chunk], self.features)
+            d = _distances(self.features[i : i + chunk], self.features)
             radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
         self.radii = torch.cat(radii)
 
+    def inside(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many balls each query falls in, and whether each ball holds at least one query (one pass)."""
+        q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
+        counts, hit = [], torch.zeros(self.features.shape[0], dtype=torch.bool)
+        for i in range(0, q.shape[0], self.chunk):
+            within = _distances(q[i : i + self.chunk], self.features) <= self.radii[None, :]
+            counts.append(within.sum(dim=1))
+            hit |= within.any(dim=0)
+        return torch.cat(counts), hit
+
     def covers(self, queries: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Whether each query falls inside at least one ball."""
-        q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
-        out = []
-        for i in range(0, q.shape[0], self.chunk):
-            out.append((torch.cdist(q[i : i + self.chunk], self.features) <= self.radii[None, :]).any(dim=1))
-        return torch.cat(out)
+        return self.inside(queries)[0] > 0
+
+    def subset(self, keep: torch.Tensor) -> KNNManifold:
+        """The manifold with only the kept balls, radii unchanged (to ask which balls carry a metric)."""
+        out = object.__new__(KNNManifold)
+        out.features, out.radii, out.k, out.chunk = self.features[keep], self.radii[keep], self.k, self.chunk
+        return out
 
 
 def precision_recall(
@@ -95,6 +113,23 @@ def precision_recall(
     real_m = real_manifold or KNNManifold(real, k)
     fake_m = KNNManifold(fake, k)
     return float(real_m.covers(fake).double().mean()), float(fake_m.covers(real_m.features).double().mean())
+
+
+def density_coverage(
+    real: np.ndarray | torch.Tensor,
+    fake: np.ndarray | torch.Tensor,
+    k: int = 3,
+    real_manifold: KNNManifold | None = None,
+) -> tuple[float, float]:
+    """Naeem et al. (2020): density = real balls per fake / k; coverage = share of real balls holding a fake.
+
+    Both use only the real manifold, so a few outlying real points with huge k-NN balls cannot
+    inflate them the way they inflate precision, and no manifold is built on the (possibly collapsed)
+    fakes. Density is (k+1)/k for fakes equal to the reals and is not capped at 1.
+    """
+    real_m = real_manifold or KNNManifold(real, k)
+    counts, hit = real_m.inside(fake)
+    return float(counts.double().mean() / real_m.k), float(hit.double().mean())
 
 
 @torch.no_grad()
@@ -112,7 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="5,10,20", help="comma-separated step counts (NFE)")
     p.add_argument("--n", type=int, default=2000, help="generated samples per (sampler, steps)")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
+    p.add_argument(
+        "--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall and density/coverage"
+    )
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="feature network (safetensors)")
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--seed", type=int, default=0, help="first image seed")
@@ -159,10 +196,12 @@ def run(args: argparse.Namespace) -> int:
     ref_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.n]
     ref_feats = extract_features(classifier, train.images[ref_idx])
     ref_fd = fd_of_features(ref_feats, real)
-    # Precision/recall compare equal-size sets (as in the paper): a fixed random n of the test split.
+    # The k-NN metrics compare equal-size sets (as in the papers): a fixed random n of the test split.
+    # They depend on n (the ball radii shrink as n grows), so compare them only at equal n.
     pr_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(1))[: min(args.n, len(test))]
     real_manifold = KNNManifold(real[pr_idx.numpy()], args.k)
     ref_p, ref_r = precision_recall(real_manifold.features, ref_feats, args.k, real_manifold)
+    ref_d, ref_c = density_coverage(real_manifold.features, ref_feats, args.k, real_manifold)
     # Batch-invariant row-by-row evaluation buys bitwise reproducibility that FD does not need.
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
     classes = pipe.info.num_classes
@@ -181,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 images = torch.cat(imgs)
                 feats = extract_features(classifier, images)
                 precision, recall = precision_recall(real_manifold.features, feats, args.k, real_manifold)
+                density, coverage = density_coverage(real_manifold.features, feats, args.k, real_manifold)
                 grid = save_grid(images[:64], out / f"samples_{sampler}_{steps}.png", nrow=8)
                 results.append(
                     {
@@ -191,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
                         "fd": fd_of_features(feats, real),
                         "precision": precision,
                         "recall": recall,
+                        "density": density,
+                        "coverage": coverage,
                         "sampling_wall_s": round(wall, 2),
                         "sampling_s_per_image": wall / args.n,
                         "grid": str(grid),
@@ -210,8 +252,10 @@ def run(args: argparse.Namespace) -> int:
             "fd": ref_fd,
             "precision": ref_p,
             "recall": ref_r,
+            "density": ref_d,
+            "coverage": ref_c,
         },
-        "real_set": f"{test.name} test split: all {len(test)} images for FD, a fixed random {len(pr_idx)} for P/R",
+        "real_set": f"{test.name} test split: all {len(test)} images for FD, a fixed random {len(pr_idx)} for the k-NN metrics",
         "k": args.k,
         "results": results,
     }

@@ -2,9 +2,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import linalg
 
-from models.evaluation.quality import fd_of_features, feature_stats, frechet_distance, precision_recall
+from models.evaluation.quality import (
+    KNNManifold,
+    density_coverage,
+    fd_of_features,
+    feature_stats,
+    frechet_distance,
+    precision_recall,
+)
 
 
 def _direct_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,3 +66,65 @@ def test_precision_recall_mode_dropping_lowers_recall_not_precision() -> None:
     precision, recall = precision_recall(real, fake, k=3)
     assert precision > 0.9
     assert recall < 0.6
+
+
+def _direct_density_coverage(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Naeem et al.'s formulas written out with numpy, as an oracle."""
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    radii = np.sort(d_rr, axis=1)[:, k]
+    inside = np.linalg.norm(fake[:, None] - real[None], axis=-1) <= radii[None]
+    return float(inside.sum() / (k * len(fake))), float(inside.any(axis=0).mean())
+
+
+def test_density_coverage_match_a_direct_computation() -> None:
+    rng = np.random.default_rng(6)
+    real, fake = rng.normal(size=(300, 5)), rng.normal(size=(200, 5)) * 1.3 + 0.2
+    density, coverage = density_coverage(real, fake, k=5)
+    assert (density, coverage) == pytest.approx(_direct_density_coverage(real, fake, 5), rel=1e-12)
+    assert 0.0 < coverage < 1.0 and density > 0.0
+
+
+def test_density_coverage_exact_cases() -> None:
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(200, 4))
+    k = 3
+    # each point lies in its own ball and in the balls of the points it is a k-NN of: (k+1) N in all
+    assert density_coverage(a, a, k=k) == pytest.approx(((k + 1) / k, 1.0))
+    assert density_coverage(a, a + 100.0, k=k) == (0.0, 0.0)
+
+
+def test_coverage_sees_mode_dropping() -> None:
+    rng = np.random.default_rng(5)
+    real = np.concatenate([rng.normal(size=(300, 2)), rng.normal(size=(300, 2)) + 20])
+    _, coverage = density_coverage(real, rng.normal(size=(300, 2)), k=3)
+    assert 0.3 < coverage < 0.55
+
+
+def test_one_real_outlier_moves_precision_fully_but_density_by_1_over_k_and_coverage_by_1_over_n() -> None:
+    """Fakes off the data, reached only by one outlying real point's huge k-NN ball (Naeem et al.'s case)."""
+    rng = np.random.default_rng(8)
+    real = rng.normal(size=(500, 8))
+    fake = rng.normal(size=(500, 8)) * 0.2 + 4.0  # a collapsed blob away from the data
+    outlier = (
+        rng.normal(size=(1, 8)) * 0.5 + 6.0
+    )  # its 3rd neighbour is in the bulk: the ball swallows the blob
+    k = 3
+    assert precision_recall(real, fake, k=k)[0] == 0.0
+    assert density_coverage(real, fake, k=k) == (0.0, 0.0)
+    with_outlier = np.concatenate([real, outlier])
+    assert precision_recall(with_outlier, fake, k=k)[0] == 1.0
+    density, coverage = density_coverage(with_outlier, fake, k=k)
+    assert density == pytest.approx(1 / k)
+    assert coverage == pytest.approx(1 / len(with_outlier))
+
+
+def test_a_subset_manifold_keeps_the_radii_of_the_full_one() -> None:
+    rng = np.random.default_rng(9)
+    real = rng.normal(size=(100, 3))
+    full = KNNManifold(real, 3)
+    keep = torch.arange(100) % 2 == 0
+    part = full.subset(keep)
+    assert torch.equal(part.radii, full.radii[keep]) and torch.equal(part.features, full.features[keep])
+    queries = rng.normal(size=(50, 3))
+    # a query covered by the subset is covered by the full manifold, not necessarily the other way
+    assert bool((part.covers(queries) <= full.covers(queries)).all())
