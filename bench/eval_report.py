@@ -21,9 +21,14 @@ def _ci(row: dict[str, Any], key: str) -> str:
     return f"{100 * row[key]:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _opt(row: dict[str, Any], key: str) -> str:
+    """A metric that reports written before it existed lack (density/coverage came in later)."""
+    return f"{row[key]:.3f}" if key in row else "-"
+
+
 def quality(root: Path) -> None:
-    print("| model | sampler | NFE | n | FD | precision | recall | s/image |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | sampler | NFE | n | FD | precision | recall | coverage | s/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in sorted(p for p in root.iterdir() if p.is_dir()):
         for sub in ("quality-ddim", "quality-dpmpp"):
             rep = _load(model / sub / "quality.json")
@@ -32,7 +37,7 @@ def quality(root: Path) -> None:
             for r in rep["results"]:
                 print(
                     f"| {model.name} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['fd']:.2f} | {r['precision']:.3f} "
-                    f"| {r['recall']:.3f} | {r['sampling_s_per_image']:.3f} |"
+                    f"| {r['recall']:.3f} | {_opt(r, 'coverage')} | {r['sampling_s_per_image']:.3f} |"
                 )
     for model in sorted(p for p in root.iterdir() if p.is_dir()):
         rep = _load(model / "quality-ddim" / "quality.json")

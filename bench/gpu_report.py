@@ -92,10 +92,11 @@ def print_quality(quality: dict[str, dict[str, Any]]) -> None:
                     f"{r['fd']:.2f}",
                     f"{r['precision']:.3f}",
                     f"{r['recall']:.3f}",
+                    f"{r['coverage']:.3f}" if "coverage" in r else "-",
                     f"{r['sampling_s_per_image']:.4f}",
                 )
             )
-    _table(("model", "sampler", "NFE", "n", "FD", "precision", "recall", "s/image"), rows)
+    _table(("model", "sampler", "NFE", "n", "FD", "precision", "recall", "coverage", "s/image"), rows)
     refs = {json.dumps(rep["reference"], sort_keys=True): rep for rep in quality.values()}
     for rep in refs.values():
         ref = rep["reference"]
