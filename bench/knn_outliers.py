@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,14 @@ def main() -> None:
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--batch-size", type=int, default=250)
     args = p.parse_args()
-    sizes = [int(x) for x in args.n.split(",")]
+    try:
+        sizes = [int(x) for x in args.n.split(",")]
+    except ValueError:
+        p.error(f"--n: {args.n!r} is not a comma-separated list of integers")
+    if not Path(args.model).is_file():
+        p.error(f"--model: {args.model} does not exist")
+    if min(sizes) <= args.k or args.k < 1:
+        p.error(f"--n: every size must exceed --k={args.k} (>= 1)")
     classifier, _ = load_classifier(str(DEFAULT_CLASSIFIER), "cpu")
     test = load_fashion_mnist("test", args.data)
     real = extract_features(classifier, test.images)
