@@ -61,19 +61,19 @@ def ssim(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
-    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
-    p.add_argument("--data", default=None)
+    p.add_argument("--model", required=True, help="diffusion or consistency checkpoint used as purifier")
+    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="classifier scored before/after")
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--t-star", default="0.05,0.1,0.2", help="comma-separated purification depths")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sampler", default="ddim", help="purifier sampler (consistency for CM checkpoints)")
+    p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
     p.add_argument("--sigma", type=float, default=0.2, help="Gaussian noise std on the [0, 1] scale")
     p.add_argument("--amount", type=float, default=0.1, help="share of pixels hit by salt-and-pepper")
-    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--n", type=int, default=256, help="test images (the first n of the test split)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="eval-corruption")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
+    p.add_argument("--out", default="eval-corruption", help="output folder (JSON and PNG plot)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def validate(args: argparse.Namespace) -> list[float]:

@@ -34,7 +34,9 @@ DEFAULT_SANITY_EPS = {"linf": 0.5, "l2": 8.0}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint whose purifier is attacked")
-    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    p.add_argument(
+        "--classifier", default=str(DEFAULT_CLASSIFIER), help="downstream classifier (safetensors)"
+    )
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--threat", default="linf", help="linf or l2")
     p.add_argument("--eps", default="0.1", help="comma-separated radii on the [0, 1] pixel scale")
@@ -52,20 +54,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--draws", type=int, default=4, help="R: evaluation draws of the purifier's noise")
     p.add_argument("--n", type=int, default=64, help="test images (the first n of the test split)")
-    p.add_argument("--t-star", type=float, default=0.1)
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument(
+        "--t-star",
+        type=float,
+        default=0.1,
+        help="purification depth: noise to time t* in (0, 1], then denoise",
+    )
+    p.add_argument("--sampler", default="ddim", help="purifier sampler (consistency for CM checkpoints)")
     p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images attacked at once (memory)")
     p.add_argument(
         "--sanity-eps",
         type=float,
         default=None,
         help="large radius that must drive accuracy to ~0 (0 = skip)",
     )
-    p.add_argument("--sanity-n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="eval-robust")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--sanity-n", type=int, default=32, help="images in the sanity checks")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed of the attack (random start and EOT noise)",
+    )
+    p.add_argument("--out", default="eval-robust", help="output folder (JSON and PNG plots)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
