@@ -139,6 +139,9 @@ def test_eval_quality_and_corruption_end_to_end(
     ]
     assert report["feature_network"] == "fmnist-classifier (penultimate layer)"
     assert all(r["fd"] >= 0 for r in report["results"]) and (q / "fd_vs_nfe.png").is_file()
+    for row in [*report["results"], report["reference"]]:
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["coverage"] <= 1
+        assert row["density"] >= 0
     c = tmp_path / "c"
     args = [
         "eval",
