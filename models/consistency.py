@@ -98,6 +98,13 @@ class ReplayOptions(BaseModel):
     )
     norm: Literal["l2"] = Field("l2", description="the perturbation ball (L2 only, as in seed B)")
     perturb_teacher: bool = Field(False, description="also take the teacher step from the perturbed point")
+    ball_scale: Literal["absolute", "noise"] = Field(
+        "absolute",
+        description=(
+            "absolute: alpha and the radius in VP pixels (seed B); noise: both times each sample's noise "
+            "std a sigma, so delta shrinks to 0 at t_min, where the boundary condition cannot undo it"
+        ),
+    )
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -131,10 +138,10 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float | None = None) -> to
     return torch.sqrt(diff.square().sum(1) + c * c) - c
 
 
-def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
-    """Shrink each row of delta onto the L2 ball of the given radius (rows inside are unchanged)."""
+def project_l2(delta: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+    """Shrink each row of delta onto the L2 ball of the given radius (one, or one per row; rows inside are unchanged)."""
     norms = delta.flatten(1).norm(dim=1).clamp(min=1e-30)
-    scale = (radius / norms).clamp(max=1.0)
+    scale = (torch.as_tensor(radius, dtype=norms.dtype, device=norms.device) / norms).clamp(max=1.0)
     return delta * scale.reshape(-1, *([1] * (delta.ndim - 1)))
 
 
@@ -317,7 +324,12 @@ class ConsistencyObjective:
         weights = disc.weights[idx].to(device=x0.device, dtype=x0.dtype)
         x_hi = a_hi * (x0 + _rows(disc.sigmas[idx + 1], x0) * z)
         m = 1 if r is None else r.m
-        radius = 0.0 if r is None else r.eta * math.sqrt(x0[0].numel())
+        # Per-sample ball radius and ascent step; "noise" measures both in the student's noise std.
+        unit = torch.ones(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        if r is not None and r.ball_scale == "noise":
+            unit = (a_hi * _rows(disc.sigmas[idx + 1], x0)).flatten()
+        radius = unit * (0.0 if r is None else r.eta * math.sqrt(x0[0].numel()))
+        step = unit * (0.0 if r is None else r.alpha)
         x_lo_ve = self._teacher_point(x0, z, idx, disc, None)
         target_fn = student if target is None else target
         replays = m if max_updates is None else max(1, min(m, max_updates))
@@ -346,5 +358,5 @@ class ConsistencyObjective:
                     raise RuntimeError("the update did not back-propagate into the perturbation")
                 g = leaf.grad.detach()
                 g = g / _rows(g.flatten(1).norm(dim=1).clamp(min=1e-12), g)
-                delta = project_l2(leaf.detach() + r.alpha * g, radius)
+                delta = project_l2(leaf.detach() + _rows(step, g) * g, radius)
         return losses

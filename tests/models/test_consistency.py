@@ -148,10 +148,12 @@ class Recorder:
     def __init__(self) -> None:
         self.w = nn.Parameter(torch.tensor(0.3))
         self.inputs: list[torch.Tensor] = []
+        self.times: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             self.inputs.append(x.detach().clone())
+            self.times.append(t.detach().clone())
         return self.w * x
 
 
@@ -181,6 +183,27 @@ def test_replay_spends_m_updates_and_keeps_delta_in_the_ball(m: int, alpha: floa
         assert norms[-1] == pytest.approx(radius, rel=1e-5)
     # A capped budget stops the replay early (the trainer's remaining updates).
     assert len(obj.step(x0, net, update, torch.Generator().manual_seed(0), 0, max_updates=2)) == min(m, 2)
+
+
+def test_a_noise_scaled_ball_measures_delta_in_each_samples_noise_std() -> None:
+    """ball_scale = noise: ||delta_i|| <= eta sqrt(d) s(t_i), reached with a large step; 0 at t_min."""
+    sch = Schedule()
+    replay = ReplayOptions(m=3, alpha=50.0, eta=0.05, ball_scale="noise")
+    obj = ConsistencyObjective(ConsistencyOptions(n_steps=6), sch, replay=replay)
+    net = Recorder()
+    opt = torch.optim.SGD([net.w], lr=1e-3)
+
+    def update(loss: torch.Tensor) -> None:
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    x0 = torch.rand(64, 1, 8, 8) * 2 - 1
+    obj.step(x0, net, update, torch.Generator().manual_seed(0), 0)
+    noise_std = sch.s(net.times[0].double()).float()
+    norms = (net.inputs[-1] - net.inputs[0]).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, 0.05 * 8 * noise_std, rtol=1e-4)
+    assert len(set(noise_std.tolist())) > 2  # several noise levels, so the check is per sample
 
 
 def test_perturb_teacher_moves_the_target_only_when_asked() -> None:
