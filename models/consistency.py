@@ -66,7 +66,9 @@ class ConsistencyOptions(BaseModel):
     weighting: Literal["uniform", "ict"] = Field(
         "uniform", description="lambda(n): 1, or 1 / (sigma_{n+1} - sigma_n)"
     )
-    distance: Literal["pseudo-huber", "l2"] = "pseudo-huber"
+    distance: Literal["pseudo-huber", "l2"] = Field(
+        "pseudo-huber", description="d(f, target): iCT's pseudo-Huber (no LPIPS offline) or squared L2"
+    )
     huber_c: float | None = Field(None, gt=0.0, description="pseudo-Huber c; None = 0.00054 * sqrt(d)")
     target_ema: float = Field(
         0.0, ge=0.0, lt=1.0, description="target network EMA decay (0: sg of the student)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import Any, Literal, get_args, get_origin
 
 from models.errors import UserError
 from models.train import state as ckpt
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="override a field, dotted for sections: options.eta=0.05, data.corruption.kind=gaussian",
     )
     parser.add_argument("--resume", metavar="PATH", help="continue a run folder or checkpoints/step-*.json")
+    parser.add_argument(
+        "--options",
+        metavar="METHOD",
+        help="print the [options] a method takes (type, default, meaning) as Markdown and exit; 'all' for every method",
+    )
     for dest, key in FLAGS.items():
         parser.add_argument(
             "--" + dest.replace("_", "-"), dest=dest, metavar="VALUE", help=f"same as --set {key}=VALUE"
@@ -79,7 +85,44 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader would write it: Literal values spelled out, Optional as '| None'."""
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(str(v) for v in get_args(annotation))
+    if get_args(annotation):
+        return " \\| ".join(_type_name(a) for a in get_args(annotation))
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def options_markdown(method: str) -> str:
+    """Every ``[options]`` field of a method (or of all, for 'all') with its type, default and meaning."""
+    from models.train.methods import METHODS
+
+    names = sorted(METHODS) if method == "all" else [method]
+    if method != "all" and method not in METHODS:
+        raise UserError("options", f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}, all")
+    parts = []
+    for name in names:
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines = [f"## `{name}`", "", doc, ""]
+        fields = cls.Options.model_fields
+        if fields:
+            lines += ["| option | type | default | meaning |", "| --- | --- | --- | --- |"]
+            for key, f in fields.items():
+                default = "required" if f.is_required() else f"`{f.default!r}`"
+                meaning = (f.description or "").replace("|", "\\|")
+                lines.append(f"| `{f.alias or key}` | {_type_name(f.annotation)} | {default} | {meaning} |")
+        else:
+            lines.append("No options.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.options:
+        print(options_markdown(args.options), end="")
+        return 0
     sets = overrides(args)
     if args.resume:
         if args.config:

@@ -179,7 +179,9 @@ class EquivariantOptions(MethodOptions):
     lam: float = Field(
         0.3, ge=0.0, alias="lambda", description="weight lambda_t of the equivariance term (constant)"
     )
-    variant: Literal["random", "adversarial"] = "adversarial"
+    variant: Literal["random", "adversarial"] = Field(
+        "adversarial", description="w drawn uniformly in the box, or one signed-gradient ascent step in it"
+    )
     r_floor: float = Field(2 * 8 / 255, ge=0.0, description="pixel-unit floor of the box ([-1, 1] scale)")
     r_scale: float = Field(
         0.1, ge=0.0, description="noise-unit box where it exceeds the floor (pixel radius r_scale*s_t)"
@@ -266,8 +268,12 @@ class DroOptions(MethodOptions):
     m: int = Field(3, ge=1, description="replays (parameter updates) per minibatch; the first is clean")
     alpha: float = Field(0.1, ge=0.0, description="ascent step size")
     eta: float = Field(0.1, ge=0.0, description="radius: eta * sqrt(d) in L2, eta per coordinate in Linf")
-    norm: Literal["l2", "linf"] = "l2"
-    alpha_scale: Literal["absolute", "sqrt_d"] = "absolute"
+    norm: Literal["l2", "linf"] = Field(
+        "l2", description="the perturbation set: L2 ball (seed B) or Linf box"
+    )
+    alpha_scale: Literal["absolute", "sqrt_d"] = Field(
+        "absolute", description="units of alpha: an L2 step of alpha (reference code), or of alpha sqrt(d)"
+    )
 
 
 @register

@@ -146,3 +146,20 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
     assert meta["state"]["updates"] == 4 and len(meta["state"]["rng"]) == 2
     assert meta["state"]["rng"][0]["generator"] != meta["state"]["rng"][1]["generator"]
     assert Pipeline.from_checkpoint(run / "model.safetensors").header.training.updates == 4
+
+
+def test_options_lists_every_field_and_the_doc_is_current(capsys: pytest.CaptureFixture[str]) -> None:
+    from models.train.methods import METHODS
+
+    assert main(["train", "--options", "cd-at"]) == 0
+    table = capsys.readouterr().out
+    for key in ("ball_scale", "perturb_teacher", "teacher", "sigma_data", "alpha", "eta"):
+        assert f"| `{key}` |" in table
+    assert "absolute \\| noise" in table and "| `teacher` | str | required |" in table
+    assert main(["train", "--options", "no-such-method"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["train", "--options", "all"]) == 0
+    everything = capsys.readouterr().out
+    assert all(f"## `{name}`" in everything for name in METHODS)
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "TRAINING_OPTIONS.md").read_text()
+    assert doc.endswith(everything), "docs/TRAINING_OPTIONS.md is stale: regenerate it with --options all"
