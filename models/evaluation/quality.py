@@ -71,16 +71,26 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class KNNManifold:
     """A feature set with the radius of its k-th nearest neighbour around each point (the manifold estimate)."""
 
-    def __init__(self, features: np.ndarray | torch.Tensor, k: int, chunk: int = 1024) -> None:
+    def __init__(
+        self,
+        features: np.ndarray | torch.Tensor,
+        k: int,
+        chunk: int = 1024,
+        radii: torch.Tensor | None = None,
+    ) -> None:
+        """``radii`` given: balls measured on another (larger) set, as ``subset`` keeps them."""
         self.features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        self.k, self.chunk = k, chunk
+        if radii is not None:
+            self.radii = radii
+            return
         if self.features.shape[0] <= k:
             raise ValueError(f"a k-NN manifold with k={k} needs more than {k} samples")
-        self.k, self.chunk = k, chunk
-        radii = []
+        found = []
         for i in range(0, self.features.shape[0], chunk):
             d = _distances(self.features[i : i + chunk], self.features)
-            radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
-        self.radii = torch.cat(radii)
+            found.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
+        self.radii = torch.cat(found)
 
     def inside(self, queries: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """How many balls each query falls in, and whether each ball holds at least one query (one pass)."""
@@ -98,9 +108,7 @@ class KNNManifold:
 
     def subset(self, keep: torch.Tensor) -> KNNManifold:
         """The manifold with only the kept balls, radii unchanged (to ask which balls carry a metric)."""
-        out = object.__new__(KNNManifold)
-        out.features, out.radii, out.k, out.chunk = self.features[keep], self.radii[keep], self.k, self.chunk
-        return out
+        return KNNManifold(self.features[keep], self.k, self.chunk, radii=self.radii[keep])
 
 
 def precision_recall(
