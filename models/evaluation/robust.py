@@ -132,6 +132,10 @@ def _attack(
     start = time.perf_counter()
     for sl in _batches(x.shape[0], batch):
         idx = torch.arange(sl.start, sl.stop)
+
+        def progress(done: int, total: int, first: int = sl.start) -> None:
+            bar.set_postfix(attack=attack, eps=eps, images=f"{first}+", pgd_step=f"{done}/{total}")
+
         res: PGDResult = pgd(
             oracle,
             x[sl],
@@ -143,6 +147,7 @@ def _attack(
             step_size=step_size,
             record=steps,
             seed=seed + sl.start,
+            callback=progress,
         )
         grads.append(vars(res.grad))
         for s in steps:

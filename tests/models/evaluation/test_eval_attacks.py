@@ -42,6 +42,22 @@ def test_pgd_on_an_undefended_classifier_reaches_zero_at_large_eps(threat: str, 
     assert res.grad.finite and res.grad.nonzero_fraction > 0
 
 
+def test_pgd_reports_every_step_to_its_callback() -> None:
+    defense, x, y = _undefended()
+    seen: list[tuple[int, int]] = []
+    pgd(
+        make_oracle(defense, "classifier-only", 1),
+        x,
+        y,
+        torch.arange(16),
+        eps=0.1,
+        threat="linf",
+        steps=4,
+        callback=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
 def test_pgd_with_zero_eps_changes_nothing() -> None:
     defense, x, y = _undefended()
     res = pgd(
