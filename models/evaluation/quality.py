@@ -131,9 +131,10 @@ def density_coverage(
 ) -> tuple[float, float]:
     """Naeem et al. (2020): density = real balls per fake / k; coverage = share of real balls holding a fake.
 
-    Both use only the real manifold, so a few outlying real points with huge k-NN balls cannot
-    inflate them the way they inflate precision, and no manifold is built on the (possibly collapsed)
-    fakes. Density is (k+1)/k for fakes equal to the reals and is not capped at 1.
+    Both use only the real manifold (none is built on the possibly collapsed fakes). An outlying real
+    point whose huge k-NN ball swallows many fakes counts 1 for each of them in precision, 1/k in
+    density and 1/n in coverage, which is why coverage is the stable one. Density is (k+1)/k for
+    fakes equal to the reals and is not capped at 1.
     """
     real_m = real_manifold or KNNManifold(real, k)
     counts, hit = real_m.inside(fake)
