@@ -17,7 +17,7 @@ import torch
 
 from models.data import load_fashion_mnist
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
-from models.evaluation.quality import KNNManifold, density_coverage, extract_features
+from models.evaluation.quality import KNNManifold, density_coverage, extract_features, knn_real_subset
 from models.pipeline import Pipeline
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     )
     fake_all = extract_features(classifier, images)
     for n in sizes:
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(1))[:n].numpy()
+        idx = knn_real_subset(len(test), n).numpy()
         manifold = KNNManifold(real[idx], args.k)
         counts_per_fake, _ = manifold.inside(fake_all[:n])
         big = manifold.radii >= manifold.radii.quantile(0.99)

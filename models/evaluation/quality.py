@@ -141,6 +141,11 @@ def density_coverage(
     return float(counts.double().mean() / real_m.k), float(hit.double().mean())
 
 
+def knn_real_subset(num_real: int, n: int) -> torch.Tensor:
+    """Indices of the fixed random n real images the k-NN metrics use (equal-size sets, as in the papers)."""
+    return torch.randperm(num_real, generator=torch.Generator().manual_seed(1))[: min(n, num_real)]
+
+
 @torch.no_grad()
 def extract_features(net: Any, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     return (
@@ -207,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     ref_fd = fd_of_features(ref_feats, real)
     # The k-NN metrics compare equal-size sets (as in the papers): a fixed random n of the test split.
     # They depend on n (the ball radii shrink as n grows), so compare them only at equal n.
-    pr_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(1))[: min(args.n, len(test))]
+    pr_idx = knn_real_subset(len(test), args.n)
     real_manifold = KNNManifold(real[pr_idx.numpy()], args.k)
     ref_p, ref_r = precision_recall(real_manifold.features, ref_feats, args.k, real_manifold)
     ref_d, ref_c = density_coverage(real_manifold.features, ref_feats, args.k, real_manifold)
