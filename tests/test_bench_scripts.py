@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from models.data import FASHION_MNIST_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,3 +89,50 @@ def test_gpu_report_reads_committed_results(tmp_path: Path) -> None:
     )
     for header in ("| run | defence | attack |", "| model | task | sampler |", "| run | updates |"):
         assert header in proc.stdout
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_fd_vs_updates_measures_every_checkpoint_and_resumes(tmp_path: Path) -> None:
+    """Two checkpoints of a tiny run -> two measured rows per step count, a plot, and no re-evaluation."""
+    from models.evaluation.classifier import (
+        ClassifierConfig,
+        ClassifierHeader,
+        ResNetClassifier,
+        save_classifier,
+    )
+    from models.train.config import build
+    from models.train.trainer import train
+
+    cfg = {"name": "tiny", "preset": "tiny", "model": {"image_size": 32}, "data": {"name": "fashion-mnist"}}
+    cfg |= {"batch_size": 4, "updates": 4, "checkpoint_every": 2, "sample_count": 0, "progress": False}
+    train(build(cfg | {"device": "cpu", "out_dir": str(tmp_path / "run"), "export_path": None}))
+    torch.manual_seed(0)
+    net = ResNetClassifier(ClassifierConfig(image_size=32, widths=(4, 8))).eval()
+    classifier = tmp_path / "cls.safetensors"
+    save_classifier(
+        classifier, net, ClassifierHeader(name="tiny-classifier", model=net.config, test_accuracy=None)
+    )
+    out = tmp_path / "curve"
+    cmd = [sys.executable, "bench/fd_vs_updates.py", f"tiny={tmp_path / 'run'}", "--sampler", "ddim"]
+    cmd += ["--steps", "1,2", "--n", "8", "--classifier", str(classifier), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = json.loads((out / "fd_vs_updates.json").read_text())["results"]
+    assert [(r["updates"], r["steps"]) for r in rows] == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    assert rows[0]["hash"] != rows[2]["hash"] and all(r["fd"] >= 0 for r in rows)
+    assert (out / "fd_vs_updates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| tiny | 4 | 2 | {rows[3]['fd']:.2f} |" in first.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "robustdiff eval quality" not in again.stdout
+    assert json.loads((out / "fd_vs_updates.json").read_text())["results"] == rows
+
+
+def test_fd_vs_updates_rejects_a_folder_without_checkpoints(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/fd_vs_updates.py", f"x={tmp_path}", "--out", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "checkpoints does not exist" in proc.stderr
