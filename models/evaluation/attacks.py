@@ -83,10 +83,11 @@ class PurifiedClassifier:
     sampler: str = "ddim"
     steps: int = 5
     eta: float = 0.0
+    checkpoint: bool = True  # recompute network calls in backward: memory of one call, one more forward
 
     def __post_init__(self) -> None:
         self.classifier.requires_grad_(False)
-        if self.denoiser is not None:
+        if self.denoiser is not None and self.checkpoint:
             self.denoiser.net = checkpointed(self.denoiser.net)
 
     @property

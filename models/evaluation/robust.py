@@ -64,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
     p.add_argument("--batch-size", type=int, default=64, help="images attacked at once (memory)")
     p.add_argument(
+        "--grad-checkpoint",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="recompute the purifier's network calls in the backward pass: memory of one call instead "
+        "of all, for one extra forward each; auto = on for multi-step purifiers, off for one step",
+    )
+    p.add_argument(
         "--sanity-eps",
         type=float,
         default=None,
@@ -186,8 +193,14 @@ def run(args: argparse.Namespace) -> int:
     x, y = test.images[: args.n].to(args.device), test.labels[: args.n].to(args.device)
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
     pipe.net.requires_grad_(False)
+    checkpoint = args.grad_checkpoint == "on" or (args.grad_checkpoint == "auto" and args.steps > 1)
     defense = PurifiedClassifier(
-        classifier, pipe.denoiser(), t_star=args.t_star, sampler=args.sampler, steps=args.steps
+        classifier,
+        pipe.denoiser(),
+        t_star=args.t_star,
+        sampler=args.sampler,
+        steps=args.steps,
+        checkpoint=checkpoint,
     )
     undefended = PurifiedClassifier(classifier, None)
     threat, steps, records = args.threat, cfg["attack_steps"], []
@@ -258,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
             "nfe": defense.nfe,
             "eta": 0.0,
             "clip_x0": True,
+            "grad_checkpoint": checkpoint,
         },
         "threat": threat,
         "eps_scale": "[0, 1] pixel scale (2*eps in the model's [-1, 1] units)",

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from models.data import FASHION_MNIST_DIR
+from models.testing import tiny_checkpoint
 from service.cli import main
 
 needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
@@ -110,6 +111,7 @@ def test_eval_robust_end_to_end_on_a_tiny_model(
     for r in report["results"]:
         assert r["worst"] <= r["mean"] <= r["best"] and r["draws"] in (1, 3)
     assert report["sanity"]["gradients_finite"] is True
+    assert report["purifier"]["grad_checkpoint"] is True  # auto: a 2-step purifier recomputes in backward
     assert "large_eps" in report["sanity"] and report["sanity"]["non_increasing_in_eot"]
     assert (out / "robust_vs_eps.png").stat().st_size > 0 and (out / "robust_vs_steps.png").stat().st_size > 0
 
@@ -158,3 +160,21 @@ def test_eval_quality_and_corruption_end_to_end(
     assert len(rows) == 3 * 3
     clean = next(r for r in rows if r["t_star"] == 0.0 and r["images"] == "clean")
     assert clean["ssim"] == pytest.approx(1.0) and clean["psnr_db"] == 100.0
+
+
+@needs_data
+def test_eval_robust_one_step_consistency_purifier(tiny_classifier: Path, tmp_path: Path) -> None:
+    """A CM purifier is attacked through its single call, without recomputation (auto), and reported."""
+    model = tiny_checkpoint(tmp_path / "cm.safetensors", kind="consistency", image_size=32)
+    out = tmp_path / "robust"
+    args = _robust(model, tiny_classifier, out, "--n", "2", "--eps", "0.05", "--attacks", "none,pgd-eot")
+    args += ["--attack-steps", "1", "--eot", "2", "--draws", "2", "--sampler", "consistency", "--steps", "1"]
+    assert main([*args, "--sanity-eps", "0"]) == 0
+    report = json.loads((out / "robust.json").read_text())
+    assert report["purifier"] == report["purifier"] | {
+        "sampler": "consistency",
+        "nfe": 1,
+        "grad_checkpoint": False,
+    }
+    pgd = next(r for r in report["results"] if r["attack"] == "pgd-eot")
+    assert pgd["attack_network_evals_per_image"] == 2 and 0 <= pgd["mean"] <= 1
