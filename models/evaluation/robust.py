@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import read_header
+from models.evaluation.adversarial import AdversarialStore
 from models.evaluation.attacks import (
     ATTACKS,
     THREATS,
@@ -131,18 +132,21 @@ def _attack(
     batch: int,
     seed: int,
     bar: tqdm,
-) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]], float]:
-    """Run one PGD trajectory per batch; returns adversarial images per recorded step count."""
+    store: AdversarialStore,
+) -> int:
+    """Run one PGD trajectory per batch not yet in ``store`` (resumed on x); returns how many it had."""
     oracle = make_oracle(defense, attack, eot)
-    advs: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
-    grads: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    resumed = store.done
+    bar.update(resumed)
     for sl in _batches(x.shape[0], batch):
+        if sl.start < resumed:
+            continue
         idx = torch.arange(sl.start, sl.stop)
 
         def progress(done: int, total: int, first: int = sl.start) -> None:
             bar.set_postfix(attack=attack, eps=eps, images=f"{first}+", pgd_step=f"{done}/{total}")
 
+        start = time.perf_counter()
         res: PGDResult = pgd(
             oracle,
             x[sl],
@@ -156,11 +160,24 @@ def _attack(
             seed=seed + sl.start,
             callback=progress,
         )
-        grads.append(vars(res.grad))
-        for s in steps:
-            advs[s].append(res.at_steps[s])
+        store.add(x[sl], res.at_steps, vars(res.grad), time.perf_counter() - start)
         bar.update(sl.stop - sl.start)
-    return {s: torch.cat(v) for s, v in advs.items()}, grads, time.perf_counter() - start
+    return resumed
+
+
+def _store(
+    args: argparse.Namespace,
+    fingerprint: dict[str, Any],
+    attack: str,
+    eps: float,
+    eot: int,
+    steps: list[int],
+    prefix: str = "",
+) -> AdversarialStore:
+    """The adversarial-example file of one attack setting under ``--out``."""
+    settings = {**fingerprint, "attack": attack, "eps": eps, "eot": eot, "attack_steps": steps}
+    name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}.safetensors"
+    return AdversarialStore(Path(args.out) / "adversarial" / name, settings, args.batch_size)
 
 
 def _evaluate(
@@ -204,12 +221,29 @@ def run(args: argparse.Namespace) -> int:
     )
     undefended = PurifiedClassifier(classifier, None)
     threat, steps, records = args.threat, cfg["attack_steps"], []
-    gradient_attacks = [a for a in cfg["attacks"] if a in GRADIENT_ATTACKS]
-    work = args.n * (
-        2
-        + sum(len(cfg["eps"]) * (1 if a == "classifier-only" else len(cfg["eot"])) for a in gradient_attacks)
-    )
-    bar = tqdm(total=work, desc="eval robust", unit="img")
+    # What decides the adversarial images; a stored attack is continued only if all of it matches.
+    fingerprint = {
+        "model_hash": pipe.info.hash,
+        "classifier_hash": cls_header.content_hash,
+        "threat": threat,
+        "step_size": args.step_size,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "t_star": args.t_star,
+        "sampler": args.sampler,
+        "steps": args.steps,
+    }
+    # Every attack setting and its stored adversarial examples, checked before any work starts.
+    plan = [
+        (attack, eps, eot, _store(args, fingerprint, attack, eps, eot, steps))
+        for attack in cfg["attacks"]
+        if attack in GRADIENT_ATTACKS
+        for eps in cfg["eps"]
+        for eot in ([1] if attack == "classifier-only" else cfg["eot"])
+    ]
+    for *_, store in plan:
+        store.resume(x)
+    bar = tqdm(total=args.n * (2 + len(plan)), desc="eval robust", unit="img")
 
     def record(**fields: Any) -> dict[str, Any]:
         records.append(fields)
@@ -221,42 +255,42 @@ def run(args: argparse.Namespace) -> int:
     clean_def, clean_wall = _evaluate(defense, x, y, args.draws, args.batch_size, classes)
     record(defense="purifier", attack="none", eps=0.0, purifier_wall_s=round(clean_wall, 2), **clean_def)
     bar.update(2 * args.n)
-    for attack in gradient_attacks:
-        for eps in cfg["eps"]:
-            for eot in [1] if attack == "classifier-only" else cfg["eot"]:
-                advs, grads, wall = _attack(
-                    defense if attack != "classifier-only" else undefended,
-                    attack,
-                    x,
-                    y,
-                    eps=eps,
-                    threat=threat,
-                    steps=steps,
-                    eot=eot,
-                    step_size=args.step_size,
-                    batch=args.batch_size,
-                    seed=args.seed,
-                    bar=bar,
-                )
-                for s in steps:
-                    m, _ = _evaluate(defense, advs[s], y, args.draws, args.batch_size, classes)
-                    nfe = 0 if attack == "classifier-only" else s * eot * defense.nfe
-                    record(
-                        defense="purifier",
-                        attack=attack,
-                        eps=eps,
-                        eot=eot,
-                        attack_steps=s,
-                        attack_wall_s=round(wall, 2),
-                        attack_network_evals_per_image=nfe,
-                        gradients=grads,
-                        **m,
-                    )
-                    if attack == "classifier-only":
-                        m_undef, _ = _evaluate(undefended, advs[s], y, 1, args.batch_size, classes)
-                        record(defense="none", attack=attack, eps=eps, eot=1, attack_steps=s, **m_undef)
+    for attack, eps, eot, store in plan:
+        resumed = _attack(
+            defense if attack != "classifier-only" else undefended,
+            attack,
+            x,
+            y,
+            eps=eps,
+            threat=threat,
+            steps=steps,
+            eot=eot,
+            step_size=args.step_size,
+            batch=args.batch_size,
+            seed=args.seed,
+            bar=bar,
+            store=store,
+        )
+        for s in steps:
+            m, _ = _evaluate(defense, store.advs[s].to(x.device), y, args.draws, args.batch_size, classes)
+            nfe = 0 if attack == "classifier-only" else s * eot * defense.nfe
+            record(
+                defense="purifier",
+                attack=attack,
+                eps=eps,
+                eot=eot,
+                attack_steps=s,
+                attack_wall_s=round(store.wall_s, 2),
+                attack_network_evals_per_image=nfe,
+                resumed_images=resumed,
+                gradients=store.grads,
+                **m,
+            )
+            if attack == "classifier-only":
+                m_undef, _ = _evaluate(undefended, store.advs[s].to(x.device), y, 1, args.batch_size, classes)
+                record(defense="none", attack=attack, eps=eps, eot=1, attack_steps=s, **m_undef)
     bar.close()
-    sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records)
+    sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records, fingerprint)
     report = {
         **report_header(args.command_line, args.device, args.model, pipe.info),
         "classifier": {
@@ -304,6 +338,7 @@ def _sanity(
     y: torch.Tensor,
     classes: int,
     records: list[dict[str, Any]],
+    fingerprint: dict[str, Any],
 ) -> dict[str, Any]:
     """The checks an honest robustness number needs next to it."""
     out: dict[str, Any] = {}
@@ -358,8 +393,10 @@ def _sanity(
         steps = min(max(cfg["attack_steps"]), 20)
         eot = 1 if strongest == "classifier-only" else min(cfg["eot"])
         target = undefended if strongest == "classifier-only" else defense
+        store = _store(args, fingerprint, strongest, cfg["sanity_eps"], eot, [steps], prefix="sanity-")
+        store.resume(x[:n])
         with tqdm(total=n, desc=f"sanity eps={cfg['sanity_eps']}", unit="img") as bar:
-            advs, _, wall = _attack(
+            _attack(
                 target,
                 strongest,
                 x[:n],
@@ -372,8 +409,9 @@ def _sanity(
                 batch=args.batch_size,
                 seed=args.seed,
                 bar=bar,
+                store=store,
             )
-        m, _ = _evaluate(defense, advs[steps], y[:n], args.draws, args.batch_size, classes)
+        m, _ = _evaluate(defense, store.advs[steps].to(x.device), y[:n], args.draws, args.batch_size, classes)
         out["large_eps"] = {
             "attack": strongest,
             "eps": cfg["sanity_eps"],
@@ -383,7 +421,7 @@ def _sanity(
             "mean": m["mean"],
             "majority": m["majority"],
             "reaches_zero": m["mean"] <= 0.1,
-            "wall_s": round(wall, 1),
+            "wall_s": round(store.wall_s, 1),
         }
     return out
 
