@@ -50,10 +50,10 @@ def _evaluate(ckpt: Path, served: Path, out: Path, args: argparse.Namespace) -> 
     if not report.is_file():
         served.parent.mkdir(parents=True, exist_ok=True)
         export_checkpoint(ckpt, served)
-        cmd = ["robustdiff", "eval", "quality", "--model", str(served), "--sampler", args.sampler]
+        cmd = ["eval", "quality", "--model", str(served), "--sampler", args.sampler]
         cmd += ["--steps", args.steps, "--n", str(args.n), "--classifier", args.classifier, "--out", str(out)]
-        print("+", shlex.join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        print("+ robustdiff", shlex.join(cmd), flush=True)
+        subprocess.run([sys.executable, "-m", "service.cli", *cmd], check=True)  # the venv's, not PATH's
     result: dict[str, Any] = json.loads(report.read_text())
     return result
 

@@ -122,6 +122,7 @@ def test_fd_vs_updates_measures_every_checkpoint_and_resumes(tmp_path: Path) -> 
     assert rows[0]["hash"] != rows[2]["hash"] and all(r["fd"] >= 0 for r in rows)
     assert (out / "fd_vs_updates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"| tiny | 4 | 2 | {rows[3]['fd']:.2f} |" in first.stdout
+    assert first.stdout.count("+ robustdiff eval quality") == 2
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "robustdiff eval quality" not in again.stdout
     assert json.loads((out / "fd_vs_updates.json").read_text())["results"] == rows
