@@ -137,3 +137,48 @@ def test_fd_vs_updates_rejects_a_folder_without_checkpoints(tmp_path: Path) -> N
         timeout=120,
     )
     assert proc.returncode != 0 and "checkpoints does not exist" in proc.stderr
+
+
+def _robust_report(folder: Path, *, sampler: str, steps: int, majority: float, n: int = 64) -> Path:
+    """A minimal ``eval robust`` report: clean and one PGD-EOT row at 10 and 25 steps."""
+    folder.mkdir(parents=True)
+    row = {"defense": "purifier", "eps": 0.0314, "n": n, "draws": 16, "worst": 0.2}
+    ci = {"majority_ci95": [majority - 0.1, majority + 0.1]}
+    results = [
+        row
+        | {"attack": "none", "eps": 0.0, "majority": 0.9, "mean": 0.9, "latency_s_per_purification": 0.01}
+        | ci,
+        row | {"attack": "pgd-eot", "attack_steps": 10, "eot": 4, "majority": 0.99, "mean": 0.99} | ci,
+        row
+        | {"attack": "pgd-eot", "attack_steps": 25, "eot": 4, "majority": majority, "mean": majority - 0.02}
+        | ci,
+    ]
+    report = {
+        "date": "2026-11-23T00:00:00Z",
+        "machine": "test",
+        "model": {"name": f"m-{sampler}"},
+        "purifier": {"sampler": sampler, "steps": steps, "nfe": steps, "t_star": 0.1},
+        "threat": "linf",
+        "n": n,
+        "draws": 16,
+        "results": results,
+    }
+    (folder / "robust.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_robust_vs_nfe_reads_the_longest_attack(tmp_path: Path) -> None:
+    """Each point is the report's longest attack; reports at other budgets are refused, not mixed."""
+    cm = _robust_report(tmp_path / "cm", sampler="consistency", steps=1, majority=0.55)
+    ddim = _robust_report(tmp_path / "ddim", sampler="ddim", steps=10, majority=0.64)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "bench/robust_vs_nfe.py", "--out", str(out), str(cm), str(ddim)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    points = json.loads((out / "robust_vs_nfe.json").read_text())["points"]
+    assert [(p["nfe"], p["majority"], p["attack_steps"]) for p in points] == [(1, 0.55, 25), (10, 0.64, 25)]
+    assert (out / "robust_vs_nfe.png").stat().st_size > 0
+    assert "| m-ddim, ddim 10 | 10 | 90.0 | 64.0 [54.0, 74.0] | 62.0 |" in proc.stdout
+    other_n = _robust_report(tmp_path / "n128", sampler="ddim", steps=5, majority=0.6, n=128)
+    proc = subprocess.run([*cmd, str(other_n)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "differ in n" in proc.stderr

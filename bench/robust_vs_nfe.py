@@ -1,0 +1,160 @@
+"""Robust accuracy vs purifier cost: one point per ``eval robust`` report, placed at its purifier's NFE.
+
+usage: python bench/robust_vs_nfe.py REPORT_DIR [REPORT_DIR ...] --out DIR [--attack pgd-eot] [--eps E]
+
+Each REPORT_DIR holds the ``robust.json`` of one purifier (model, sampler, steps); ``--eps`` picks
+one radius from reports that swept several. The reports must share n, draws, threat, eps and attack
+budget, so the points differ only in the purifier; the attacked point is the report's largest PGD
+step count. Writes ``DIR/robust_vs_nfe.json`` and
+``.png`` (majority vote with its 95% CI, mean over draws dashed) and prints a Markdown table.
+Numbers are copied from the reports, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.evaluation.common import machine_description, now_utc, save_plot
+
+SHARED = ("threat", "n", "draws")
+
+
+def _load(folder: Path) -> dict[str, Any]:
+    path = folder / "robust.json"
+    if not path.is_file():
+        sys.exit(f"{folder}: no robust.json (run `robustdiff eval robust --out {folder}` first)")
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
+
+
+def _point(folder: Path, attack: str, eps: float | None) -> dict[str, Any]:
+    """Clean and attacked accuracy of one report's purifier, at the report's longest attack."""
+    rep = _load(folder)
+    rows = [r for r in rep["results"] if r["defense"] == "purifier"]
+    clean = next((r for r in rows if r["attack"] == "none"), None)
+    attacked = [r for r in rows if r["attack"] == attack and (eps is None or abs(r["eps"] - eps) < 1e-9)]
+    if clean is None or not attacked:
+        sys.exit(
+            f"{folder}: the report needs the attacks 'none' and {attack!r}"
+            + (f" at eps {eps}" if eps else "")
+        )
+    radii = {r["eps"] for r in attacked}
+    if len(radii) != 1:
+        sys.exit(f"{folder}: {attack} ran at several eps {sorted(radii)}; pick one with --eps")
+    worst = max(attacked, key=lambda r: (r.get("attack_steps", 0), r.get("eot", 0)))
+    pur = rep["purifier"]
+    return {
+        "report": str(folder),
+        "model": rep["model"]["name"],
+        "sampler": pur["sampler"],
+        "steps": pur["steps"],
+        "nfe": pur["nfe"],
+        "t_star": pur["t_star"],
+        "threat": rep["threat"],
+        "eps": worst["eps"],
+        "n": rep["n"],
+        "draws": rep["draws"],
+        "attack": attack,
+        "attack_steps": worst.get("attack_steps"),
+        "eot": worst.get("eot"),
+        "attack_wall_s": worst.get("attack_wall_s"),
+        "clean_majority": clean["majority"],
+        "majority": worst["majority"],
+        "majority_ci95": worst["majority_ci95"],
+        "mean": worst["mean"],
+        "worst": worst["worst"],
+        "latency_s_per_purification": clean.get("latency_s_per_purification"),
+        "date": rep["date"],
+        "machine": rep["machine"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", metavar="REPORT_DIR")
+    p.add_argument("--attack", default="pgd-eot", help="attack whose accuracy is plotted")
+    p.add_argument("--eps", type=float, help="the radius to read from reports that swept several")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    points = sorted(
+        (_point(Path(f), args.attack, args.eps) for f in args.reports), key=lambda r: (r["sampler"], r["nfe"])
+    )
+    for key in (*SHARED, "eps", "attack_steps", "eot"):
+        if len({pt[key] for pt in points}) > 1:
+            sys.exit(f"the reports differ in {key}: {sorted({str(pt[key]) for pt in points})}")
+    first = points[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "command": shlex.join(["python", *sys.argv]),
+        "date": now_utc(),
+        "machine": machine_description(),
+    }
+    (out / "robust_vs_nfe.json").write_text(json.dumps(summary | {"points": points}, indent=2))
+
+    def draw(ax: Any) -> None:
+        series = dict.fromkeys((pt["model"], pt["sampler"] == "consistency") for pt in points)
+        for i, (model, cm) in enumerate(series):
+            pts = sorted(
+                (pt for pt in points if (pt["model"], pt["sampler"] == "consistency") == (model, cm)),
+                key=lambda pt: pt["nfe"],
+            )
+            color = f"C{i}"
+            nfe = [pt["nfe"] for pt in pts]
+            err = [
+                [100 * (pt["majority"] - pt["majority_ci95"][0]) for pt in pts],
+                [100 * (pt["majority_ci95"][1] - pt["majority"]) for pt in pts],
+            ]
+            label = f"{model} ({'consistency' if cm else 'diffusion'})"
+            maj = [100 * pt["majority"] for pt in pts]
+            ax.errorbar(nfe, maj, yerr=err, marker="o", capsize=3, color=color, label=f"{label}: majority")
+            ax.plot(
+                nfe,
+                [100 * pt["mean"] for pt in pts],
+                ls="--",
+                marker=".",
+                color=color,
+                label="mean over draws",
+            )
+            ax.plot(
+                nfe,
+                [100 * pt["clean_majority"] for pt in pts],
+                ls=":",
+                marker="s",
+                mfc="none",
+                color=color,
+                label="clean",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("purifier network evaluations (NFE)")
+        ax.set_ylabel(f"accuracy % (R={first['draws']})")
+        ax.set_title(
+            f"{first['threat']} eps {first['eps']}: {args.attack} {first['attack_steps']} steps, "
+            f"EOT {first['eot']}, n={first['n']}",
+            fontsize=9,
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    save_plot(out / "robust_vs_nfe.png", draw)
+    print(
+        "| purifier | NFE | clean (majority) | attacked: majority [95% CI] | mean | worst-of-R | s per purification | attack s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for pt in points:
+        lo, hi = pt["majority_ci95"]
+        latency = pt["latency_s_per_purification"]
+        print(
+            f"| {pt['model']}, {pt['sampler']} {pt['steps']} | {pt['nfe']} | {100 * pt['clean_majority']:.1f} "
+            f"| {100 * pt['majority']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * pt['mean']:.1f} "
+            f"| {100 * pt['worst']:.1f} | {'-' if latency is None else f'{latency:.4f}'} | {pt['attack_wall_s']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
