@@ -46,7 +46,7 @@ def _point(folder: Path, attack: str, eps: float | None) -> dict[str, Any]:
     radii = {r["eps"] for r in attacked}
     if len(radii) != 1:
         sys.exit(f"{folder}: {attack} ran at several eps {sorted(radii)}; pick one with --eps")
-    worst = max(attacked, key=lambda r: (r.get("attack_steps", 0), r.get("eot", 0)))
+    longest = max(attacked, key=lambda r: (r.get("attack_steps", 0), r.get("eot", 0)))
     pur = rep["purifier"]
     return {
         "report": str(folder),
@@ -56,18 +56,18 @@ def _point(folder: Path, attack: str, eps: float | None) -> dict[str, Any]:
         "nfe": pur["nfe"],
         "t_star": pur["t_star"],
         "threat": rep["threat"],
-        "eps": worst["eps"],
+        "eps": longest["eps"],
         "n": rep["n"],
         "draws": rep["draws"],
         "attack": attack,
-        "attack_steps": worst.get("attack_steps"),
-        "eot": worst.get("eot"),
-        "attack_wall_s": worst.get("attack_wall_s"),
+        "attack_steps": longest.get("attack_steps"),
+        "eot": longest.get("eot"),
+        "attack_wall_s": longest.get("attack_wall_s"),
         "clean_majority": clean["majority"],
-        "majority": worst["majority"],
-        "majority_ci95": worst["majority_ci95"],
-        "mean": worst["mean"],
-        "worst": worst["worst"],
+        "majority": longest["majority"],
+        "majority_ci95": longest["majority_ci95"],
+        "mean": longest["mean"],
+        "worst": longest["worst"],
         "latency_s_per_purification": clean.get("latency_s_per_purification"),
         "date": rep["date"],
         "machine": rep["machine"],
