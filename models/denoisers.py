@@ -8,7 +8,7 @@ parameterisation: eps-prediction and consistency models share every sampler step
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Literal
 
 import torch
@@ -40,6 +40,10 @@ class Denoiser(ABC):
     def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (kx, km), float64, with x0_hat = kx * x + km * out."""
 
+    @abstractmethod
+    def readout_key(self) -> Hashable:
+        """Everything ``x0_coefs`` depends on: denoisers with equal keys share cached sampler tables."""
+
     def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0_hat as a plain differentiable function (training, attacks, tests)."""
         kx, km = self.x0_coefs(t)
@@ -54,6 +58,9 @@ class EpsDenoiser(Denoiser):
     def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.schedule.a(t), self.schedule.s(t)
         return 1.0 / a, -s / a
+
+    def readout_key(self) -> Hashable:
+        return ("eps", self.schedule.config)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self(x, t)
@@ -100,3 +107,6 @@ class ConsistencyDenoiser(Denoiser):
     def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c_skip, c_out = self.c_skip_out(self.schedule.sigma(t))
         return c_skip / self.schedule.a(t), c_out
+
+    def readout_key(self) -> Hashable:
+        return ("consistency", self.schedule.config, self.sigma_min, self.sigma_data, self.parameterization)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from models.denoisers import ConsistencyDenoiser, EpsDenoiser
 from models.generate import generate
 from models.noise import NoiseSource
-from models.samplers import Cancelled, sample_ddim
-from models.schedules import Schedule, time_grid
+from models.samplers import Cancelled, PlanCache, coefficient_table, sample_ddim
+from models.schedules import Schedule, ScheduleConfig, time_grid
 from models.testing import gaussian_denoiser
 
 MU, V, N = 0.5, 0.25, 20_000
@@ -114,3 +115,67 @@ def test_bad_grids_are_refused() -> None:
         sample_ddim(den, noise.initial(), time_grid(Schedule(), 3), noise, eta=-1)
     with pytest.raises(ValueError, match="sampler"):
         generate(den, noise, sampler="euler")
+
+
+def test_plan_is_built_once_per_grid_and_matches_a_fresh_table() -> None:
+    """A repeated call reuses the device plan (same object) and gives the same image bitwise."""
+    den, cache = gaussian_denoiser(), PlanCache()
+    ts = time_grid(den.schedule, 10, "log-snr", t_max=0.3)
+    plan = cache.get("dpm-solver++", den, ts, 0.0, torch.device("cpu"))
+    assert cache.get("dpm-solver++", den, ts.clone(), 0.0, torch.device("cpu")) is plan
+    assert len(cache) == 1
+    assert torch.equal(plan.coefs, coefficient_table("dpm-solver++", den, ts).float())
+    assert torch.equal(plan.timesteps, den.schedule.net_time(ts[:-1]))
+    assert plan.uses_prev == (False,) + (True,) * 8 + (
+        False,
+    )  # 2M needs x0_prev after step 0, not on the last
+    first = generate(den, NoiseSource([3, 4], (1, 4, 4)), sampler="ddim", steps=5, eta=1.0)
+    again = generate(den, NoiseSource([3, 4], (1, 4, 4)), sampler="ddim", steps=5, eta=1.0)
+    assert torch.equal(first, again)
+
+
+def test_plans_are_keyed_by_everything_the_table_depends_on() -> None:
+    sch = Schedule()
+    net = gaussian_denoiser().net
+    ts = time_grid(sch, 4, "linear", t_max=0.5)
+    cache, cpu = PlanCache(), torch.device("cpu")
+    dens = [
+        EpsDenoiser(net, sch),
+        EpsDenoiser(net, Schedule(ScheduleConfig(name="cosine"))),
+        ConsistencyDenoiser(net, sch, sigma_data=0.5),
+        ConsistencyDenoiser(net, sch, sigma_data=2.0),
+        ConsistencyDenoiser(net, sch, parameterization="eps"),
+    ]
+    plans = [cache.get("consistency", d, ts, 0.0, cpu) for d in dens]
+    assert len(cache) == len(dens)
+    for i, p in enumerate(plans):  # no two read-outs share a table
+        assert all(not torch.equal(p.coefs, q.coefs) for q in plans[i + 1 :])
+    assert cache.get("ddim", dens[0], ts, 0.0, cpu) is not plans[0]
+    assert (
+        cache.get("ddim", dens[0], ts, 1.0, cpu).uses_noise
+        != cache.get("ddim", dens[0], ts, 0.0, cpu).uses_noise
+    )
+    assert (
+        cache.get("consistency", EpsDenoiser(net, Schedule()), ts, 0.0, cpu) is plans[0]
+    )  # equal config, shared
+
+
+def test_plan_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    den, cache, cpu = gaussian_denoiser(), PlanCache(size=3), torch.device("cpu")
+    grids = [time_grid(den.schedule, 2, "uniform", t_max=t) for t in (0.1, 0.2, 0.3, 0.4)]
+    plans = [cache.get("ddim", den, g, 0.0, cpu) for g in grids[:3]]
+    assert cache.get("ddim", den, grids[0], 0.0, cpu) is plans[0]  # 0.1 is now the most recent
+    cache.get("ddim", den, grids[3], 0.0, cpu)  # evicts 0.2
+    assert len(cache) == 3
+    assert cache.get("ddim", den, grids[0], 0.0, cpu) is plans[0]
+    assert cache.get("ddim", den, grids[1], 0.0, cpu) is not plans[1]
+
+
+def test_refused_grids_and_samplers_are_not_cached() -> None:
+    den, cache, cpu = gaussian_denoiser(), PlanCache(), torch.device("cpu")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="decreasing"):
+            cache.get("ddim", den, torch.tensor([0.5, 0.8, 0.0]), 0.0, cpu)
+        with pytest.raises(ValueError, match="unknown sampler"):
+            cache.get("euler", den, time_grid(den.schedule, 3), 0.0, cpu)
+    assert len(cache) == 0
