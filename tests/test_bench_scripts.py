@@ -182,3 +182,35 @@ def test_robust_vs_nfe_reads_the_longest_attack(tmp_path: Path) -> None:
     other_n = _robust_report(tmp_path / "n128", sampler="ddim", steps=5, majority=0.6, n=128)
     proc = subprocess.run([*cmd, str(other_n)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "differ in n" in proc.stderr
+
+
+@pytest.mark.parametrize("network", ["null", "unet"])
+def test_host_benchmark_reports_every_case(tmp_path: Path, network: str) -> None:
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, "bench/bench_host.py", "--repeats", "2", "--network", network]
+    cmd += ["--workdir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["network"] == network and report["threads"] == 1
+    rows = {(r["task"], r["sampler"], r["steps"]): r for r in report["rows"]}
+    assert set(rows) == {
+        ("sample", "ddim", 1),
+        ("sample", "ddim", 10),
+        ("sample", "dpm-solver++", 10),
+        ("purify", "ddim", 10),
+    }
+    for r in rows.values():
+        assert r["call_ms"] > 0 and r["cold_ms"] > 0 and r["network_ms"] > 0
+        assert r["host_ms"] == pytest.approx(r["call_ms"] - r["network_ms"], abs=1e-3)
+
+
+def test_host_benchmark_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_host.py", "--checkpoint", str(tmp_path / "none.safetensors")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
