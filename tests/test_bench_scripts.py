@@ -139,7 +139,9 @@ def test_fd_vs_updates_rejects_a_folder_without_checkpoints(tmp_path: Path) -> N
     assert proc.returncode != 0 and "checkpoints does not exist" in proc.stderr
 
 
-def _robust_report(folder: Path, *, sampler: str, steps: int, majority: float, n: int = 64) -> Path:
+def _robust_report(
+    folder: Path, *, sampler: str, steps: int, majority: float, n: int = 64, t_star: float = 0.1
+) -> Path:
     """A minimal ``eval robust`` report: clean and one PGD-EOT row at 10 and 25 steps."""
     folder.mkdir(parents=True)
     row = {"defense": "purifier", "eps": 0.0314, "n": n, "draws": 16, "worst": 0.2}
@@ -157,7 +159,7 @@ def _robust_report(folder: Path, *, sampler: str, steps: int, majority: float, n
         "date": "2026-11-23T00:00:00Z",
         "machine": "test",
         "model": {"name": f"m-{sampler}"},
-        "purifier": {"sampler": sampler, "steps": steps, "nfe": steps, "t_star": 0.1},
+        "purifier": {"sampler": sampler, "steps": steps, "nfe": steps, "t_star": t_star},
         "threat": "linf",
         "n": n,
         "draws": 16,
@@ -167,21 +169,40 @@ def _robust_report(folder: Path, *, sampler: str, steps: int, majority: float, n
     return folder
 
 
-def test_robust_vs_nfe_reads_the_longest_attack(tmp_path: Path) -> None:
+def test_robust_vs_purifier_reads_the_longest_attack(tmp_path: Path) -> None:
     """Each point is the report's longest attack; reports at other budgets are refused, not mixed."""
     cm = _robust_report(tmp_path / "cm", sampler="consistency", steps=1, majority=0.55)
     ddim = _robust_report(tmp_path / "ddim", sampler="ddim", steps=10, majority=0.64)
     out = tmp_path / "out"
-    cmd = [sys.executable, "bench/robust_vs_nfe.py", "--out", str(out), str(cm), str(ddim)]
+    cmd = [sys.executable, "bench/robust_vs_purifier.py", "--out", str(out), str(cm), str(ddim)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     points = json.loads((out / "robust_vs_nfe.json").read_text())["points"]
     assert [(p["nfe"], p["majority"], p["attack_steps"]) for p in points] == [(1, 0.55, 25), (10, 0.64, 25)]
     assert (out / "robust_vs_nfe.png").stat().st_size > 0
-    assert "| m-ddim, ddim 10 | 10 | 90.0 | 64.0 [54.0, 74.0] | 62.0 |" in proc.stdout
+    assert "| m-ddim, ddim 10 | 0.1 | 10 | 90.0 | 64.0 [54.0, 74.0] | 62.0 |" in proc.stdout
     other_n = _robust_report(tmp_path / "n128", sampler="ddim", steps=5, majority=0.6, n=128)
     proc = subprocess.run([*cmd, str(other_n)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "differ in n" in proc.stderr
+
+
+def test_robust_vs_purifier_places_points_at_t_star(tmp_path: Path) -> None:
+    """--x t_star: one line per (model, sampler, steps), points ordered by depth."""
+    folders = [
+        _robust_report(tmp_path / f"d{k}-{t}", sampler="ddim", steps=k, majority=m, t_star=t)
+        for k, t, m in ((1, 0.3, 0.3), (1, 0.1, 0.05), (5, 0.3, 0.35))
+    ]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "bench/robust_vs_purifier.py", "--x", "t_star", "--out", str(out)]
+    proc = subprocess.run([*cmd, *map(str, folders)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    points = json.loads((out / "robust_vs_t_star.json").read_text())["points"]
+    assert [(p["steps"], p["t_star"], p["majority"]) for p in points] == [
+        (1, 0.1, 0.05),
+        (1, 0.3, 0.3),
+        (5, 0.3, 0.35),
+    ]
+    assert (out / "robust_vs_t_star.png").stat().st_size > 0 and not (out / "robust_vs_nfe.png").exists()
 
 
 @pytest.mark.parametrize("network", ["null", "unet"])

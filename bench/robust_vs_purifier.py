@@ -1,13 +1,16 @@
-"""Robust accuracy vs purifier cost: one point per ``eval robust`` report, placed at its purifier's NFE.
+"""Robust accuracy vs a purifier setting: one point per ``eval robust`` report, placed at its purifier's
+NFE (cost) or its t* (depth).
 
-usage: python bench/robust_vs_nfe.py REPORT_DIR [REPORT_DIR ...] --out DIR [--attack pgd-eot] [--eps E]
+usage: python bench/robust_vs_purifier.py REPORT_DIR [REPORT_DIR ...] --out DIR [--x nfe|t_star]
+       [--attack pgd-eot] [--eps E]
 
-Each REPORT_DIR holds the ``robust.json`` of one purifier (model, sampler, steps); ``--eps`` picks
-one radius from reports that swept several. The reports must share n, draws, threat, eps and attack
-budget, so the points differ only in the purifier; the attacked point is the report's largest PGD
-step count. Writes ``DIR/robust_vs_nfe.json`` and
-``.png`` (majority vote with its 95% CI, mean over draws dashed) and prints a Markdown table.
-Numbers are copied from the reports, never typed by hand.
+Each REPORT_DIR holds the ``robust.json`` of one purifier (model, sampler, steps, t*); ``--eps``
+picks one radius from reports that swept several. The reports must share n, draws, threat, eps and
+attack budget, so the points differ only in the purifier; the attacked point is the report's
+largest PGD step count. A line joins the points of one model and kind (``--x nfe``) or of one
+model, sampler and step count (``--x t_star``). Writes ``DIR/robust_vs_<x>.json`` and ``.png``
+(majority vote with its 95% CI, mean over draws dashed, clean accuracy dotted) and prints a
+Markdown table. Numbers are copied from the reports, never typed by hand.
 """
 
 from __future__ import annotations
@@ -74,15 +77,33 @@ def _point(folder: Path, attack: str, eps: float | None) -> dict[str, Any]:
     }
 
 
+AXES = {
+    "nfe": ("purifier network evaluations (NFE)", lambda pt: (pt["model"], pt["sampler"] == "consistency")),
+    "t_star": ("purification depth t*", lambda pt: (pt["model"], pt["sampler"], pt["steps"])),
+}
+
+
+def _label(series: tuple[Any, ...], axis: str) -> str:
+    if axis == "nfe":
+        model, cm = series
+        return f"{model} ({'consistency' if cm else 'diffusion'})"
+    model, sampler, steps = series
+    return f"{model}, {sampler} {steps}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", metavar="REPORT_DIR")
+    p.add_argument("--x", choices=tuple(AXES), default="nfe", help="what the points are placed at")
     p.add_argument("--attack", default="pgd-eot", help="attack whose accuracy is plotted")
     p.add_argument("--eps", type=float, help="the radius to read from reports that swept several")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    axis = args.x
+    xlabel, series_of = AXES[axis]
     points = sorted(
-        (_point(Path(f), args.attack, args.eps) for f in args.reports), key=lambda r: (r["sampler"], r["nfe"])
+        (_point(Path(f), args.attack, args.eps) for f in args.reports),
+        key=lambda r: (r["sampler"], r["steps"], r["nfe"], r["t_star"]),
     )
     for key in (*SHARED, "eps", "attack_steps", "eot"):
         if len({pt[key] for pt in points}) > 1:
@@ -95,43 +116,33 @@ def main() -> None:
         "date": now_utc(),
         "machine": machine_description(),
     }
-    (out / "robust_vs_nfe.json").write_text(json.dumps(summary | {"points": points}, indent=2))
+    (out / f"robust_vs_{axis}.json").write_text(json.dumps(summary | {"points": points}, indent=2))
 
     def draw(ax: Any) -> None:
-        series = dict.fromkeys((pt["model"], pt["sampler"] == "consistency") for pt in points)
-        for i, (model, cm) in enumerate(series):
-            pts = sorted(
-                (pt for pt in points if (pt["model"], pt["sampler"] == "consistency") == (model, cm)),
-                key=lambda pt: pt["nfe"],
-            )
+        for i, series in enumerate(dict.fromkeys(series_of(pt) for pt in points)):
+            pts = sorted((pt for pt in points if series_of(pt) == series), key=lambda pt: pt[axis])
             color = f"C{i}"
-            nfe = [pt["nfe"] for pt in pts]
+            xs = [pt[axis] for pt in pts]
             err = [
                 [100 * (pt["majority"] - pt["majority_ci95"][0]) for pt in pts],
                 [100 * (pt["majority_ci95"][1] - pt["majority"]) for pt in pts],
             ]
-            label = f"{model} ({'consistency' if cm else 'diffusion'})"
             maj = [100 * pt["majority"] for pt in pts]
-            ax.errorbar(nfe, maj, yerr=err, marker="o", capsize=3, color=color, label=f"{label}: majority")
+            label = _label(series, axis)
+            ax.errorbar(xs, maj, yerr=err, marker="o", capsize=3, color=color, label=f"{label}: majority")
             ax.plot(
-                nfe,
+                xs,
                 [100 * pt["mean"] for pt in pts],
                 ls="--",
                 marker=".",
                 color=color,
                 label="mean over draws",
             )
-            ax.plot(
-                nfe,
-                [100 * pt["clean_majority"] for pt in pts],
-                ls=":",
-                marker="s",
-                mfc="none",
-                color=color,
-                label="clean",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("purifier network evaluations (NFE)")
+            clean = [100 * pt["clean_majority"] for pt in pts]
+            ax.plot(xs, clean, ls=":", marker="s", mfc="none", color=color, label="clean")
+        if axis == "nfe":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"accuracy % (R={first['draws']})")
         ax.set_title(
             f"{first['threat']} eps {first['eps']}: {args.attack} {first['attack_steps']} steps, "
@@ -141,16 +152,18 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
 
-    save_plot(out / "robust_vs_nfe.png", draw)
+    save_plot(out / f"robust_vs_{axis}.png", draw)
     print(
-        "| purifier | NFE | clean (majority) | attacked: majority [95% CI] | mean | worst-of-R | s per purification | attack s |"
+        "| purifier | t* | NFE | clean (majority) | attacked: majority [95% CI] | mean | worst-of-R "
+        "| s per purification | attack s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for pt in points:
         lo, hi = pt["majority_ci95"]
         latency = pt["latency_s_per_purification"]
         print(
-            f"| {pt['model']}, {pt['sampler']} {pt['steps']} | {pt['nfe']} | {100 * pt['clean_majority']:.1f} "
+            f"| {pt['model']}, {pt['sampler']} {pt['steps']} | {pt['t_star']} | {pt['nfe']} "
+            f"| {100 * pt['clean_majority']:.1f} "
             f"| {100 * pt['majority']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * pt['mean']:.1f} "
             f"| {100 * pt['worst']:.1f} | {'-' if latency is None else f'{latency:.4f}'} | {pt['attack_wall_s']} |"
         )
