@@ -188,14 +188,14 @@ class PlanCache:
     def get(
         self, rule: str, denoiser: Denoiser, ts: torch.Tensor, eta: float, device: torch.device
     ) -> SamplerPlan:
-        ts = torch.as_tensor(ts, dtype=torch.float64, device="cpu").contiguous()
-        key = (rule, denoiser.readout_key(), ts.numpy().tobytes(), float(eta), torch.device(device))
+        ts, device = torch.as_tensor(ts, dtype=torch.float64, device="cpu").contiguous(), torch.device(device)
+        key = (rule, denoiser.readout_key(), ts.numpy().tobytes(), float(eta), device)
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = self._build(rule, denoiser, ts, eta, torch.device(device))
+        plan = self._build(rule, denoiser, ts, eta, device)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.size:
