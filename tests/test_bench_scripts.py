@@ -1,6 +1,7 @@
 """Benchmarks live in bench/ and run on a GPU; their --smoke mode proves on the CPU that the code runs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,26 @@ def test_host_benchmark_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_gpu_checks_script_runs_every_step_and_reports_each(tmp_path: Path) -> None:
+    """The one-call GPU script: a failing step (no CUDA here) does not stop the next; the summary names all."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_checks.sh", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "checks.log").read_text()
+    summary = log.split("== summary\n")[1].splitlines()
+    steps = ["gpu-tests", "host-cd", "host-dro-at", "consistency", "kernels", "engine"]
+    assert [line.split()[0] for line in summary] == steps
+    if not torch.cuda.is_available():
+        assert all("rc=0" not in line for line in summary[1:])  # each benchmark refused: no CUDA device
+        assert "a CUDA device is needed" in (out / "gpu_tests.log").read_text()
+    assert len(list(out.iterdir())) <= 7  # the device tool brings back 8 files at most
