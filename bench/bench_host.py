@@ -5,7 +5,7 @@ besides it (time grid, sampler coefficients, copies, checks) is the latency floo
 removes. For each (task, sampler, steps) this times, median of ``--repeats``:
 
 - ``call``: the whole ``Pipeline.sample`` / ``Pipeline.purify`` call, sampler plans cached (served case);
-- ``cold``: the same call with the plan cache emptied first (what every call paid before plans were cached);
+- ``cold``: the same call with the plan cache emptied first (the table every call rebuilt before plans were cached);
 - ``network``: the call's network evaluations alone (``steps`` batch-1 forwards);
 
 and reports host = call - network and the plan cost = cold - call. On a CPU the network's own
