@@ -195,7 +195,9 @@ class PlanCache:
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = self._build(rule, denoiser, ts, eta, device)
+        # Plain tensors even when built in inference mode: a served grid may later be differentiated.
+        with torch.inference_mode(False), torch.no_grad():
+            plan = self._build(rule, denoiser, ts.clone(), eta, device)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.size:

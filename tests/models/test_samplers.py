@@ -179,3 +179,22 @@ def test_refused_grids_and_samplers_are_not_cached() -> None:
         with pytest.raises(ValueError, match="unknown sampler"):
             cache.get("euler", den, time_grid(den.schedule, 3), 0.0, cpu)
     assert len(cache) == 0
+
+
+def test_a_plan_built_in_inference_mode_serves_a_differentiated_call() -> None:
+    """Serving (inference mode) then attacking (autograd through checkpointed calls) in one process.
+
+    A plan holding inference tensors cannot be saved for backward: the attack would fail on
+    whichever grid the serving path had cached first.
+    """
+    den, cache = gaussian_denoiser(), PlanCache()
+    ts = time_grid(den.schedule, 3, "uniform", t_max=0.4)
+    with torch.inference_mode():
+        plan = cache.get("ddim", den, ts, 0.0, torch.device("cpu"))
+    assert not plan.coefs.is_inference() and not plan.timesteps.is_inference()
+    assert not plan.coefs.requires_grad
+    x = torch.randn(2, 1, 4, 4, requires_grad=True)
+    t = plan.timesteps[0].expand(2)
+    out = torch.utils.checkpoint.checkpoint(lambda a, b: den.net(a, b) * a, x, t, use_reentrant=False)
+    out.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
