@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from models.devices import device_option
 from models.pipeline import Pipeline
 from models.samplers import PLANS
 from models.testing import tiny_checkpoint
@@ -112,7 +113,7 @@ def bench(pipe: Pipeline, repeats: int, clock: str = "wall") -> list[dict[str, o
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint to run (default: a fresh random tiny model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per case (median reported)")
     p.add_argument(
         "--network",

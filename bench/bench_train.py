@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from models.devices import device_option
 from models.train.config import build
 from models.train.trainer import Trainer
 
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--updates", type=int, default=6, help="timed updates per method per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_option)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.devices import device_option
 from models.errors import UserError
 from models.grid import save_grid
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", type=device_option, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, required=True, help="output PNG grid")
     parser.add_argument(
         "--npy", type=Path, default=None, help="also write the images as a .npy array in [-1, 1]"

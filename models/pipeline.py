@@ -18,6 +18,7 @@ import torch
 
 from models.checkpoint import CheckpointHeader, load_checkpoint
 from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
+from models.devices import resolve_device
 from models.generate import generate, purify
 from models.noise import NoiseSource
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
@@ -43,15 +44,6 @@ class ModelInfo:
     samplers: list[str] = field(default_factory=list)
     default_steps: int = 10
     dataset: str = "unknown"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return dev
 
 
 class Pipeline:

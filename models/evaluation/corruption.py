@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.checkpoint import read_header
+from models.devices import device_option
 from models.evaluation.attacks import EVAL_PURPOSE, PurifiedClassifier, draw_seeds
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
@@ -73,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
     p.add_argument("--out", default="eval-corruption", help="output folder (JSON and PNG plot)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda, cuda:N or auto")
 
 
 def validate(args: argparse.Namespace) -> list[float]:

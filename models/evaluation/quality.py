@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import read_header
+from models.devices import device_option
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
     FEATURE_NAME,
@@ -168,7 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--seed", type=int, default=0, help="first image seed")
     p.add_argument("--out", default="eval-quality", help="output folder (JSON, PNG plot, sample grids)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda, cuda:N or auto")
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import read_header
+from models.devices import device_option
 from models.evaluation.adversarial import AdversarialStore
 from models.evaluation.attacks import (
     ATTACKS,
@@ -85,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="base seed of the attack (random start and EOT noise)",
     )
     p.add_argument("--out", default="eval-robust", help="output folder (JSON and PNG plots)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda, cuda:N or auto")
 
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:

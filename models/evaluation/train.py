@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from models.data import load_fashion_mnist
+from models.devices import device_option
 from models.errors import UserError
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
@@ -32,7 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--widths", default="32,64,128", help="channels per stage")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        type=device_option,
+        help="torch device to train on (cpu, cuda, cuda:N, auto)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.data import Dataset, gaussian_noise, load_dataset, salt_and_pepper, uniform_outliers
+from models.devices import resolve_device
 from models.errors import UserError
 from models.generate import generate
 from models.grid import save_grid
@@ -158,21 +159,17 @@ class Trainer:
     # Setup ---------------------------------------------------------------------------------------
 
     def _setup_device(self) -> torch.device:
-        want = self.cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("device", f"{want} requested but CUDA is not available")
+        dev = resolve_device(self.cfg.device)
         if self.world > 1:
-            backend = "nccl" if want.startswith("cuda") else "gloo"
+            backend = "nccl" if dev.type == "cuda" else "gloo"
             if not dist.is_initialized():
                 dist.init_process_group(backend)
             self.rank = dist.get_rank()
-            if want.startswith("cuda"):
+            if dev.type == "cuda":
                 local = int(os.environ.get("LOCAL_RANK", "0"))
                 torch.cuda.set_device(local)
                 return torch.device("cuda", local)
-        return torch.device(want)
+        return dev
 
     def _resume(self, path: str | Path) -> None:
         meta, tensors = ckpt.load(path)
