@@ -15,16 +15,7 @@ py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 exec > >(tee "$out/checks.log") 2>&1
 
-summary=()
-step() {  # step NAME SECONDS COMMAND...: run with a limit, remember how it ended
-  local name=$1 limit=$2 start rc
-  shift 2
-  echo "== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
-  start=$(date +%s)
-  timeout "$limit" "$@"
-  rc=$?
-  summary+=("$name rc=$rc $(($(date +%s) - start))s")
-}
+source "$(dirname "$0")/_steps.sh"
 
 nvidia-smi -L
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -43,4 +34,4 @@ step consistency 90 "$py" bench/bench_consistency.py --mode gpu \
 step kernels 60 "$py" bench/bench_kernels.py --out "$out/kernels.json"
 step engine 150 "$py" bench/bench_engine.py --no-diffusers --repeats 3 --out "$out/engine.json"
 
-printf '%s\n' "== summary" "${summary[@]}"
+print_summary

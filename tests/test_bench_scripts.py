@@ -259,3 +259,43 @@ def test_gpu_checks_script_runs_every_step_and_reports_each(tmp_path: Path) -> N
         assert all("rc=0" not in line for line in summary[1:])  # each benchmark refused: no CUDA device
         assert "a CUDA device is needed" in (out / "gpu_tests.log").read_text()
     assert len(list(out.iterdir())) <= 7  # the device tool brings back 8 files at most
+
+
+def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path: Path) -> None:
+    """The one-call protocol script, shrunk for the CPU: every step's report and the stored attacks."""
+    out = tmp_path / "out"
+    shrink = {"DEVICE": "cpu", "N": "2", "N_DEEP": "2", "ATTACK_STEPS": "1", "EOT": "1", "DRAWS": "2"}
+    env = {**os.environ, "PYTHON": sys.executable, "SANITY_N": "2", "WORK_DIR": str(tmp_path / "w"), **shrink}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_protocol.sh", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (out / "protocol.log").read_text().split("== summary\n")[1].splitlines()
+    steps = ["dro-at-8of255", "dro-at-0.1-deep", "standard-8of255"]
+    assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in steps]
+    for name in steps:
+        report = json.loads((out / f"{name}.json").read_text())
+        assert report["n"] == 2 and report["purifier"]["steps"] == (5 if "deep" in name else 1)
+        assert any(r["attack"] == "pgd-eot" for r in report["results"])
+    assert (out / "adversarial.tar.gz").stat().st_size > 0
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back 8 files at most
+
+
+def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_S": "100", "WORK_DIR": str(tmp_path / "w")}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_protocol.sh", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / "out" / "protocol.log").read_text().split("== summary\n")[1].splitlines()
+    assert [line.split()[1] for line in summary] == ["skipped"] * 3  # 150, 300, 120 s limits > 100 s
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["protocol.log"]

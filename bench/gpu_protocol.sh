@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The evaluation issue's attack protocol (full-gradient PGD-EOT, 100 steps, EOT 8, R = 16) on the
+# served purifiers at the settings the CPU runs chose, in one device call of at most BUDGET_S
+# seconds (default 540, under the 600 s a call may run). Steps run in priority order, each under
+# its own limit; a step whose limit no longer fits the budget is skipped, not started.
+#
+#   bash bench/gpu_protocol.sh OUT_DIR
+#
+# On the device machine: copy the test split first (mkdir -p .carry/fashion-mnist && cp
+# /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/), then run with
+# carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
+# DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
+# Writes at most 5 files to OUT_DIR (the device tool brings back 8): protocol.log, one
+# <step>.json report per step, adversarial.tar.gz (the attacked images: a later run with a larger
+# --n resumes from them, and the CPU can re-evaluate them).
+set -uo pipefail
+out=${1:?usage: bench/gpu_protocol.sh OUT_DIR}
+mkdir -p "$out"
+work=${WORK_DIR:-$(mktemp -d)}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+BUDGET_S=${BUDGET_S:-540}
+N=${N:-512}
+N_DEEP=${N_DEEP:-256}
+DEVICE=${DEVICE:-cuda}
+ATTACK_STEPS=${ATTACK_STEPS:-25,50,100}
+EOT=${EOT:-8}
+DRAWS=${DRAWS:-16}
+SANITY_N=${SANITY_N:-16}
+data=${DATA:-.carry/fashion-mnist}
+[[ -d $data ]] || data=/usr/share/datasets/fashion-mnist
+exec > >(tee "$out/protocol.log") 2>&1
+
+source "$(dirname "$0")/_steps.sh"
+
+# NAME MODEL EPS T_STAR DDIM_STEPS N, in priority order:
+runs=(
+  "dro-at-8of255 fmnist-dro-at 0.0314 0.15 1 $N"      # 8/255: the served default, one DDIM step
+  "dro-at-0.1-deep fmnist-dro-at 0.1 0.4 5 $N_DEEP"   # eps 0.1: the best CPU point (51.6%, n = 64)
+  "standard-8of255 fmnist-standard 0.0314 0.15 1 $N"  # does adversarial training purify better?
+)
+limits=(150 300 120)
+
+nvidia-smi -L || true
+for i in "${!runs[@]}"; do
+  read -r name model eps t_star steps n <<<"${runs[$i]}"
+  step "$name" "${limits[$i]}" "$py" -m service.cli eval robust --device "$DEVICE" \
+    --model "models/weights/$model.safetensors" --data "$data" --threat linf --eps "$eps" \
+    --attacks none,pgd-eot --attack-steps "$ATTACK_STEPS" --eot "$EOT" --draws "$DRAWS" --n "$n" \
+    --t-star "$t_star" --sampler ddim --steps "$steps" --batch-size 256 --sanity-n "$SANITY_N" \
+    --out "$work/$name"
+  [[ -f $work/$name/robust.json ]] && cp "$work/$name/robust.json" "$out/$name.json"
+done
+
+stored=$(cd "$work" && compgen -G "*/adversarial" || true)
+[[ -n $stored ]] && tar -czf "$out/adversarial.tar.gz" -C "$work" $stored
+print_summary
