@@ -238,21 +238,24 @@ def test_host_benchmark_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 
-def test_gpu_checks_script_runs_every_step_and_reports_each(tmp_path: Path) -> None:
-    """The one-call GPU script: a failing step (no CUDA here) does not stop the next; the summary names all."""
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable}
+def _run_device_script(script: str, out: Path, log: str, **env: str) -> list[str]:
+    """Run a one-call device script (bench/_steps.sh steps) as the device would; its summary lines."""
     proc = subprocess.run(
-        ["bash", "bench/gpu_checks.sh", str(out)],
+        ["bash", f"bench/{script}", str(out)],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHON": sys.executable, **env},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    log = (out / "checks.log").read_text()
-    summary = log.split("== summary\n")[1].splitlines()
+    return (out / log).read_text().split("== summary\n")[1].splitlines()
+
+
+def test_gpu_checks_script_runs_every_step_and_reports_each(tmp_path: Path) -> None:
+    """The one-call GPU script: a failing step (no CUDA here) does not stop the next; the summary names all."""
+    out = tmp_path / "out"
+    summary = _run_device_script("gpu_checks.sh", out, "checks.log")
     steps = ["gpu-tests", "host-cd", "host-dro-at", "consistency", "kernels", "engine"]
     assert [line.split()[0] for line in summary] == steps
     if not torch.cuda.is_available():
@@ -265,17 +268,9 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
     """The one-call protocol script, shrunk for the CPU: every step's report and the stored attacks."""
     out = tmp_path / "out"
     shrink = {"DEVICE": "cpu", "N": "2", "N_DEEP": "2", "ATTACK_STEPS": "1", "EOT": "1", "DRAWS": "2"}
-    env = {**os.environ, "PYTHON": sys.executable, "SANITY_N": "2", "WORK_DIR": str(tmp_path / "w"), **shrink}
-    proc = subprocess.run(
-        ["bash", "bench/gpu_protocol.sh", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    summary = _run_device_script(
+        "gpu_protocol.sh", out, "protocol.log", SANITY_N="2", WORK_DIR=str(tmp_path / "w"), **shrink
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = (out / "protocol.log").read_text().split("== summary\n")[1].splitlines()
     steps = ["dro-at-8of255", "dro-at-0.1-deep", "standard-8of255"]
     assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in steps]
     for name in steps:
@@ -287,15 +282,9 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
 
 
 def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_S": "100", "WORK_DIR": str(tmp_path / "w")}
-    proc = subprocess.run(
-        ["bash", "bench/gpu_protocol.sh", str(tmp_path / "out")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    out = tmp_path / "out"
+    summary = _run_device_script(
+        "gpu_protocol.sh", out, "protocol.log", BUDGET_S="100", WORK_DIR=str(tmp_path / "w")
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = (tmp_path / "out" / "protocol.log").read_text().split("== summary\n")[1].splitlines()
     assert [line.split()[1] for line in summary] == ["skipped"] * 3  # 150, 300, 120 s limits > 100 s
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["protocol.log"]
+    assert [p.name for p in out.iterdir()] == ["protocol.log"]
