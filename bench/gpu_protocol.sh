@@ -6,9 +6,9 @@
 #
 #   bash bench/gpu_protocol.sh OUT_DIR
 #
-# On the device machine: copy the test split first (mkdir -p .carry/fashion-mnist && cp
-# /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/), then run with
-# carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
+# The device machine has no data set: copy the test split here first (mkdir -p .carry/fashion-mnist
+# && cp /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/; .carry is git-ignored),
+# then run it there with carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
 # DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
 # Writes at most 5 files to OUT_DIR (the device tool brings back 8): protocol.log, one
 # <step>.json report per step, adversarial.tar.gz (the attacked images: a later run with a larger
@@ -36,7 +36,7 @@ source "$(dirname "$0")/_steps.sh"
 # NAME MODEL EPS T_STAR DDIM_STEPS N, in priority order:
 runs=(
   "dro-at-8of255 fmnist-dro-at 0.0314 0.15 1 $N"      # 8/255: the served default, one DDIM step
-  "dro-at-0.1-deep fmnist-dro-at 0.1 0.4 5 $N_DEEP"   # eps 0.1: the best CPU point (51.6%, n = 64)
+  "dro-at-0.1-deep fmnist-dro-at 0.1 0.4 5 $N_DEEP"   # eps 0.1: the best CPU point (48-52%, n = 64)
   "standard-8of255 fmnist-standard 0.0314 0.15 1 $N"  # does adversarial training purify better?
 )
 limits=(150 300 120)
