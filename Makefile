@@ -5,6 +5,10 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 CODE := models service kernels
+# Tests run in a shuffled order (pytest-randomly) so that none leans on another's leftovers. The seed
+# is the commit's: CI repeats its order on the same commit, and every commit tries a new order.
+# `make test TEST_SEED=N` repeats the order of a run that printed "Using --randomly-seed=N".
+TEST_SEED ?= $(shell s=$$(git rev-parse --short=8 HEAD 2>/dev/null) && echo $$((0x$$s)))
 
 .PHONY: serve test lint system-deps
 
@@ -34,7 +38,7 @@ lint: $(BIN)/robustdiff
 	$(BIN)/mypy $(CODE)
 
 test: system-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(TEST_SEED),--randomly-seed=$(TEST_SEED))
 
 serve: $(BIN)/robustdiff
 	$(BIN)/robustdiff serve
