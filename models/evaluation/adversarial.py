@@ -1,17 +1,30 @@
-"""Adversarial examples on disk: one safetensors file per attack setting, rewritten after every batch.
+"""Adversarial examples on disk: one folder per attack setting, one safetensors file per batch.
 
-A full-protocol attack (>= 100 PGD steps, EOT 8, n >= 500) through a multi-step purifier runs for
-hours on a CPU and for longer than one call on a lent GPU. Batches are deterministic given their
-first image index (random start and EOT noise are seeded by it), so an attack that stops part way
-continues from its last finished batch when the same command runs again, and ends with the images an
-uninterrupted run would have found, bit for bit. The files are also the attack's output: the clean
-images and their adversarial versions at every recorded step count, for inspection or reuse.
+A full-protocol attack (>= 100 PGD steps, EOT 8, n >= 500) through a purifier runs for hours on a
+CPU and for longer than one call on a lent GPU. Batches are deterministic given their first image
+index (random start and EOT noise are seeded by it), so:
+
+- an attack that stops part way continues from its finished batches when the same command runs
+  again, and ends with the images an uninterrupted run would have found, bit for bit;
+- several processes running the same command on the same folder (one per GPU, or one 1-thread
+  process per CPU core) share the work: a process claims a batch by creating its claim file
+  exclusively, and waits at the end for the batches others hold. A claim whose process died (same
+  host, pid gone) or that has not been refreshed for ``STALE_S`` is taken over; at worst a batch is
+  attacked twice, with the same result, since every file is written whole and then renamed.
+
+The files are also the attack's output: the clean images and their adversarial versions at every
+recorded step count, for inspection or reuse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,79 +34,187 @@ from safetensors.torch import save_file
 
 from models.errors import UserError
 
+STALE_S = 900.0  # a claim unrefreshed this long is abandoned (refreshed after every PGD step)
+POLL_S = 1.0  # how often a process waiting on others' batches looks again
 
-def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    new = new.detach().cpu()
-    return new if old is None else torch.cat([old, new])
+
+@dataclass(frozen=True)
+class StoredBatch:
+    clean: torch.Tensor
+    advs: dict[int, torch.Tensor]
+    grad: dict[str, Any]
+    wall_s: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class AdversarialStore:
-    """The finished batches of one attack setting; a file is reused only if ``settings`` match."""
+    """The batches of one attack setting; a stored batch is reused only if ``settings`` match."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], batch: int) -> None:
-        self.path, self.settings, self.batch = path, settings, batch
+    def __init__(self, folder: Path, settings: dict[str, Any], batch: int) -> None:
+        self.folder, self.settings, self.batch = folder, settings, batch
         self.steps: list[int] = list(settings["attack_steps"])
-        self.clean: torch.Tensor | None = None
-        self.advs: dict[int, torch.Tensor] = {}
-        self.grads: list[dict[str, Any]] = []
-        self.wall_s = 0.0
-        if path.is_file():
-            self._load()
+        self.x: torch.Tensor | None = None
+        self._done: dict[int, StoredBatch] = {}
+        self._token = uuid.uuid4().hex
 
-    @property
-    def done(self) -> int:
-        """Images whose adversarial examples are stored (after ``resume``: the ones reused)."""
-        return 0 if self.clean is None else self.clean.shape[0]
+    # -- layout ---------------------------------------------------------------------------------
+    def _file(self, start: int) -> Path:
+        return self.folder / f"{start:06d}.safetensors"
 
-    def _load(self) -> None:
-        with safe_open(str(self.path), framework="pt") as f:
+    def _claim_file(self, start: int) -> Path:
+        return self.folder / f"{start:06d}.claim"
+
+    def batches(self) -> list[slice]:
+        assert self.x is not None, "open(x) first"
+        n = self.x.shape[0]
+        return [slice(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read(self, sl: slice) -> StoredBatch | None:
+        """The finished batch at ``sl``, or None if it is absent or shorter (a smaller n's last batch)."""
+        assert self.x is not None
+        path = self._file(sl.start)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             stored = json.loads(meta.get("settings", "{}"))
             changed = sorted(k for k in {*stored, *self.settings} if stored.get(k) != self.settings.get(k))
             if changed:
                 raise UserError(
                     "out",
-                    f"{self.path} holds an attack with other settings ({', '.join(changed)}); "
+                    f"{self.folder} holds an attack with other settings ({', '.join(changed)}); "
                     "delete it or choose another --out",
                 )
-            self.clean = f.get_tensor("clean")
-            self.advs = {s: f.get_tensor(f"adv_{s}") for s in self.steps}
-        self.grads = json.loads(meta["grads"])
-        self.wall_s = float(meta["wall_s"])
+            clean = f.get_tensor("clean")
+            want = self.x[sl].detach().cpu()
+            if clean.shape[0] < want.shape[0]:
+                return None
+            if clean.shape != want.shape or not torch.equal(clean, want):
+                raise UserError(
+                    "data", f"{self.folder} was attacked on other images; delete it or use another --out"
+                )
+            advs = {s: f.get_tensor(f"adv_{s}") for s in self.steps}
+        return StoredBatch(clean, advs, json.loads(meta["grad"]), float(meta["wall_s"]))
 
-    def resume(self, x: torch.Tensor) -> int:
-        """Keep the stored batches that ``x`` starts with; returns how many leading images they cover.
+    def open(self, x: torch.Tensor) -> int:
+        """Attach the clean images and load their finished batches; returns how many images they cover.
 
-        Whole batches only (a short last batch of a smaller n is attacked again), unless all of x is done.
+        Every stored batch is checked here, so changed settings or images fail before any work starts.
         """
-        if self.clean is None:
-            return 0
-        n = min(self.clean.shape[0], x.shape[0])
-        if not torch.equal(self.clean[:n], x[:n].detach().cpu()):
-            raise UserError(
-                "data", f"{self.path} was attacked on other images; delete it or use another --out"
-            )
-        n = n if n == x.shape[0] else n - n % self.batch
-        self.clean = self.clean[:n]
-        self.advs = {s: a[:n] for s, a in self.advs.items()}
-        self.grads = self.grads[: -(-n // self.batch)]
-        return n
+        self.x = x
+        self._done = {}
+        for sl in self.batches():
+            got = self._read(sl)
+            if got is not None:
+                self._done[sl.start] = got
+        return self.done
 
-    def add(
-        self, x: torch.Tensor, advs: dict[int, torch.Tensor], grad: dict[str, Any], wall_s: float
-    ) -> None:
-        """Append one finished batch and rewrite the file atomically (a kill leaves the old one whole)."""
-        self.clean = _append(self.clean, x)
-        self.advs = {s: _append(self.advs.get(s), advs[s]) for s in self.steps}
-        self.grads.append(grad)
-        self.wall_s += wall_s
-        tensors = {"clean": self.clean, **{f"adv_{s}": a for s, a in self.advs.items()}}
-        meta = {
-            "settings": json.dumps(self.settings),
-            "grads": json.dumps(self.grads),
-            "wall_s": repr(self.wall_s),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+    @property
+    def done(self) -> int:
+        """Images whose adversarial examples are finished (by this or another process)."""
+        return sum(b.clean.shape[0] for b in self._done.values())
+
+    # -- claiming -------------------------------------------------------------------------------
+    def _stale(self, claim: Path) -> bool:
+        try:
+            owner = json.loads(claim.read_text())
+            age = time.time() - claim.stat().st_mtime
+        except (OSError, ValueError):
+            return False  # being written or just released: look again later
+        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+            return True
+        return age > STALE_S
+
+    def _try_claim(self, start: int) -> bool:
+        claim = self._claim_file(start)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if claim.exists() and self._stale(claim):
+            with contextlib.suppress(FileNotFoundError):
+                claim.unlink()
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token}, f)
+        return True
+
+    def claim(self) -> slice | None:
+        """The next batch for this process to attack, or None once every batch is finished.
+
+        Waits (polling) while the only unfinished batches are held by other live processes.
+        """
+        while True:
+            pending = [sl for sl in self.batches() if sl.start not in self._done]
+            if not pending:
+                return None
+            for sl in pending:
+                got = self._read(sl)
+                if got is not None:
+                    self._done[sl.start] = got
+                    continue
+                if self._try_claim(sl.start):
+                    got = self._read(sl)  # finished by another process between the look and the claim
+                    if got is None:
+                        return sl
+                    self._done[sl.start] = got
+                    self.release(sl)
+            if all(sl.start in self._done for sl in pending):
+                continue
+            time.sleep(POLL_S)
+
+    def heartbeat(self, sl: slice) -> None:
+        """Refresh this process's claim so others do not take it over as abandoned."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._claim_file(sl.start))
+
+    def release(self, sl: slice) -> None:
+        """Drop this process's claim on ``sl`` (kept if another process has taken it over)."""
+        claim = self._claim_file(sl.start)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(claim.read_text()).get("token") == self._token:
+                claim.unlink()
+
+    # -- writing --------------------------------------------------------------------------------
+    def add(self, sl: slice, advs: dict[int, torch.Tensor], grad: dict[str, Any], wall_s: float) -> None:
+        """Write one finished batch whole, then rename it into place, then release its claim."""
+        assert self.x is not None
+        clean = self.x[sl].detach().cpu()
+        tensors = {"clean": clean, **{f"adv_{s}": advs[s].detach().cpu() for s in self.steps}}
+        meta = {"settings": json.dumps(self.settings), "grad": json.dumps(grad), "wall_s": repr(wall_s)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._file(sl.start)
+        tmp = path.with_name(f"{path.name}.{self._token}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
+        self._done[sl.start] = StoredBatch(clean, {s: tensors[f"adv_{s}"] for s in self.steps}, grad, wall_s)
+        self.release(sl)
+
+    # -- the whole attack, once finished ---------------------------------------------------------
+    def _ordered(self) -> list[StoredBatch]:
+        missing = [sl.start for sl in self.batches() if sl.start not in self._done]
+        assert not missing, f"batches {missing} are not finished"
+        return [self._done[sl.start] for sl in self.batches()]
+
+    @property
+    def advs(self) -> dict[int, torch.Tensor]:
+        return {s: torch.cat([b.advs[s] for b in self._ordered()]) for s in self.steps}
+
+    @property
+    def grads(self) -> list[dict[str, Any]]:
+        return [b.grad for b in self._ordered()]
+
+    @property
+    def wall_s(self) -> float:
+        """Attack time summed over batches (processes that ran in parallel overlap in real time)."""
+        return sum(b.wall_s for b in self._done.values())

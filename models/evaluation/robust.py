@@ -86,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="base seed of the attack (random start and EOT noise)",
     )
     p.add_argument("--out", default="eval-robust", help="output folder (JSON and PNG plots)")
+    p.add_argument(
+        "--attack-only",
+        action="store_true",
+        help="help another process running the same command and --out: attack the batches nobody "
+        "holds, then exit (no evaluation, no report)",
+    )
     p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda, cuda:N or auto")
 
 
@@ -130,39 +136,47 @@ def _attack(
     steps: list[int],
     eot: int,
     step_size: float | None,
-    batch: int,
     seed: int,
     bar: tqdm,
     store: AdversarialStore,
 ) -> int:
-    """Run one PGD trajectory per batch not yet in ``store`` (resumed on x); returns how many it had."""
+    """Attack the batches of x that are neither in ``store`` nor held by another process.
+
+    Returns how many images were finished before this call (by an earlier run or another process).
+    A failing or interrupted batch releases its claim, so a rerun or another process takes it up.
+    """
     oracle = make_oracle(defense, attack, eot)
-    resumed = store.done
+    resumed = shown = store.done
     bar.update(resumed)
-    for sl in _batches(x.shape[0], batch):
-        if sl.start < resumed:
-            continue
+    while (sl := store.claim()) is not None:
+        bar.update(store.done - shown)
+        shown = store.done
         idx = torch.arange(sl.start, sl.stop)
 
-        def progress(done: int, total: int, first: int = sl.start) -> None:
-            bar.set_postfix(attack=attack, eps=eps, images=f"{first}+", pgd_step=f"{done}/{total}")
+        def progress(done: int, total: int, sl: slice = sl) -> None:
+            store.heartbeat(sl)
+            bar.set_postfix(attack=attack, eps=eps, images=f"{sl.start}+", pgd_step=f"{done}/{total}")
 
         start = time.perf_counter()
-        res: PGDResult = pgd(
-            oracle,
-            x[sl],
-            y[sl],
-            idx,
-            eps=eps,
-            threat=threat,
-            steps=max(steps),
-            step_size=step_size,
-            record=steps,
-            seed=seed + sl.start,
-            callback=progress,
-        )
-        store.add(x[sl], res.at_steps, vars(res.grad), time.perf_counter() - start)
-        bar.update(sl.stop - sl.start)
+        try:
+            res: PGDResult = pgd(
+                oracle,
+                x[sl],
+                y[sl],
+                idx,
+                eps=eps,
+                threat=threat,
+                steps=max(steps),
+                step_size=step_size,
+                record=steps,
+                seed=seed + sl.start,
+                callback=progress,
+            )
+        except BaseException:
+            store.release(sl)
+            raise
+        store.add(sl, res.at_steps, vars(res.grad), time.perf_counter() - start)
+    bar.update(store.done - shown)
     return resumed
 
 
@@ -175,9 +189,9 @@ def _store(
     steps: list[int],
     prefix: str = "",
 ) -> AdversarialStore:
-    """The adversarial-example file of one attack setting under ``--out``."""
+    """The adversarial-example folder of one attack setting under ``--out``."""
     settings = {**fingerprint, "attack": attack, "eps": eps, "eot": eot, "attack_steps": steps}
-    name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}.safetensors"
+    name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}"
     return AdversarialStore(Path(args.out) / "adversarial" / name, settings, args.batch_size)
 
 
@@ -243,7 +257,30 @@ def run(args: argparse.Namespace) -> int:
         for eot in ([1] if attack == "classifier-only" else cfg["eot"])
     ]
     for *_, store in plan:
-        store.resume(x)
+        store.open(x)
+
+    def attack_one(attack: str, eps: float, eot: int, store: AdversarialStore, bar: tqdm) -> int:
+        return _attack(
+            defense if attack != "classifier-only" else undefended,
+            attack,
+            x,
+            y,
+            eps=eps,
+            threat=threat,
+            steps=steps,
+            eot=eot,
+            step_size=args.step_size,
+            seed=args.seed,
+            bar=bar,
+            store=store,
+        )
+
+    if args.attack_only:
+        with tqdm(total=args.n * len(plan), desc="attack only", unit="img") as bar:
+            for attack, eps, eot, store in plan:
+                attack_one(attack, eps, eot, store, bar)
+        print(f"every batch is finished: {out / 'adversarial'}; the process without --attack-only reports")
+        return 0
     bar = tqdm(total=args.n * (2 + len(plan)), desc="eval robust", unit="img")
 
     def record(**fields: Any) -> dict[str, Any]:
@@ -257,21 +294,7 @@ def run(args: argparse.Namespace) -> int:
     record(defense="purifier", attack="none", eps=0.0, purifier_wall_s=round(clean_wall, 2), **clean_def)
     bar.update(2 * args.n)
     for attack, eps, eot, store in plan:
-        resumed = _attack(
-            defense if attack != "classifier-only" else undefended,
-            attack,
-            x,
-            y,
-            eps=eps,
-            threat=threat,
-            steps=steps,
-            eot=eot,
-            step_size=args.step_size,
-            batch=args.batch_size,
-            seed=args.seed,
-            bar=bar,
-            store=store,
-        )
+        resumed = attack_one(attack, eps, eot, store, bar)
         for s in steps:
             m, _ = _evaluate(defense, store.advs[s].to(x.device), y, args.draws, args.batch_size, classes)
             nfe = 0 if attack == "classifier-only" else s * eot * defense.nfe
@@ -395,7 +418,7 @@ def _sanity(
         eot = 1 if strongest == "classifier-only" else min(cfg["eot"])
         target = undefended if strongest == "classifier-only" else defense
         store = _store(args, fingerprint, strongest, cfg["sanity_eps"], eot, [steps], prefix="sanity-")
-        store.resume(x[:n])
+        store.open(x[:n])
         with tqdm(total=n, desc=f"sanity eps={cfg['sanity_eps']}", unit="img") as bar:
             _attack(
                 target,
@@ -407,7 +430,6 @@ def _sanity(
                 steps=[steps],
                 eot=eot,
                 step_size=None,
-                batch=args.batch_size,
                 seed=args.seed,
                 bar=bar,
                 store=store,
