@@ -271,7 +271,7 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", SANITY_N="2", WORK_DIR=str(tmp_path / "w"), **shrink
     )
-    steps = ["dro-at-8of255", "dro-at-0.1-deep", "standard-8of255"]
+    steps = ["dro-at-0.1-deep", "standard-8of255", "dro-at-8of255"]
     assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in steps]
     for name in steps:
         report = json.loads((out / f"{name}.json").read_text())
@@ -286,5 +286,5 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", BUDGET_S="100", WORK_DIR=str(tmp_path / "w")
     )
-    assert [line.split()[1] for line in summary] == ["skipped"] * 3  # 150, 300, 120 s limits > 100 s
+    assert [line.split()[1] for line in summary] == ["skipped"] * 3  # 300, 120, 150 s limits > 100 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
