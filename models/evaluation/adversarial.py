@@ -38,8 +38,15 @@ STALE_S = 900.0  # a claim unrefreshed this long is abandoned (refreshed after e
 POLL_S = 1.0  # how often a process waiting on others' batches looks again
 
 
+def batch_slices(n: int, size: int) -> list[slice]:
+    """Consecutive batches of ``size`` over n images (the last may be short): the unit of seeding."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 @dataclass(frozen=True)
 class StoredBatch:
+    """One finished batch as read from (or written to) its file."""
+
     clean: torch.Tensor
     advs: dict[int, torch.Tensor]
     grad: dict[str, Any]
@@ -75,8 +82,7 @@ class AdversarialStore:
 
     def batches(self) -> list[slice]:
         assert self.x is not None, "open(x) first"
-        n = self.x.shape[0]
-        return [slice(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]
+        return batch_slices(self.x.shape[0], self.batch)
 
     # -- reading --------------------------------------------------------------------------------
     def _read(self, sl: slice) -> StoredBatch | None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models.checkpoint import read_header
 from models.devices import device_option
-from models.evaluation.adversarial import AdversarialStore
+from models.evaluation.adversarial import AdversarialStore, batch_slices
 from models.evaluation.attacks import (
     ATTACKS,
     THREATS,
@@ -121,10 +121,6 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def _attack(
     defense: PurifiedClassifier,
     attack: str,
@@ -202,7 +198,7 @@ def _evaluate(
     preds = torch.cat(
         [
             predict_draws(defense, x[sl], torch.arange(sl.start, sl.stop), draws)
-            for sl in _batches(x.shape[0], batch)
+            for sl in batch_slices(x.shape[0], batch)
         ],
         dim=1,
     )
