@@ -10,9 +10,10 @@
 # && cp /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/; .carry is git-ignored),
 # then run it there with carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
 # DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
-# Writes at most 5 files to OUT_DIR (the device tool brings back 8): protocol.log, one
-# <step>.json report per step, adversarial.tar.gz (the attacked images: a later run with a larger
-# --n resumes from them, and the CPU can re-evaluate them).
+# Writes at most 6 files to OUT_DIR (the device tool brings back 8): protocol.log, one
+# <step>.json report per step, compare.json (eval compare of the two 8/255 runs, paired) and
+# adversarial.tar.gz (the attacked images: a later run with a larger --n resumes from them, and
+# the CPU can re-evaluate them).
 set -uo pipefail
 out=${1:?usage: bench/gpu_protocol.sh OUT_DIR}
 mkdir -p "$out"
@@ -51,6 +52,13 @@ for i in "${!runs[@]}"; do
     --out "$work/$name"
   [[ -f $work/$name/robust.json ]] && cp "$work/$name/robust.json" "$out/$name.json"
 done
+
+# Same images, same attack: the paired difference of the served default and the standard model.
+if [[ -f $work/dro-at-8of255/robust.json && -f $work/standard-8of255/robust.json ]]; then
+  step compare 60 "$py" -m service.cli eval compare "$work/dro-at-8of255" "$work/standard-8of255" \
+    --out "$work/compare"
+  [[ -f $work/compare/compare.json ]] && cp "$work/compare/compare.json" "$out/compare.json"
+fi
 
 stored=$(cd "$work" && compgen -G "*/adversarial" || true)
 [[ -n $stored ]] && tar -czf "$out/adversarial.tar.gz" -C "$work" $stored

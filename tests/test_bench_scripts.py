@@ -272,11 +272,13 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
         "gpu_protocol.sh", out, "protocol.log", SANITY_N="2", WORK_DIR=str(tmp_path / "w"), **shrink
     )
     steps = ["dro-at-0.1-deep", "standard-8of255", "dro-at-8of255"]
-    assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in steps]
+    assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in [*steps, "compare"]]
     for name in steps:
         report = json.loads((out / f"{name}.json").read_text())
         assert report["n"] == 2 and report["purifier"]["steps"] == (5 if "deep" in name else 1)
         assert any(r["attack"] == "pgd-eot" for r in report["results"])
+    compared = json.loads((out / "compare.json").read_text())
+    assert compared["a"]["model"]["name"] == "fmnist-dro-at" and compared["results"][0]["n"] == 2
     assert (out / "adversarial.tar.gz").stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # the device tool brings back 8 files at most
 

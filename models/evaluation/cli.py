@@ -1,4 +1,4 @@
-"""``robustdiff eval {quality,robust,corruption,train-classifier}``: JSON + PNG, with progress bars.
+"""``robustdiff eval {quality,robust,corruption,compare,train-classifier}``: JSON + PNG, with progress bars.
 
 Argument checks run before any model is loaded or any image is generated, so a typo costs nothing.
 """
@@ -18,6 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "corruption": (
         "models.evaluation.corruption",
         "PSNR, SSIM and accuracy before/after purifying noisy images",
+    ),
+    "compare": (
+        "models.evaluation.compare",
+        "two robust reports on the same images, paired: accuracy difference, its CI, McNemar p",
     ),
     "train-classifier": (
         "models.evaluation.train",

@@ -18,6 +18,8 @@ def vote_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     - best: at least one draw is correct.
     Always worst <= mean <= best and worst <= majority <= best. Intervals are 95% Wilson intervals
     over the n images; for the mean this treats the per-image averages as n trials (conservative).
+    ``majority_per_image`` ("1" right, "0" wrong, image by image) lets ``eval compare`` pair two
+    reports on the same images, which separates models far better than two overlapping intervals.
     """
     if preds.ndim != 2 or preds.shape[1] != labels.shape[0]:
         raise ValueError("preds must be [R, N] with N = len(labels)")
@@ -35,4 +37,5 @@ def vote_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     for name, v in values.items():
         out[name] = v
         out[f"{name}_ci95"] = list(wilson_interval(v * n, n))
+    out["majority_per_image"] = "".join("1" if ok else "0" for ok in majority.tolist())
     return out

@@ -110,10 +110,17 @@ def test_eval_robust_end_to_end_on_a_tiny_model(
                        ("purifier", "bpda-eot"), ("purifier", "pgd-eot")}  # fmt: skip
     for r in report["results"]:
         assert r["worst"] <= r["mean"] <= r["best"] and r["draws"] in (1, 3)
+        bits = r["majority_per_image"]
+        assert len(bits) == 4 and bits.count("1") / 4 == r["majority"]
     assert report["sanity"]["gradients_finite"] is True
     assert report["purifier"]["grad_checkpoint"] is True  # auto: a 2-step purifier recomputes in backward
     assert "large_eps" in report["sanity"] and report["sanity"]["non_increasing_in_eot"]
     assert (out / "robust_vs_eps.png").stat().st_size > 0 and (out / "robust_vs_steps.png").stat().st_size > 0
+    # a report compared with itself: every setting paired, no discordant image, no difference
+    assert main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
+    assert len(rows) == len(report["results"])
+    assert all(r["difference"] == 0 and r["mcnemar_p"] == 1.0 and r["n"] == 4 for r in rows)
 
 
 @needs_data

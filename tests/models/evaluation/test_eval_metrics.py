@@ -23,6 +23,7 @@ def test_vote_metrics_on_a_constructed_case() -> None:
     assert m["majority"] == pytest.approx(
         2 / 4
     )  # images 0 and 1 win the vote; image 2's votes 2,0,1 tie -> 0
+    assert m["majority_per_image"] == "1100"
 
 
 @pytest.mark.parametrize("seed", range(20))
