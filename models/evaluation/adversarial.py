@@ -8,9 +8,10 @@ index (random start and EOT noise are seeded by it), so:
   again, and ends with the images an uninterrupted run would have found, bit for bit;
 - several processes running the same command on the same folder (one per GPU, or one 1-thread
   process per CPU core) share the work: a process claims a batch by creating its claim file
-  exclusively, and waits at the end for the batches others hold. A claim whose process died (same
-  host, pid gone) or that has not been refreshed for ``STALE_S`` is taken over; at worst a batch is
-  attacked twice, with the same result, since every file is written whole and then renamed.
+  exclusively, and waits at the end for the batches others hold (a helper may leave instead, and
+  free its GPU). A claim whose process died (same host, pid gone) or that has not been refreshed for
+  ``stale_s`` is taken over; at worst a batch is attacked twice, with the same result, since every
+  file is written whole and then renamed.
 
 The files are also the attack's output: the clean images and their adversarial versions at every
 recorded step count, for inspection or reuse.
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 
 from models.errors import UserError
 
-STALE_S = 900.0  # a claim unrefreshed this long is abandoned (refreshed after every PGD step)
+STALE_S = 900.0  # default: a claim unrefreshed this long is abandoned (refreshed after every PGD step)
 POLL_S = 1.0  # how often a process waiting on others' batches looks again
 
 
@@ -66,8 +67,10 @@ def _alive(pid: int) -> bool:
 class AdversarialStore:
     """The batches of one attack setting; a stored batch is reused only if ``settings`` match."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any], batch: int) -> None:
-        self.folder, self.settings, self.batch = folder, settings, batch
+    def __init__(
+        self, folder: Path, settings: dict[str, Any], batch: int, *, stale_s: float = STALE_S
+    ) -> None:
+        self.folder, self.settings, self.batch, self.stale_s = folder, settings, batch, stale_s
         self.steps: list[int] = list(settings["attack_steps"])
         self.x: torch.Tensor | None = None
         self._done: dict[int, StoredBatch] = {}
@@ -139,7 +142,7 @@ class AdversarialStore:
             return False  # being written or just released: look again later
         if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
             return True
-        return age > STALE_S
+        return age > self.stale_s
 
     def _try_claim(self, start: int) -> bool:
         claim = self._claim_file(start)
@@ -155,10 +158,11 @@ class AdversarialStore:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token}, f)
         return True
 
-    def claim(self) -> slice | None:
+    def claim(self, wait: bool = True) -> slice | None:
         """The next batch for this process to attack, or None once every batch is finished.
 
-        Waits (polling) while the only unfinished batches are held by other live processes.
+        While the only unfinished batches are held by other live processes it waits (polling), so
+        it can take over a batch whose process dies; with ``wait=False`` it returns None instead.
         """
         while True:
             pending = [sl for sl in self.batches() if sl.start not in self._done]
@@ -177,6 +181,8 @@ class AdversarialStore:
                     self.release(sl)
             if all(sl.start in self._done for sl in pending):
                 continue
+            if not wait:
+                return None
             time.sleep(POLL_S)
 
     def heartbeat(self, sl: slice) -> None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models.checkpoint import read_header
 from models.devices import device_option
-from models.evaluation.adversarial import AdversarialStore, batch_slices
+from models.evaluation.adversarial import STALE_S, AdversarialStore, batch_slices
 from models.evaluation.attacks import (
     ATTACKS,
     THREATS,
@@ -92,6 +92,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="help another process running the same command and --out: attack the batches nobody "
         "holds, then exit (no evaluation, no report)",
     )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with --attack-only: exit once no batch is left to claim, instead of waiting for the "
+        "batches others hold (frees a shared GPU; a batch whose process dies is then left to the rest)",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=STALE_S,
+        help="seconds: a batch claimed from another host and not advanced by one PGD step for this "
+        "long is taken over (raise it above the slowest process's time per PGD step)",
+    )
     p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda, cuda:N or auto")
 
 
@@ -110,6 +123,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     check(args.draws >= 1, "draws", "R must be >= 1")
     check(args.n >= 1 and args.batch_size >= 1, "n/batch-size", "must be >= 1")
     check(args.step_size is None or args.step_size > 0, "step-size", "must be > 0")
+    check(
+        not args.no_wait or args.attack_only,
+        "no-wait",
+        "only for --attack-only helpers: the reporting process needs every batch",
+    )
+    check(args.claim_timeout > 0, "claim-timeout", "must be > 0 seconds")
     sanity = DEFAULT_SANITY_EPS[args.threat] if args.sanity_eps is None else args.sanity_eps
     check(sanity >= 0, "sanity-eps", "must be >= 0")
     check_purifier(args.model, args.sampler, args.steps, [args.t_star])
@@ -135,6 +154,7 @@ def _attack(
     seed: int,
     bar: tqdm,
     store: AdversarialStore,
+    wait: bool = True,
 ) -> int:
     """Attack the batches of x that are neither in ``store`` nor held by another process.
 
@@ -144,7 +164,7 @@ def _attack(
     oracle = make_oracle(defense, attack, eot)
     resumed = shown = store.done
     bar.update(resumed)
-    while (sl := store.claim()) is not None:
+    while (sl := store.claim(wait)) is not None:
         bar.update(store.done - shown)
         shown = store.done
         idx = torch.arange(sl.start, sl.stop)
@@ -188,7 +208,9 @@ def _store(
     """The adversarial-example folder of one attack setting under ``--out``."""
     settings = {**fingerprint, "attack": attack, "eps": eps, "eot": eot, "attack_steps": steps}
     name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}"
-    return AdversarialStore(Path(args.out) / "adversarial" / name, settings, args.batch_size)
+    return AdversarialStore(
+        Path(args.out) / "adversarial" / name, settings, args.batch_size, stale_s=args.claim_timeout
+    )
 
 
 def _evaluate(
@@ -269,13 +291,17 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             bar=bar,
             store=store,
+            wait=not args.no_wait,
         )
 
     if args.attack_only:
         with tqdm(total=args.n * len(plan), desc="attack only", unit="img") as bar:
             for attack, eps, eot, store in plan:
                 attack_one(attack, eps, eot, store, bar)
-        print(f"every batch is finished: {out / 'adversarial'}; the process without --attack-only reports")
+        left = (
+            "every batch is finished" if all(s.done == args.n for *_, s in plan) else "no batch left to claim"
+        )
+        print(f"{left}: {out / 'adversarial'}; the process without --attack-only reports")
         return 0
     bar = tqdm(total=args.n * (2 + len(plan)), desc="eval robust", unit="img")
 

@@ -213,3 +213,30 @@ def test_a_live_claim_is_left_alone_and_release_keeps_others(tmp_path: Path) -> 
     assert store.claim() == slice(2, 4)
     store.release(slice(0, 2))  # not ours: stays
     assert held.exists()
+
+
+def test_a_helper_that_does_not_wait_leaves_the_batches_others_hold(tmp_path: Path) -> None:
+    store = AdversarialStore(tmp_path / "s", SETTINGS, batch=2)
+    store.open(torch.arange(4.0).view(4, 1, 1, 1))
+    held = _foreign_claim(store, 0, os.getpid(), socket.gethostname())  # a live process holds batch 0
+    assert store.claim(wait=False) == slice(2, 4)
+    _finish(store, slice(2, 4))
+    start = time.monotonic()
+    assert store.claim(wait=False) is None and store.done == 2
+    assert time.monotonic() - start < adversarial.POLL_S  # returned at once, no polling
+    assert held.exists()
+
+
+def test_the_cross_host_claim_timeout_is_a_knob(tmp_path: Path) -> None:
+    """A claim from another host, silent for 60 s: abandoned under a 30 s timeout, live under the default."""
+    x = torch.zeros(2, 1, 1, 1)
+    patient = AdversarialStore(tmp_path / "s", SETTINGS, batch=2)
+    patient.open(x)
+    claim = _foreign_claim(patient, 0, os.getpid(), "another-host")
+    old = time.time() - 60
+    os.utime(claim, (old, old))
+    assert patient.claim(wait=False) is None
+    hasty = AdversarialStore(tmp_path / "s", SETTINGS, batch=2, stale_s=30)
+    hasty.open(x)
+    assert hasty.claim(wait=False) == slice(0, 2)
+    assert json.loads(claim.read_text())["token"] != "other"

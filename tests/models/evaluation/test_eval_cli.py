@@ -35,6 +35,8 @@ def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
         (("--eot", "0"), "eot: must be >= 1"),
         (("--steps", "200"), "steps: at most 100 steps fit below t*=0.1"),
         (("--sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
+        (("--no-wait",), "no-wait: only for --attack-only helpers"),
+        (("--claim-timeout", "0"), "claim-timeout: must be > 0 seconds"),
     ],
 )
 def test_bad_robust_arguments_fail_before_any_work(
