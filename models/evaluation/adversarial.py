@@ -14,7 +14,9 @@ index (random start and EOT noise are seeded by it), so:
   file is written whole and then renamed.
 
 The files are also the attack's output: the clean images and their adversarial versions at every
-recorded step count, for inspection or reuse.
+recorded step count, for inspection or reuse. An attack stored by an earlier version as one file
+(``<folder>.safetensors``) is split into batch files when it is opened, so hours of attack are not
+redone after an upgrade.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from models.errors import UserError
 
@@ -115,6 +117,28 @@ class AdversarialStore:
             advs = {s: f.get_tensor(f"adv_{s}") for s in self.steps}
         return StoredBatch(clean, advs, json.loads(meta["grad"]), float(meta["wall_s"]))
 
+    def _split_single_file(self) -> None:
+        """Rewrite an earlier version's one-file attack as batch files (its total time split evenly)."""
+        single = self.folder.with_name(f"{self.folder.name}.safetensors")
+        if not single.is_file() or any(self.folder.glob("*.safetensors")):
+            return
+        with safe_open(str(single), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(single))
+        grads = json.loads(meta.get("grads", "[]"))
+        slices = batch_slices(tensors["clean"].shape[0], self.batch)
+        if len(grads) != len(slices) or "settings" not in meta:
+            raise UserError("out", f"{single} is not an attack file this version can read; delete it")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        wall_s = float(meta.get("wall_s", 0.0)) / len(slices)
+        for sl, grad in zip(slices, grads, strict=True):
+            part = {k: v[sl].contiguous() for k, v in tensors.items()}
+            batch_meta = {"settings": meta["settings"], "grad": json.dumps(grad), "wall_s": repr(wall_s)}
+            tmp = self._file(sl.start).with_name(f"{sl.start:06d}.{self._token}.tmp")
+            save_file(part, str(tmp), metadata=batch_meta)
+            os.replace(tmp, self._file(sl.start))
+        single.unlink()
+
     def open(self, x: torch.Tensor) -> int:
         """Attach the clean images and load their finished batches; returns how many images they cover.
 
@@ -122,6 +146,7 @@ class AdversarialStore:
         """
         self.x = x
         self._done = {}
+        self._split_single_file()
         for sl in self.batches():
             got = self._read(sl)
             if got is not None:

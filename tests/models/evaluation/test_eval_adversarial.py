@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import models.evaluation.robust as robust
 from models.data import FASHION_MNIST_DIR
@@ -240,3 +240,34 @@ def test_the_cross_host_claim_timeout_is_a_knob(tmp_path: Path) -> None:
     hasty.open(x)
     assert hasty.claim(wait=False) == slice(0, 2)
     assert json.loads(claim.read_text())["token"] != "other"
+
+
+def _single_file_attack(path: Path, x: torch.Tensor, grads: list[dict[str, Any]], settings: dict) -> None:
+    """An attack as the earlier one-file format stored it: all batches in one file, one total time."""
+    meta = {"settings": json.dumps(settings), "grads": json.dumps(grads), "wall_s": "3.0"}
+    save_file({"clean": x, "adv_1": x + 0.1}, str(path), metadata=meta)
+
+
+def test_an_earlier_one_file_attack_is_split_into_batches_not_redone(tmp_path: Path) -> None:
+    x = torch.arange(5.0).view(5, 1, 1, 1)
+    grads = [{"finite": True, "batch": i} for i in range(3)]
+    _single_file_attack(tmp_path / "s.safetensors", x, grads, SETTINGS)
+    store = AdversarialStore(tmp_path / "s", SETTINGS, batch=2)
+    assert store.open(x) == 5 and store.claim(wait=False) is None  # nothing left to attack
+    assert torch.equal(store.advs[1], x + 0.1) and store.grads == grads
+    assert store.wall_s == pytest.approx(3.0)  # the total, split evenly over the batches
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "000000.safetensors",
+        "000002.safetensors",
+        "000004.safetensors",
+        "s",
+    ]
+    with pytest.raises(UserError, match="other settings"):
+        AdversarialStore(tmp_path / "s", {**SETTINGS, "seed": 1}, batch=2).open(x)
+
+
+def test_an_unreadable_one_file_attack_is_refused(tmp_path: Path) -> None:
+    x = torch.zeros(4, 1, 1, 1)
+    _single_file_attack(tmp_path / "s.safetensors", x, [{"finite": True}], SETTINGS)  # 1 grad, 2 batches
+    with pytest.raises(UserError, match=r"out: .*s\.safetensors is not an attack file"):
+        AdversarialStore(tmp_path / "s", SETTINGS, batch=2).open(x)
