@@ -62,11 +62,10 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _label(row: dict[str, Any]) -> str:
+    defense = "undefended" if row["defense"] == "none" else row["defense"]
     if row["attack"] == "none":
-        return f"{row['defense']}, clean"
-    return (
-        f"{row['defense']}, {row['attack']} eps {row['eps']:g} EOT {row['eot']}, {row['attack_steps']} steps"
-    )
+        return f"{defense}, clean"
+    return f"{defense}, {row['attack']} eps {row['eps']:g} EOT {row['eot']}, {row['attack_steps']} steps"
 
 
 def compare_rows(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> list[dict[str, Any]]:
@@ -160,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     _plot(rows, name_a, name_b, out / "compare.png")
     print(f"A = {name_a} ({path_a}), B = {name_b} ({path_b})")
     print(
-        f"{'setting':58} {'n':>4} {'A':>6} {'B':>6} {'A-B':>6} {'95% CI':>15} {'A only':>6} {'B only':>6} {'p':>7}"
+        f"{'setting':58} {'n':>4} {'A':>6} {'B':>6} {'A-B':>6} {'95% CI':>14} {'A only':>6} {'B only':>6} {'p':>7}"
     )
     for r in rows:
         lo, hi = r["difference_ci95"]
@@ -181,7 +180,7 @@ def _plot(rows: list[dict[str, Any]], name_a: str, name_b: str, path: Path) -> N
         ax.errorbar(d, ys, xerr=[lo, hi], fmt="o", capsize=3)
         ax.axvline(0.0, color="grey", lw=0.8)
         ax.set_yticks(ys, [f"{r['setting']} (n={r['n']})" for r in rows], fontsize=6)
-        ax.set_xlabel(f"majority-vote accuracy, {name_a} minus {name_b} (points, 95% paired CI)")
-        ax.set_title(f"{name_a} vs {name_b}, same images", fontsize=9)
+        ax.set_xlabel("majority-vote accuracy, A - B (points, 95% paired CI)", fontsize=8)
+        ax.set_title(f"A = {name_a}, B = {name_b} (same images)", fontsize=8)
 
     save_plot(path, draw)
