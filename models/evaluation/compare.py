@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,17 +145,31 @@ def run(args: argparse.Namespace) -> int:
     (path_a, a), (path_b, b) = (_read(p) for p in args.reports)
     name_a, name_b = ((r.get("model") or {}).get("name", str(p)) for p, r in ((path_a, a), (path_b, b)))
     rows = compare_rows(a, b, (str(path_a), str(path_b)))
+    desc_a, desc_b = _describe(path_a, a), _describe(path_b, b)
+    same_classifier = (
+        desc_a["classifier_hash"] is not None and desc_a["classifier_hash"] == desc_b["classifier_hash"]
+    )
+    warnings = []
+    undefended = next((r for r in rows if r["defense"] == "none" and r["attack"] == "none"), None)
+    if same_classifier and undefended is not None and undefended["a_only"] + undefended["b_only"] > 0:
+        warnings.append(
+            f"the same classifier disagrees with itself on {undefended['a_only'] + undefended['b_only']} "
+            "clean images: the reports may not hold the same test images (or ran on different hardware)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": args.command_line,
         "date": now_utc(),
-        "a": _describe(path_a, a),
-        "b": _describe(path_b, b),
-        "same_classifier": _describe(path_a, a)["classifier_hash"] == _describe(path_b, b)["classifier_hash"],
+        "a": desc_a,
+        "b": desc_b,
+        "same_classifier": same_classifier,
+        "warnings": warnings,
         "metric": "majority-vote accuracy; difference = A - B; 95% Newcombe paired interval; exact McNemar p",
         "results": rows,
     }
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     _plot(rows, name_a, name_b, out / "compare.png")
     print(f"A = {name_a} ({path_a}), B = {name_b} ({path_b})")

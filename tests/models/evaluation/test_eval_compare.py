@@ -123,3 +123,23 @@ def test_compare_cli_writes_json_and_plot_and_rejects_bad_files(
             and len(err.splitlines()) == 1
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_warns_when_one_classifier_disagrees_with_itself_on_clean_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same classifier, different clean outcomes: the reports cannot be on the same images."""
+    undefended = ("none", "none", 0.0, None, None)
+    paths = []
+    for name, bits in (("a", "1101"), ("b", "1111")):
+        report = _report({undefended: bits, PGD: "1000"}) | {"classifier": {"hash": "h"}}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    assert "disagrees with itself on 1 clean images" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["warnings"]) == 1
+    paths[1].write_text(
+        json.dumps(_report({undefended: "1101", PGD: "1000"}) | {"classifier": {"hash": "h"}})
+    )
+    assert main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    assert "warning" not in capsys.readouterr().err
