@@ -129,14 +129,14 @@ class AdversarialStore:
         slices = batch_slices(tensors["clean"].shape[0], self.batch)
         if len(grads) != len(slices) or "settings" not in meta:
             raise UserError("out", f"{single} is not an attack file this version can read; delete it")
-        self.folder.mkdir(parents=True, exist_ok=True)
         wall_s = float(meta.get("wall_s", 0.0)) / len(slices)
         for sl, grad in zip(slices, grads, strict=True):
-            part = {k: v[sl].contiguous() for k, v in tensors.items()}
-            batch_meta = {"settings": meta["settings"], "grad": json.dumps(grad), "wall_s": repr(wall_s)}
-            tmp = self._file(sl.start).with_name(f"{sl.start:06d}.{self._token}.tmp")
-            save_file(part, str(tmp), metadata=batch_meta)
-            os.replace(tmp, self._file(sl.start))
+            part = {k: v[sl] for k, v in tensors.items()}
+            self._write(
+                sl.start,
+                part,
+                {"settings": meta["settings"], "grad": json.dumps(grad), "wall_s": repr(wall_s)},
+            )
         single.unlink()
 
     def open(self, x: torch.Tensor) -> int:
@@ -223,17 +223,21 @@ class AdversarialStore:
                 claim.unlink()
 
     # -- writing --------------------------------------------------------------------------------
+    def _write(self, start: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Write a batch file whole under a private name, then rename it into place (never half-read)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._file(start)
+        tmp = path.with_name(f"{path.name}.{self._token}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
     def add(self, sl: slice, advs: dict[int, torch.Tensor], grad: dict[str, Any], wall_s: float) -> None:
         """Write one finished batch whole, then rename it into place, then release its claim."""
         assert self.x is not None
         clean = self.x[sl].detach().cpu()
         tensors = {"clean": clean, **{f"adv_{s}": advs[s].detach().cpu() for s in self.steps}}
         meta = {"settings": json.dumps(self.settings), "grad": json.dumps(grad), "wall_s": repr(wall_s)}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._file(sl.start)
-        tmp = path.with_name(f"{path.name}.{self._token}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        self._write(sl.start, tensors, meta)
         self._done[sl.start] = StoredBatch(clean, {s: tensors[f"adv_{s}"] for s in self.steps}, grad, wall_s)
         self.release(sl)
 
