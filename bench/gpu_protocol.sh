@@ -11,10 +11,10 @@
 # then run it there with carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
 # DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8): protocol.log, one
-# <step>.json report per step, compare-<eps>.json (eval compare of dro-at and standard at one eps,
-# paired) and adversarial.tar.gz (the attacked images, stored per batch of 128 so that a step cut
-# by its limit keeps its finished batches: a later run with a larger --n, or the CPU, resumes
-# from them).
+# <step>.json report per step, compare-0.1-deep.json and compare-8of255.json (eval compare of
+# dro-at and standard at one eps, paired) and adversarial.tar.gz (the attacked images, stored per
+# batch of 128 so that a step cut by its limit keeps its finished batches: a later run with a
+# larger --n, or the CPU, resumes from them).
 set -uo pipefail
 out=${1:?usage: bench/gpu_protocol.sh OUT_DIR}
 mkdir -p "$out"
