@@ -1,9 +1,12 @@
-"""Small helpers for tests and examples: random tiny checkpoints and the exact Gaussian denoiser."""
+"""Small helpers for tests and examples: tiny checkpoints, IDX files and the exact Gaussian denoiser."""
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.checkpoint import CheckpointHeader, ConsistencyConfig, TrainingInfo, save_checkpoint
@@ -58,3 +61,11 @@ def gaussian_denoiser(
 ) -> EpsDenoiser:
     sch = Schedule(schedule)
     return EpsDenoiser(GaussianEps(sch, mu, v), sch)
+
+
+def write_idx(path: str | Path, arr: np.ndarray, gz: bool = True) -> None:
+    """Write ``arr`` as an IDX file of unsigned bytes (the MNIST format), gzipped or not."""
+    raw = (
+        bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    )
+    Path(path).write_bytes(gzip.compress(raw) if gz else raw)

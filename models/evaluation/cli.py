@@ -9,6 +9,7 @@ import argparse
 import importlib
 import shlex
 import sys
+from typing import Any
 
 from models.errors import UserError
 
@@ -64,7 +65,11 @@ def check_classifier_fits(classifier_path: str, image_shape: tuple[int, int, int
     """The classifier must take the images the model makes (a header-only check)."""
     from models.evaluation.classifier import read_classifier_header
 
-    cls = read_classifier_header(classifier_path).model
+    check_classifier_fits_config(read_classifier_header(classifier_path).model, image_shape)
+
+
+def check_classifier_fits_config(cls: Any, image_shape: tuple[int, int, int]) -> None:
+    """The same check on a classifier architecture (a ``ClassifierConfig``) not yet trained."""
     cls_shape = (cls.in_channels, cls.image_size, cls.image_size)
     check(
         cls_shape == image_shape,

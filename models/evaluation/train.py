@@ -7,21 +7,26 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from models.checkpoint import read_header
 from models.data import load_fashion_mnist
 from models.devices import device_option
-from models.errors import UserError
+from models.evaluation.attacks import EVAL_PURPOSE, PurifiedClassifier, draw_seeds
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
     ClassifierConfig,
     ClassifierHeader,
     accuracy,
+    load_classifier,
+    read_classifier_header,
     save_classifier,
     train_classifier,
 )
+from models.evaluation.cli import check, check_classifier_fits_config, check_purifier, parse_list
 from models.evaluation.common import now_utc
 
 
@@ -40,6 +45,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch device to train on (cpu, cuda, cuda:N, auto)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument(
+        "--train-n",
+        type=int,
+        default=0,
+        help="train on a random subset of this many training images (0 = all 60,000)",
+    )
+    p.add_argument(
+        "--init", default=None, help="classifier (safetensors) to fine-tune instead of a fresh one"
+    )
+    p.add_argument(
+        "--purifier",
+        default=None,
+        help="diffusion/consistency checkpoint: train on its purified images (purifier-aware classifier)",
+    )
+    p.add_argument("--purify-t-star", type=float, default=0.4, help="purification depth t* of --purifier")
+    p.add_argument("--purify-sampler", default="ddim", help="sampler of --purifier")
+    p.add_argument("--purify-steps", type=int, default=5, help="sampler steps (NFE) of --purifier")
+    p.add_argument(
+        "--purify-fraction", type=float, default=0.5, help="share of each batch that is purified (0, 1]"
+    )
+    p.add_argument(
+        "--purified-eval-n",
+        type=int,
+        default=1000,
+        help="with --purifier: test images whose purified versions are also scored (0 = skip)",
+    )
 
 
 def _hardware(device: str) -> str:
@@ -48,15 +79,96 @@ def _hardware(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, no GPU"
 
 
+def _validate(args: argparse.Namespace) -> tuple[ClassifierConfig, ClassifierHeader | None]:
+    """Every check that needs only the arguments and headers: fail before any data is read."""
+    check(
+        args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0, "epochs/batch-size/lr", "must be positive"
+    )
+    check(args.train_n >= 0, "train-n", "must be >= 0")
+    check(
+        0.0 < args.purify_fraction <= 1.0, "purify-fraction", f"must be in (0, 1], got {args.purify_fraction}"
+    )
+    check(args.purified_eval_n >= 0, "purified-eval-n", "must be >= 0")
+    init = read_classifier_header(args.init) if args.init else None
+    if init is not None:
+        config = init.model
+    else:
+        widths = tuple(parse_list(args.widths, int, "widths"))
+        check(all(w >= 1 for w in widths), "widths", "must be >= 1")
+        config = ClassifierConfig(widths=widths)
+    if args.purifier:
+        check_purifier(args.purifier, args.purify_sampler, args.purify_steps, [args.purify_t_star])
+        check_classifier_fits_config(config, read_header(args.purifier).image_shape)
+    return config, init
+
+
+def _purifier(args: argparse.Namespace) -> tuple[PurifiedClassifier, dict[str, Any]]:
+    """The same purifier `eval robust` attacks (sampler, steps, t*), without gradients."""
+    from models.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(args.purifier, args.device, batch_invariant=False)
+    pipe.net.requires_grad_(False)
+    purifier = PurifiedClassifier(
+        torch.nn.Identity(),
+        pipe.denoiser(),
+        t_star=args.purify_t_star,
+        sampler=args.purify_sampler,
+        steps=args.purify_steps,
+        checkpoint=False,
+    )
+    described = {
+        "model": Path(args.purifier).name,
+        "model_hash": pipe.info.hash,
+        "t_star": args.purify_t_star,
+        "sampler": args.purify_sampler,
+        "steps": args.purify_steps,
+        "fraction": args.purify_fraction,
+    }
+    return purifier, described
+
+
+@torch.no_grad()
+def _purified_accuracy(
+    net: torch.nn.Module,
+    purifier: PurifiedClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """Accuracy on purified test images, with the evaluation seeds of `eval robust` (draw 0)."""
+    device = next(net.parameters()).device
+    purified = []
+    for i in range(0, images.shape[0], batch_size):
+        seeds = draw_seeds(torch.arange(i, min(i + batch_size, images.shape[0])), EVAL_PURPOSE, 0)
+        purified.append(purifier.purify(images[i : i + batch_size].to(device), seeds).cpu())
+    return accuracy(net, torch.cat(purified), labels)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise UserError("epochs/batch-size/lr", "must be positive")
-    widths = tuple(int(w) for w in args.widths.split(","))
-    config = ClassifierConfig(widths=widths)
+    config, init_header = _validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     train, test = load_fashion_mnist("train", args.data), load_fashion_mnist("test", args.data)
-    bar = tqdm(total=args.epochs * (len(train) // args.batch_size), desc="train-classifier", unit="step")
+    images, labels = train.images, train.labels
+    if args.train_n:
+        check(args.train_n <= images.shape[0], "train-n", f"at most {images.shape[0]} training images")
+        subset = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[
+            : args.train_n
+        ]
+        images, labels = images[subset], labels[subset]
+    check(
+        images.shape[0] >= args.batch_size, "batch-size", f"larger than the {images.shape[0]} training images"
+    )
+    init = load_classifier(args.init)[0] if args.init else None
+    purifier, described = _purifier(args) if args.purifier else (None, None)
+
+    def purify(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        assert purifier is not None
+        seeds = torch.randint(0, 2**62, (x.shape[0],), generator=gen)
+        with torch.no_grad():
+            return purifier.purify(x, seeds)
+
+    bar = tqdm(total=args.epochs * (images.shape[0] // args.batch_size), desc="train-classifier", unit="step")
 
     def progress(step: int, total: int, loss: float) -> None:
         bar.update(1)
@@ -65,17 +177,24 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     net = train_classifier(
         config,
-        (train.images, train.labels),
+        (images, labels),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
         device=args.device,
         progress=progress,
+        init=init,
+        purify=purify if purifier is not None else None,
+        purify_fraction=args.purify_fraction,
     )
     wall = time.perf_counter() - start
     bar.close()
     acc = accuracy(net, test.images, test.labels)
+    purified_acc = None
+    if purifier is not None and args.purified_eval_n:
+        n = min(args.purified_eval_n, len(test))
+        purified_acc = _purified_accuracy(net, purifier, test.images[:n], test.labels[:n], args.batch_size)
     header = ClassifierHeader(
         name=Path(args.out).stem,
         model=config,
@@ -87,7 +206,13 @@ def run(args: argparse.Namespace) -> int:
         date=now_utc(),
         wall_time_s=round(wall, 1),
         epochs=args.epochs,
+        fine_tuned_from=init_header.content_hash if init_header else None,
+        purifier=described,
+        purified_test_accuracy=purified_acc,
     )
     header = save_classifier(args.out, net, header)
-    print(json.dumps({"out": args.out, "test_accuracy": acc, "wall_time_s": round(wall, 1)}))
+    result = {"out": args.out, "test_accuracy": acc, "wall_time_s": round(wall, 1)}
+    if purified_acc is not None:
+        result["purified_test_accuracy"] = purified_acc
+    print(json.dumps(result))
     return 0

@@ -1,6 +1,4 @@
-import gzip
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +18,16 @@ from models.data import (
     uniform_outliers,
 )
 from models.errors import UserError
-
-
-def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
-    raw = (
-        bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-    )
-    path.write_bytes(gzip.compress(raw) if gz else raw)
+from models.testing import write_idx
 
 
 @pytest.fixture()
 def idx_folder(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 1, 0]))
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28)), gz=False)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([2, 2]), gz=False)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 1, 0]))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28)), gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([2, 2]), gz=False)
     return tmp_path
 
 
