@@ -20,6 +20,7 @@ from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
     ClassifierConfig,
     ClassifierHeader,
+    Purify,
     accuracy,
     load_classifier,
     read_classifier_header,
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--widths", default="32,64,128", help="channels per stage")
+    p.add_argument("--widths", default=None, help="channels per stage (default 32,64,128; not with --init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--device",
@@ -90,10 +91,11 @@ def _validate(args: argparse.Namespace) -> tuple[ClassifierConfig, ClassifierHea
     )
     check(args.purified_eval_n >= 0, "purified-eval-n", "must be >= 0")
     init = read_classifier_header(args.init) if args.init else None
+    check(init is None or args.widths is None, "widths", "the architecture comes from --init; drop --widths")
     if init is not None:
         config = init.model
     else:
-        widths = tuple(parse_list(args.widths, int, "widths"))
+        widths = tuple(parse_list(args.widths or "32,64,128", int, "widths"))
         check(all(w >= 1 for w in widths), "widths", "must be >= 1")
         config = ClassifierConfig(widths=widths)
     if args.purifier:
@@ -125,6 +127,17 @@ def _purifier(args: argparse.Namespace) -> tuple[PurifiedClassifier, dict[str, A
         "fraction": args.purify_fraction,
     }
     return purifier, described
+
+
+def _fresh_noise(purifier: PurifiedClassifier) -> Purify:
+    """Training draws new purifier noise for every batch, seeded from the trainer's generator."""
+
+    def purify(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        seeds = torch.randint(0, 2**62, (x.shape[0],), generator=gen)
+        with torch.no_grad():
+            return purifier.purify(x, seeds)
+
+    return purify
 
 
 @torch.no_grad()
@@ -161,13 +174,6 @@ def run(args: argparse.Namespace) -> int:
     )
     init = load_classifier(args.init)[0] if args.init else None
     purifier, described = _purifier(args) if args.purifier else (None, None)
-
-    def purify(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        assert purifier is not None
-        seeds = torch.randint(0, 2**62, (x.shape[0],), generator=gen)
-        with torch.no_grad():
-            return purifier.purify(x, seeds)
-
     bar = tqdm(total=args.epochs * (images.shape[0] // args.batch_size), desc="train-classifier", unit="step")
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=progress,
         init=init,
-        purify=purify if purifier is not None else None,
+        purify=_fresh_noise(purifier) if purifier is not None else None,
         purify_fraction=args.purify_fraction,
     )
     wall = time.perf_counter() - start

@@ -150,6 +150,14 @@ def test_bad_train_classifier_arguments_fail_before_any_work(
     assert not out.exists()
 
 
+def test_widths_and_init_together_are_refused(
+    tiny_classifier: Path, idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "train-classifier", "--data", str(idx_folder), "--init", str(tiny_classifier)]
+    assert main([*argv, "--widths", "4,8", "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "widths: the architecture comes from --init" in capsys.readouterr().err
+
+
 def test_a_purifier_whose_images_the_classifier_cannot_take_is_refused(
     tiny_model16: Path, idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
