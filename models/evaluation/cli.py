@@ -9,9 +9,12 @@ import argparse
 import importlib
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from models.errors import UserError
+
+if TYPE_CHECKING:  # the classifier module imports torch; argument checks stay light
+    from models.evaluation.classifier import ClassifierConfig
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quality": ("models.evaluation.quality", "Frechet distance and precision/recall of generated samples"),
@@ -68,8 +71,8 @@ def check_classifier_fits(classifier_path: str, image_shape: tuple[int, int, int
     check_classifier_fits_config(read_classifier_header(classifier_path).model, image_shape)
 
 
-def check_classifier_fits_config(cls: Any, image_shape: tuple[int, int, int]) -> None:
-    """The same check on a classifier architecture (a ``ClassifierConfig``) not yet trained."""
+def check_classifier_fits_config(cls: ClassifierConfig, image_shape: tuple[int, int, int]) -> None:
+    """The same check on the architecture of a classifier not yet trained."""
     cls_shape = (cls.in_channels, cls.image_size, cls.image_size)
     check(
         cls_shape == image_shape,
