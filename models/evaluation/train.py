@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from models.checkpoint import read_header
 from models.data import load_fashion_mnist
 from models.devices import device_option
-from models.evaluation.attacks import EVAL_PURPOSE, PurifiedClassifier, draw_seeds
+from models.evaluation.attacks import PurifiedClassifier, predict_draws
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
     ClassifierConfig,
@@ -148,13 +149,15 @@ def _purified_accuracy(
     labels: torch.Tensor,
     batch_size: int,
 ) -> float:
-    """Accuracy on purified test images, with the evaluation seeds of `eval robust` (draw 0)."""
+    """Accuracy on purified test images under `eval robust`'s first evaluation draw."""
+    defense = dataclasses.replace(purifier, classifier=net.eval())
     device = next(net.parameters()).device
-    purified = []
+    correct = 0
     for i in range(0, images.shape[0], batch_size):
-        seeds = draw_seeds(torch.arange(i, min(i + batch_size, images.shape[0])), EVAL_PURPOSE, 0)
-        purified.append(purifier.purify(images[i : i + batch_size].to(device), seeds).cpu())
-    return accuracy(net, torch.cat(purified), labels)
+        x, y = images[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+        predicted = predict_draws(defense, x, torch.arange(i, i + x.shape[0]), draws=1)[0]
+        correct += int((predicted == y).sum())
+    return correct / images.shape[0]
 
 
 def run(args: argparse.Namespace) -> int:
