@@ -16,9 +16,10 @@ from tqdm import tqdm
 from models.checkpoint import read_header
 from models.data import load_fashion_mnist
 from models.devices import device_option
-from models.evaluation.attacks import PurifiedClassifier, predict_draws
+from models.evaluation.attacks import THREATS, PurifiedClassifier, predict_draws
 from models.evaluation.classifier import (
     DEFAULT_CLASSIFIER,
+    AdversarialTraining,
     ClassifierConfig,
     ClassifierHeader,
     Purify,
@@ -73,6 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1000,
         help="with --purifier: test images whose purified versions are also scored (0 = skip)",
     )
+    p.add_argument(
+        "--adversarial-eps",
+        type=float,
+        default=0.0,
+        help="PGD adversarial training at this radius ([0, 1] pixel scale; 0 = off)",
+    )
+    p.add_argument("--adversarial-steps", type=int, default=5, help="PGD steps per training batch")
+    p.add_argument("--adversarial-step-size", type=float, default=None, help="[0, 1] scale; default eps/4")
+    p.add_argument("--adversarial-threat", default="linf", help=f"one of {', '.join(THREATS)}")
 
 
 def _hardware(device: str) -> str:
@@ -81,7 +91,9 @@ def _hardware(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, no GPU"
 
 
-def _validate(args: argparse.Namespace) -> tuple[ClassifierConfig, ClassifierHeader | None]:
+def _validate(
+    args: argparse.Namespace,
+) -> tuple[ClassifierConfig, ClassifierHeader | None, AdversarialTraining | None]:
     """Every check that needs only the arguments and headers: fail before any data is read."""
     check(
         args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0, "epochs/batch-size/lr", "must be positive"
@@ -91,6 +103,14 @@ def _validate(args: argparse.Namespace) -> tuple[ClassifierConfig, ClassifierHea
         0.0 < args.purify_fraction <= 1.0, "purify-fraction", f"must be in (0, 1], got {args.purify_fraction}"
     )
     check(args.purified_eval_n >= 0, "purified-eval-n", "must be >= 0")
+    check(args.adversarial_eps >= 0, "adversarial-eps", f"must be >= 0, got {args.adversarial_eps}")
+    adversarial = (
+        AdversarialTraining(
+            args.adversarial_eps, args.adversarial_steps, args.adversarial_step_size, args.adversarial_threat
+        )
+        if args.adversarial_eps > 0
+        else None
+    )
     init = read_classifier_header(args.init) if args.init else None
     check(init is None or args.widths is None, "widths", "the architecture comes from --init; drop --widths")
     if init is not None:
@@ -102,7 +122,7 @@ def _validate(args: argparse.Namespace) -> tuple[ClassifierConfig, ClassifierHea
     if args.purifier:
         check_purifier(args.purifier, args.purify_sampler, args.purify_steps, [args.purify_t_star])
         check_classifier_fits_config(config, read_header(args.purifier).image_shape)
-    return config, init
+    return config, init, adversarial
 
 
 def _purifier(args: argparse.Namespace) -> tuple[PurifiedClassifier, dict[str, Any]]:
@@ -161,7 +181,7 @@ def _purified_accuracy(
 
 
 def run(args: argparse.Namespace) -> int:
-    config, init_header = _validate(args)
+    config, init_header, adversarial = _validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     train, test = load_fashion_mnist("train", args.data), load_fashion_mnist("test", args.data)
@@ -196,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         init=init,
         purify=_fresh_noise(purifier) if purifier is not None else None,
         purify_fraction=args.purify_fraction,
+        adversarial=adversarial,
     )
     wall = time.perf_counter() - start
     bar.close()
@@ -218,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         fine_tuned_from=init_header.content_hash if init_header else None,
         purifier=described,
         purified_test_accuracy=purified_acc,
+        adversarial=dataclasses.asdict(adversarial) if adversarial else None,
     )
     header = save_classifier(args.out, net, header)
     result = {"out": args.out, "test_accuracy": acc, "wall_time_s": round(wall, 1)}

@@ -1,4 +1,4 @@
-"""`eval train-classifier`: fine-tuning from a classifier, and training on a purifier's outputs."""
+"""`eval train-classifier`: fine-tuning, training on a purifier's outputs, adversarial training."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from models.errors import UserError
 from models.evaluation.classifier import (
+    AdversarialTraining,
     ClassifierConfig,
     ResNetClassifier,
     load_classifier,
@@ -124,6 +125,80 @@ def test_purifier_aware_fine_tuning_end_to_end(
     load_classifier(out)
 
 
+def test_adversarial_images_stay_in_the_ball_and_raise_the_loss() -> None:
+    torch.manual_seed(0)
+    net = ResNetClassifier(TINY).train()
+    x, y = _data(16)
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    for threat, eps in (("linf", 0.05), ("l2", 0.5)):
+        adv = AdversarialTraining(eps, steps=4, threat=threat).perturb(
+            net, x, y, torch.Generator().manual_seed(0)
+        )
+        delta = (adv - x).flatten(1)
+        size = delta.abs().amax(1) if threat == "linf" else delta.norm(dim=1)
+        assert (size <= 2 * eps + 1e-5).all() and adv.min() >= -1 and adv.max() <= 1
+        with torch.no_grad():
+            net.eval()
+            clean_loss = torch.nn.functional.cross_entropy(net(x), y)
+            adv_loss = torch.nn.functional.cross_entropy(net(adv), y)
+            net.train()
+        assert adv_loss > clean_loss
+    assert net.training
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())  # BatchNorm stats too
+
+
+def test_the_classifier_trains_on_the_adversarial_images_of_the_purified_batch() -> None:
+    seen: list[torch.Tensor] = []
+
+    class Recording(AdversarialTraining):
+        def perturb(
+            self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        ) -> torch.Tensor:
+            seen.append(x.clone())
+            return torch.full_like(x, float("nan"))
+
+    purified = 7.0
+    net = train_classifier(
+        TINY,
+        _data(64),
+        epochs=1,
+        batch_size=16,
+        purify=lambda x, g: torch.full_like(x, purified),
+        purify_fraction=1.0,
+        adversarial=Recording(0.1),
+    )
+    assert len(seen) == 4 and all(bool((batch == purified).all()) for batch in seen)
+    assert torch.isnan(net.head.weight).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"eps": 0.0}, "adversarial-eps"),
+        ({"eps": 0.1, "steps": 0}, "adversarial-steps"),
+        ({"eps": 0.1, "step_size": -1.0}, "adversarial-step-size"),
+        ({"eps": 0.1, "threat": "l1"}, "adversarial-threat"),
+    ],
+)
+def test_bad_adversarial_training_settings_are_refused(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(UserError, match=field):
+        AdversarialTraining(**kwargs)  # type: ignore[arg-type]
+
+
+def test_adversarial_training_end_to_end(
+    idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "robust.safetensors"
+    argv = ["eval", "train-classifier", "--data", str(idx_folder), "--widths", "4,8", "--epochs", "1"]
+    argv += ["--batch-size", "16", "--adversarial-eps", "0.1", "--adversarial-steps", "2", "--out", str(out)]
+    assert main(argv) == 0  # 4 updates: also the one-cycle schedule's degenerate length
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    header = read_classifier_header(out)
+    assert header.adversarial == {"eps": 0.1, "steps": 2, "step_size": None, "threat": "linf"}
+    assert header.test_accuracy == printed["test_accuracy"] and header.purifier is None
+    load_classifier(out)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -132,6 +207,12 @@ def test_purifier_aware_fine_tuning_end_to_end(
         (("--purify-sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
         (("--train-n", "-1"), "train-n: must be >= 0"),
         (("--widths", "8,x"), "widths: expected a comma-separated list of int"),
+        (("--adversarial-eps", "-0.1"), "adversarial-eps: must be >= 0"),
+        (("--adversarial-eps", "0.1", "--adversarial-steps", "0"), "adversarial-steps: must be >= 1"),
+        (
+            ("--adversarial-eps", "0.1", "--adversarial-threat", "l1"),
+            "adversarial-threat: unknown threat 'l1'",
+        ),
     ],
 )
 def test_bad_train_classifier_arguments_fail_before_any_work(
