@@ -141,14 +141,22 @@ def _describe(path: Path, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _name(path: Path, report: dict[str, Any], *, with_classifier: bool) -> str:
+    """The model's name; with the classifier's file name when the two reports' classifiers differ,
+    so that comparing two classifiers behind one purifier does not print the same name twice."""
+    name = str((report.get("model") or {}).get("name", path))
+    classifier = (report.get("classifier") or {}).get("path")
+    return f"{name} + {Path(classifier).stem}" if with_classifier and classifier else name
+
+
 def run(args: argparse.Namespace) -> int:
     (path_a, a), (path_b, b) = (_read(p) for p in args.reports)
-    name_a, name_b = ((r.get("model") or {}).get("name", str(p)) for p, r in ((path_a, a), (path_b, b)))
     rows = compare_rows(a, b, (str(path_a), str(path_b)))
     desc_a, desc_b = _describe(path_a, a), _describe(path_b, b)
     same_classifier = (
         desc_a["classifier_hash"] is not None and desc_a["classifier_hash"] == desc_b["classifier_hash"]
     )
+    name_a, name_b = (_name(p, r, with_classifier=not same_classifier) for p, r in ((path_a, a), (path_b, b)))
     warnings = []
     undefended = next((r for r in rows if r["defense"] == "none" and r["attack"] == "none"), None)
     if same_classifier and undefended is not None and undefended["a_only"] + undefended["b_only"] > 0:

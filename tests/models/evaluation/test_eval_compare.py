@@ -143,3 +143,19 @@ def test_compare_warns_when_one_classifier_disagrees_with_itself_on_clean_images
     )
     assert main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_compare_names_the_classifiers_when_they_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    for name in ("robust", "plain"):
+        classifier = {"hash": name, "path": f"models/weights/cls-{name}.safetensors"}
+        report = _report({PGD: "1000"}) | {"model": {"name": "m"}, "classifier": classifier}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    assert "A = m + cls-robust (" in capsys.readouterr().out
+    paths[1].write_text(paths[0].read_text())
+    assert main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    assert "A = m (" in capsys.readouterr().out
