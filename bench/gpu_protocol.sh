@@ -11,10 +11,11 @@
 # then run it there with carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
 # DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8): protocol.log, one
-# <step>.json report per step, compare-0.1-deep.json and compare-8of255.json (eval compare of
-# dro-at and standard at one eps, paired) and adversarial.tar.gz (the attacked images, stored per
-# batch of 128 so that a step cut by its limit keeps its finished batches: a later run with a
-# larger --n, or the CPU, resumes from them).
+# <step>.json report per step, compare-0.1-deep.json (eval compare of dro-at and standard at eps
+# 0.1, paired; the 8/255 comparison is printed in the log, and the CPU can redo it from the two
+# reports) and adversarial.tar.gz (the attacked images, stored per batch of 128 so that a step cut
+# by its limit keeps its finished batches: a later run with a larger --n, or the CPU, resumes from
+# them).
 set -uo pipefail
 out=${1:?usage: bench/gpu_protocol.sh OUT_DIR}
 mkdir -p "$out"
@@ -35,21 +36,23 @@ exec > >(tee "$out/protocol.log") 2>&1
 
 source "$(dirname "$0")/_steps.sh"
 
-# NAME MODEL EPS T_STAR DDIM_STEPS N, in priority order: eps 0.1 at this budget is what only the
-# GPU can do; the 8/255 runs are measured on the CPU (docs/RESULTS.md) and cross-checked here.
+# NAME MODEL CLASSIFIER EPS T_STAR DDIM_STEPS N, in priority order: eps 0.1 at this budget is what
+# only the GPU can do; the 8/255 runs are measured on the CPU (docs/RESULTS.md) and cross-checked here.
 runs=(
-  "dro-at-0.1-deep fmnist-dro-at 0.1 0.4 5 $N_DEEP"      # the best CPU point (48-52%, n = 64)
-  "standard-0.1-deep fmnist-standard 0.1 0.4 5 $N_DEEP"  # the same for the standard model, paired
-  "dro-at-8of255 fmnist-dro-at 0.0314 0.15 1 $N"         # the served default at 8/255
-  "standard-8of255 fmnist-standard 0.0314 0.15 1 $N"
+  "dro-at-0.1-deep fmnist-dro-at fmnist-classifier 0.1 0.4 5 $N_DEEP"      # the default classifier's best CPU point
+  "standard-0.1-deep fmnist-standard fmnist-classifier 0.1 0.4 5 $N_DEEP"  # the same for the standard model, paired
+  "dro-at-0.1-atcls fmnist-dro-at fmnist-classifier-adversarial-long 0.1 0.15 1 $N"  # best CPU pair (n = 128)
+  "dro-at-8of255 fmnist-dro-at fmnist-classifier 0.0314 0.15 1 $N"         # the served default at 8/255
+  "standard-8of255 fmnist-standard fmnist-classifier 0.0314 0.15 1 $N"
 )
-limits=(240 240 100 100)
+limits=(240 240 100 100 100)
 
 nvidia-smi -L || true
 for i in "${!runs[@]}"; do
-  read -r name model eps t_star steps n <<<"${runs[$i]}"
+  read -r name model classifier eps t_star steps n <<<"${runs[$i]}"
   step "$name" "${limits[$i]}" "$py" -m service.cli eval robust --device "$DEVICE" \
-    --model "models/weights/$model.safetensors" --data "$data" --threat linf --eps "$eps" \
+    --model "models/weights/$model.safetensors" --classifier "models/weights/$classifier.safetensors" \
+    --data "$data" --threat linf --eps "$eps" \
     --attacks none,pgd-eot --attack-steps "$ATTACK_STEPS" --eot "$EOT" --draws "$DRAWS" --n "$n" \
     --t-star "$t_star" --sampler ddim --steps "$steps" --batch-size 128 --sanity-n "$SANITY_N" \
     --out "$work/$name"
@@ -62,7 +65,7 @@ for tag in 0.1-deep 8of255; do
   a=$work/dro-at-$tag b=$work/standard-$tag
   if [[ -f $a/robust.json && -f $b/robust.json ]]; then
     step "compare-$tag" 60 "$py" -m service.cli eval compare "$a" "$b" --out "$work/compare-$tag"
-    [[ -f $work/compare-$tag/compare.json ]] && cp "$work/compare-$tag/compare.json" "$out/compare-$tag.json"
+    [[ $tag == 0.1-deep && -f $work/compare-$tag/compare.json ]] && cp "$work/compare-$tag/compare.json" "$out/compare-$tag.json"
   fi
 done
 

@@ -271,18 +271,20 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", SANITY_N="2", WORK_DIR=str(tmp_path / "w"), **shrink
     )
-    steps = ["dro-at-0.1-deep", "standard-0.1-deep", "dro-at-8of255", "standard-8of255"]
+    steps = ["dro-at-0.1-deep", "standard-0.1-deep", "dro-at-0.1-atcls", "dro-at-8of255", "standard-8of255"]
     compares = ["compare-0.1-deep", "compare-8of255"]
     assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in [*steps, *compares]]
     for name in steps:
         report = json.loads((out / f"{name}.json").read_text())
         assert report["n"] == 2 and report["purifier"]["steps"] == (5 if "deep" in name else 1)
         assert any(r["attack"] == "pgd-eot" for r in report["results"])
-    for tag, eps in [("0.1-deep", 0.1), ("8of255", 0.0314)]:
-        compared = json.loads((out / f"compare-{tag}.json").read_text())
-        assert compared["a"]["model"]["name"] == "fmnist-dro-at"
-        assert compared["b"]["model"]["name"] == "fmnist-standard"
-        assert compared["results"][0]["n"] == 2 and {r["eps"] for r in compared["results"]} >= {eps}
+        classifier = "fmnist-classifier-adversarial-long" if "atcls" in name else "fmnist-classifier"
+        assert report["classifier"]["path"] == f"models/weights/{classifier}.safetensors"
+    compared = json.loads((out / "compare-0.1-deep.json").read_text())
+    assert compared["a"]["model"]["name"] == "fmnist-dro-at"
+    assert compared["b"]["model"]["name"] == "fmnist-standard"
+    assert compared["results"][0]["n"] == 2 and {r["eps"] for r in compared["results"]} >= {0.1}
+    assert "fmnist-dro-at" in (out / "protocol.log").read_text().split("== compare-8of255")[1]
     assert (out / "adversarial.tar.gz").stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # the device tool brings back 8 files at most
 
@@ -292,5 +294,5 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", BUDGET_S="90", WORK_DIR=str(tmp_path / "w")
     )
-    assert [line.split()[1] for line in summary] == ["skipped"] * 4  # 240, 240, 100, 100 s limits > 90 s
+    assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 240, 240, 100, 100, 100 s limits > 90 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
