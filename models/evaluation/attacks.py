@@ -10,6 +10,10 @@ literature, and is doubled internally. Every attack is PGD with a different grad
   over EOT draws of the purifier's noise.
 - ``pgd-eot``: exact gradients through the deployed purifier (same sampler, steps, t*), fresh
   noise per EOT draw, each network call checkpointed so memory does not grow with the steps.
+
+Restarts run the same attack again from other random starts with fresh EOT noise; per image the
+attacker keeps the restart that fools its own estimate (``attacker_view``, seeds of their own)
+most, so picking one never looks at the draws the accuracy is reported on.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from models.noise import NoiseSource
 Threat = Literal["linf", "l2"]
 THREATS: tuple[str, ...] = ("linf", "l2")
 ATTACKS: tuple[str, ...] = ("none", "classifier-only", "bpda-eot", "pgd-eot")
-EVAL_PURPOSE, ATTACK_PURPOSE = 0, 1
+EVAL_PURPOSE, ATTACK_PURPOSE, SELECT_PURPOSE = 0, 1, 2
 _IMAGE_STRIDE, _DRAW_STRIDE = 10_000_019, 1_000_003
+MAX_DRAWS = _DRAW_STRIDE  # noise draws per purpose: bounds restarts x PGD steps x EOT
 
 
 def draw_seeds(indices: torch.Tensor, purpose: int, draw: int) -> torch.Tensor:
@@ -117,8 +122,11 @@ class PurifiedClassifier:
 GradOracle = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def make_oracle(defense: PurifiedClassifier, attack: str, eot: int) -> GradOracle:
-    """The loss gradient each attack follows: (x, labels, image indices, iteration) -> dL/dx."""
+def make_oracle(defense: PurifiedClassifier, attack: str, eot: int, first_draw: int = 0) -> GradOracle:
+    """The loss gradient each attack follows: (x, labels, image indices, iteration) -> dL/dx.
+
+    EOT draws are numbered from ``first_draw``, so each restart of an attack sees fresh noise.
+    """
     if attack not in ATTACKS or attack == "none":
         raise ValueError(f"attack {attack!r} has no gradient; known: {', '.join(ATTACKS[1:])}")
     mode = {"classifier-only": "none", "bpda-eot": "bpda", "pgd-eot": "exact"}[attack]
@@ -127,7 +135,9 @@ def make_oracle(defense: PurifiedClassifier, attack: str, eot: int) -> GradOracl
     def oracle(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, iteration: int) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
         xs = x.repeat(draws, *([1] * (x.ndim - 1)))
-        seeds = torch.cat([draw_seeds(indices, ATTACK_PURPOSE, iteration * draws + e) for e in range(draws)])
+        seeds = torch.cat(
+            [draw_seeds(indices, ATTACK_PURPOSE, first_draw + iteration * draws + e) for e in range(draws)]
+        )
         logits = defense.logits(xs, seeds, gradient=mode)
         loss = F.cross_entropy(logits, y.repeat(draws), reduction="sum") / draws
         (grad,) = torch.autograd.grad(loss, x)
@@ -245,3 +255,29 @@ def predict_draws(
     return torch.stack(
         [defense.logits(x, draw_seeds(indices, EVAL_PURPOSE, r)).argmax(1) for r in range(draws)]
     )
+
+
+@torch.no_grad()
+def attacker_view(
+    target: PurifiedClassifier, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, draws: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well adversarial images do by the attacker's own estimate: share of wrong draws, mean loss.
+
+    ``target`` is what the attack differentiates (the classifier alone for the pitfall attack);
+    the draws use selection seeds, never the evaluation ones.
+    """
+    wrong = torch.zeros(x.shape[0], device=x.device)
+    loss = torch.zeros(x.shape[0], device=x.device)
+    for e in range(draws):
+        logits = target.logits(x, draw_seeds(indices, SELECT_PURPOSE, e))
+        wrong += (logits.argmax(1) != y).float()
+        loss += F.cross_entropy(logits.float(), y, reduction="none")
+    return wrong / draws, loss / draws
+
+
+def pick_restarts(wrong: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Per image ([K, N] -> [N]) the restart whose image fools most draws; ties go to the larger loss."""
+    if wrong.ndim != 2 or wrong.shape != loss.shape:
+        raise ValueError("wrong and loss must both be [restarts, images]")
+    most = wrong.max(0).values
+    return loss.masked_fill(wrong < most, float("-inf")).argmax(0)

@@ -59,14 +59,18 @@ def paired_difference_interval(both: int, a_only: int, b_only: int, neither: int
 
 
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row.get(k) for k in KEY_FIELDS)
+    """The setting a row measured; reports from before ``--restarts`` attacked once."""
+    restarts = None if row["attack"] == "none" else row.get("restarts", 1)
+    return (*(row.get(k) for k in KEY_FIELDS), restarts)
 
 
 def _label(row: dict[str, Any]) -> str:
     defense = "undefended" if row["defense"] == "none" else row["defense"]
     if row["attack"] == "none":
         return f"{defense}, clean"
-    return f"{defense}, {row['attack']} eps {row['eps']:g} EOT {row['eot']}, {row['attack_steps']} steps"
+    restarts = row.get("restarts", 1)
+    label = f"{defense}, {row['attack']} eps {row['eps']:g} EOT {row['eot']}, {row['attack_steps']} steps"
+    return label + (f", {restarts} restarts" if restarts > 1 else "")
 
 
 def compare_rows(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> list[dict[str, Any]]:

@@ -18,11 +18,14 @@ from models.devices import device_option
 from models.evaluation.adversarial import STALE_S, AdversarialStore, batch_slices
 from models.evaluation.attacks import (
     ATTACKS,
+    MAX_DRAWS,
     THREATS,
     PGDResult,
     PurifiedClassifier,
+    attacker_view,
     make_oracle,
     pgd,
+    pick_restarts,
     predict_draws,
 )
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
@@ -32,6 +35,7 @@ from models.evaluation.metrics import vote_metrics
 
 GRADIENT_ATTACKS = ("classifier-only", "bpda-eot", "pgd-eot")
 DEFAULT_SANITY_EPS = {"linf": 0.5, "l2": 8.0}
+RESTART_SEED_STRIDE = 10_000_019  # random-start seeds of restart r: seed + r * stride + first image
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-size", type=float, default=None, help="[0, 1] scale; default eps/4")
     p.add_argument(
         "--eot", default="4", help="EOT draws per gradient; a list (1,4) also checks monotonicity in EOT"
+    )
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="PGD runs per image from other random starts with fresh EOT noise; the attacker keeps "
+        "the one that fools its own estimate most (costs restarts x the attack and its evaluation)",
     )
     p.add_argument("--draws", type=int, default=4, help="R: evaluation draws of the purifier's noise")
     p.add_argument("--n", type=int, default=64, help="test images (the first n of the test split)")
@@ -121,6 +132,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     eot = sorted(set(parse_list(args.eot, int, "eot")))
     check(all(e >= 1 for e in eot), "eot", "must be >= 1")
     check(args.draws >= 1, "draws", "R must be >= 1")
+    check(args.restarts >= 1, "restarts", "must be >= 1")
+    check(
+        args.restarts * max(attack_steps) * max(eot) <= MAX_DRAWS,
+        "restarts",
+        f"restarts x attack steps x EOT must be at most {MAX_DRAWS:,} noise draws",
+    )
     check(args.n >= 1 and args.batch_size >= 1, "n/batch-size", "must be >= 1")
     check(args.step_size is None or args.step_size > 0, "step-size", "must be > 0")
     check(
@@ -155,13 +172,15 @@ def _attack(
     bar: tqdm,
     store: AdversarialStore,
     wait: bool = True,
+    restart: int = 0,
 ) -> int:
     """Attack the batches of x that are neither in ``store`` nor held by another process.
 
     Returns how many images were finished before this call (by an earlier run or another process).
     A failing or interrupted batch releases its claim, so a rerun or another process takes it up.
+    Restart r starts elsewhere in the ball and draws EOT noise no other restart uses.
     """
-    oracle = make_oracle(defense, attack, eot)
+    oracle = make_oracle(defense, attack, eot, first_draw=restart * max(steps) * eot)
     resumed = shown = store.done
     bar.update(resumed)
     while (sl := store.claim(wait)) is not None:
@@ -185,7 +204,7 @@ def _attack(
                 steps=max(steps),
                 step_size=step_size,
                 record=steps,
-                seed=seed + sl.start,
+                seed=seed + restart * RESTART_SEED_STRIDE + sl.start,
                 callback=progress,
             )
         except BaseException:
@@ -204,12 +223,31 @@ def _store(
     eot: int,
     steps: list[int],
     prefix: str = "",
+    restart: int = 0,
 ) -> AdversarialStore:
-    """The adversarial-example folder of one attack setting under ``--out``."""
+    """The adversarial-example folder of one attack setting (and restart) under ``--out``.
+
+    Restart 0 keeps the name and settings of a run without restarts, so adding restarts to a
+    finished attack reuses it.
+    """
     settings = {**fingerprint, "attack": attack, "eps": eps, "eot": eot, "attack_steps": steps}
     name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}"
+    if restart:
+        settings["restart"] = restart
+        name += f"-restart{restart}"
     return AdversarialStore(
         Path(args.out) / "adversarial" / name, settings, args.batch_size, stale_s=args.claim_timeout
+    )
+
+
+def _predict(defense: PurifiedClassifier, x: torch.Tensor, draws: int, batch: int) -> torch.Tensor:
+    """Predicted labels [R, N] under the R evaluation draws."""
+    return torch.cat(
+        [
+            predict_draws(defense, x[sl], torch.arange(sl.start, sl.stop), draws)
+            for sl in batch_slices(x.shape[0], batch)
+        ],
+        dim=1,
     )
 
 
@@ -217,17 +255,57 @@ def _evaluate(
     defense: PurifiedClassifier, x: torch.Tensor, y: torch.Tensor, draws: int, batch: int, classes: int
 ) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
-    preds = torch.cat(
-        [
-            predict_draws(defense, x[sl], torch.arange(sl.start, sl.stop), draws)
-            for sl in batch_slices(x.shape[0], batch)
-        ],
-        dim=1,
-    )
+    preds = _predict(defense, x, draws, batch)
     wall = time.perf_counter() - start
     out = vote_metrics(preds, y, classes)
     out["latency_s_per_purification"] = wall / (x.shape[0] * draws)
     return out, wall
+
+
+def _restart_choices(
+    target: PurifiedClassifier, advs: list[torch.Tensor], y: torch.Tensor, draws: int, batch: int
+) -> list[torch.Tensor]:
+    """For k = 1..K, the restart (of the first k) the attacker keeps for each image ([N] each)."""
+    if len(advs) == 1:
+        return [torch.zeros(y.shape[0], dtype=torch.long, device=y.device)]
+    views = [
+        torch.cat(
+            [
+                torch.stack(attacker_view(target, a[sl], y[sl], torch.arange(sl.start, sl.stop), draws))
+                for sl in batch_slices(a.shape[0], batch)
+            ],
+            dim=1,
+        )
+        for a in advs
+    ]
+    wrong, loss = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+    return [pick_restarts(wrong[:k], loss[:k]) for k in range(1, len(advs) + 1)]
+
+
+def _evaluate_restarts(
+    defense: PurifiedClassifier,
+    advs: list[torch.Tensor],
+    choices: list[torch.Tensor],
+    y: torch.Tensor,
+    draws: int,
+    batch: int,
+    classes: int,
+) -> dict[str, Any]:
+    """Accuracy on the images the attacker keeps; with restarts also majority after each restart.
+
+    Every restart's images are evaluated once; an image's prediction under a draw depends only on
+    that image and its seeds, so the kept images' predictions are gathered, not recomputed.
+    """
+    start = time.perf_counter()
+    preds = torch.stack([_predict(defense, a, draws, batch) for a in advs])  # [K, R, N]
+    wall = time.perf_counter() - start
+    columns = torch.arange(y.shape[0], device=preds.device)
+    kept = [preds[c.to(preds.device), :, columns].T for c in choices]
+    out = vote_metrics(kept[-1], y, classes)
+    out["latency_s_per_purification"] = wall / (y.shape[0] * draws * len(advs))
+    if len(advs) > 1:
+        out["majority_by_restarts"] = [vote_metrics(p, y, classes)["majority"] for p in kept]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,42 +346,52 @@ def run(args: argparse.Namespace) -> int:
     }
     # Every attack setting and its stored adversarial examples, checked before any work starts.
     plan = [
-        (attack, eps, eot, _store(args, fingerprint, attack, eps, eot, steps))
+        (
+            attack,
+            eps,
+            eot,
+            [_store(args, fingerprint, attack, eps, eot, steps, restart=r) for r in range(args.restarts)],
+        )
         for attack in cfg["attacks"]
         if attack in GRADIENT_ATTACKS
         for eps in cfg["eps"]
         for eot in ([1] if attack == "classifier-only" else cfg["eot"])
     ]
-    for *_, store in plan:
-        store.open(x)
+    for *_, stores in plan:
+        for store in stores:
+            store.open(x)
 
-    def attack_one(attack: str, eps: float, eot: int, store: AdversarialStore, bar: tqdm) -> int:
-        return _attack(
-            defense if attack != "classifier-only" else undefended,
-            attack,
-            x,
-            y,
-            eps=eps,
-            threat=threat,
-            steps=steps,
-            eot=eot,
-            step_size=args.step_size,
-            seed=args.seed,
-            bar=bar,
-            store=store,
-            wait=not args.no_wait,
+    def attack_one(attack: str, eps: float, eot: int, stores: list[AdversarialStore], bar: tqdm) -> int:
+        return sum(
+            _attack(
+                defense if attack != "classifier-only" else undefended,
+                attack,
+                x,
+                y,
+                eps=eps,
+                threat=threat,
+                steps=steps,
+                eot=eot,
+                step_size=args.step_size,
+                seed=args.seed,
+                bar=bar,
+                store=store,
+                wait=not args.no_wait,
+                restart=r,
+            )
+            for r, store in enumerate(stores)
         )
 
+    total = args.n * len(plan) * args.restarts
     if args.attack_only:
-        with tqdm(total=args.n * len(plan), desc="attack only", unit="img") as bar:
-            for attack, eps, eot, store in plan:
-                attack_one(attack, eps, eot, store, bar)
-        left = (
-            "every batch is finished" if all(s.done == args.n for *_, s in plan) else "no batch left to claim"
-        )
+        with tqdm(total=total, desc="attack only", unit="img") as bar:
+            for attack, eps, eot, stores in plan:
+                attack_one(attack, eps, eot, stores, bar)
+        finished = all(s.done == args.n for *_, stores in plan for s in stores)
+        left = "every batch is finished" if finished else "no batch left to claim"
         print(f"{left}: {out / 'adversarial'}; the process without --attack-only reports")
         return 0
-    bar = tqdm(total=args.n * (2 + len(plan)), desc="eval robust", unit="img")
+    bar = tqdm(total=2 * args.n + total, desc="eval robust", unit="img")
 
     def record(**fields: Any) -> dict[str, Any]:
         records.append(fields)
@@ -315,26 +403,39 @@ def run(args: argparse.Namespace) -> int:
     clean_def, clean_wall = _evaluate(defense, x, y, args.draws, args.batch_size, classes)
     record(defense="purifier", attack="none", eps=0.0, purifier_wall_s=round(clean_wall, 2), **clean_def)
     bar.update(2 * args.n)
-    for attack, eps, eot, store in plan:
-        resumed = attack_one(attack, eps, eot, store, bar)
+    for attack, eps, eot, stores in plan:
+        resumed = attack_one(attack, eps, eot, stores, bar)
+        pitfall = attack == "classifier-only"
         for s in steps:
-            m, _ = _evaluate(defense, store.advs[s].to(x.device), y, args.draws, args.batch_size, classes)
-            nfe = 0 if attack == "classifier-only" else s * eot * defense.nfe
+            advs = [store.advs[s].to(x.device) for store in stores]
+            target, view_draws = (undefended, 1) if pitfall else (defense, eot)
+            choices = _restart_choices(target, advs, y, view_draws, args.batch_size)
+            m = _evaluate_restarts(defense, advs, choices, y, args.draws, args.batch_size, classes)
+            nfe = 0 if pitfall else s * eot * defense.nfe * args.restarts
             record(
                 defense="purifier",
                 attack=attack,
                 eps=eps,
                 eot=eot,
                 attack_steps=s,
-                attack_wall_s=round(store.wall_s, 2),
+                restarts=args.restarts,
+                attack_wall_s=round(sum(store.wall_s for store in stores), 2),
                 attack_network_evals_per_image=nfe,
                 resumed_images=resumed,
-                gradients=store.grads,
+                gradients=[g for store in stores for g in store.grads],
                 **m,
             )
-            if attack == "classifier-only":
-                m_undef, _ = _evaluate(undefended, store.advs[s].to(x.device), y, 1, args.batch_size, classes)
-                record(defense="none", attack=attack, eps=eps, eot=1, attack_steps=s, **m_undef)
+            if pitfall:
+                m_undef = _evaluate_restarts(undefended, advs, choices, y, 1, args.batch_size, classes)
+                record(
+                    defense="none",
+                    attack=attack,
+                    eps=eps,
+                    eot=1,
+                    attack_steps=s,
+                    restarts=args.restarts,
+                    **m_undef,
+                )
     bar.close()
     sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records, fingerprint)
     report = {
@@ -357,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
         "eps_scale": "[0, 1] pixel scale (2*eps in the model's [-1, 1] units)",
         "n": args.n,
         "draws": args.draws,
+        "restarts": args.restarts,
         "step_size": args.step_size if args.step_size is not None else "eps/4",
         "results": records,
         "sanity": sanity,

@@ -8,11 +8,14 @@ import torch
 from models.evaluation.attacks import (
     ATTACK_PURPOSE,
     EVAL_PURPOSE,
+    SELECT_PURPOSE,
     PurifiedClassifier,
+    attacker_view,
     bpda,
     draw_seeds,
     make_oracle,
     pgd,
+    pick_restarts,
     predict_draws,
     project,
 )
@@ -87,11 +90,31 @@ def test_bpda_backward_is_the_identity() -> None:
     assert torch.equal(grad, w)
 
 
-def test_attack_and_evaluation_seeds_never_collide() -> None:
+def test_attack_selection_and_evaluation_seeds_never_collide() -> None:
     idx = torch.arange(1000)
     attack = torch.cat([draw_seeds(idx, ATTACK_PURPOSE, d) for d in range(50)])
     evaluation = torch.cat([draw_seeds(idx, EVAL_PURPOSE, r) for r in range(16)])
-    assert len(set(attack.tolist()) | set(evaluation.tolist())) == len(attack) + len(evaluation)
+    selection = torch.cat([draw_seeds(idx, SELECT_PURPOSE, e) for e in range(8)])
+    union = set(attack.tolist()) | set(evaluation.tolist()) | set(selection.tolist())
+    assert len(union) == len(attack) + len(evaluation) + len(selection)
+
+
+def test_pick_restarts_prefers_more_fooled_draws_then_the_larger_loss() -> None:
+    wrong = torch.tensor([[0.5, 1.0, 0.0, 0.25], [1.0, 1.0, 0.0, 0.25], [0.0, 0.5, 0.0, 0.25]])
+    loss = torch.tensor([[9.0, 1.0, 0.1, 2.0], [0.1, 3.0, 0.3, 1.0], [50.0, 99.0, 0.2, 3.0]])
+    assert pick_restarts(wrong, loss).tolist() == [1, 1, 1, 2]
+    assert pick_restarts(wrong[:1], loss[:1]).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="restarts, images"):
+        pick_restarts(wrong, loss[:2])
+
+
+def test_the_attacker_view_of_an_undefended_classifier_is_its_error_and_loss() -> None:
+    defense, x, y = _undefended()
+    y = y.roll(1)  # some images now carry a label the classifier does not give them
+    wrong, loss = attacker_view(defense, x, y, torch.arange(x.shape[0]), draws=3)
+    logits = defense.logits(x, torch.zeros(x.shape[0], dtype=torch.long)).detach()
+    assert torch.equal(wrong, (logits.argmax(1) != y).float())
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, y, reduction="none"), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +137,17 @@ def test_full_gradient_pgd_through_a_tiny_purifier_is_finite_and_nonzero(
     assert float(grad.abs().sum()) > 0
     bpda_grad = make_oracle(defense, "bpda-eot", eot=2)(x, y, torch.arange(3), 0)
     assert bool(torch.isfinite(bpda_grad).all()) and not torch.allclose(grad, bpda_grad)
+
+
+def test_a_restart_draws_fresh_eot_noise(purifier: tuple[Pipeline, PurifiedClassifier]) -> None:
+    """Draws are numbered iteration x EOT + e from ``first_draw``: restart r's noise is nobody else's."""
+    _, defense = purifier
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    y, idx = torch.tensor([0, 1]), torch.arange(2)
+    first = make_oracle(defense, "pgd-eot", eot=2)(x, y, idx, 3)
+    assert torch.equal(first, make_oracle(defense, "pgd-eot", eot=2, first_draw=0)(x, y, idx, 3))
+    assert torch.equal(first, make_oracle(defense, "pgd-eot", eot=2, first_draw=4)(x, y, idx, 1))
+    assert not torch.allclose(first, make_oracle(defense, "pgd-eot", eot=2, first_draw=1)(x, y, idx, 3))
 
 
 def test_checkpointing_does_not_change_the_gradient(purifier: tuple[Pipeline, PurifiedClassifier]) -> None:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from models.data import FASHION_MNIST_DIR
+from models.data import FASHION_MNIST_DIR, load_fashion_mnist
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.testing import tiny_checkpoint
 from service.cli import main
 
@@ -37,6 +41,8 @@ def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
         (("--sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
         (("--no-wait",), "no-wait: only for --attack-only helpers"),
         (("--claim-timeout", "0"), "claim-timeout: must be > 0 seconds"),
+        (("--restarts", "0"), "restarts: must be >= 1"),
+        (("--restarts", "2000", "--attack-steps", "100", "--eot", "8"), "restarts: restarts x attack steps"),
     ],
 )
 def test_bad_robust_arguments_fail_before_any_work(
@@ -187,3 +193,49 @@ def test_eval_robust_one_step_consistency_purifier(tiny_classifier: Path, tmp_pa
     }
     pgd = next(r for r in report["results"] if r["attack"] == "pgd-eot")
     assert pgd["attack_network_evals_per_image"] == 2 and 0 <= pgd["mean"] <= 1
+
+
+def _stored_advs(folder: Path, steps: int) -> torch.Tensor:
+    return torch.cat([load_file(f)[f"adv_{steps}"] for f in sorted(folder.glob("*.safetensors"))])
+
+
+@needs_data
+def test_restarts_reuse_the_attack_without_them_and_keep_what_fools_the_classifier(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Against the real classifier alone an image survives 3 restarts only if it survives each."""
+    out, n = tmp_path / "robust", 24
+    base = _robust(tiny_model, DEFAULT_CLASSIFIER, out, "--n", str(n), "--batch-size", "8", "--eps", "0.02")
+    base += ["--attacks", "none,classifier-only", "--attack-steps", "1,3", "--draws", "1", "--steps", "1"]
+    base += ["--sanity-eps", "0"]
+    assert main(base) == 0
+    adversarial = out / "adversarial"
+    first = _stored_advs(adversarial / "classifier-only-linf-eps0.02-eot1", 3)
+    once = json.loads((out / "robust.json").read_text())
+    assert main([*base, "--restarts", "3"]) == 0
+    report = json.loads((out / "robust.json").read_text())
+    assert report["restarts"] == 3
+    folders = [adversarial / f"classifier-only-linf-eps0.02-eot1{s}" for s in ("", "-restart1", "-restart2")]
+    advs = [_stored_advs(f, 3) for f in folders]
+    assert torch.equal(advs[0], first)  # restart 0 is the attack without restarts, reused
+    assert not torch.equal(advs[1], advs[0]) and not torch.equal(advs[2], advs[1])
+    net, _ = load_classifier(DEFAULT_CLASSIFIER)
+    y = load_fashion_mnist("test").labels[:n]
+    with torch.no_grad():
+        survives = torch.stack([net(a).argmax(1) == y for a in advs]).all(0)
+    undefended = [r for r in report["results"] if r["defense"] == "none" and r["attack"] == "classifier-only"]
+    alone_once = [r for r in once["results"] if r["defense"] == "none" and r["attack"] == "classifier-only"]
+    top, top_once = undefended[-1], alone_once[-1]
+    assert top["majority_per_image"] == "".join("1" if ok else "0" for ok in survives.tolist())
+    by_restarts = top["majority_by_restarts"]
+    assert by_restarts[0] == top_once["majority"] and by_restarts[-1] == top["majority"]
+    assert all(b <= a for a, b in itertools.pairwise(by_restarts))
+    assert 0 < top["majority"] < top_once["majority"]  # restarts found images one attack missed
+    pitfall = [
+        r for r in report["results"] if r["defense"] == "purifier" and r["attack"] == "classifier-only"
+    ]
+    assert pitfall[-1]["resumed_images"] == n and pitfall[-1]["restarts"] == top["restarts"] == 3
+    # a report with restarts pairs only with one of the same restarts
+    assert main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
+    assert {r["setting"] for r in rows} >= {"undefended, classifier-only eps 0.02 EOT 1, 3 steps, 3 restarts"}
