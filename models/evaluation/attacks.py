@@ -13,7 +13,8 @@ literature, and is doubled internally. Every attack is PGD with a different grad
 
 Restarts run the same attack again from other random starts with fresh EOT noise; per image the
 attacker keeps the restart that fools its own estimate (``attacker_view``, seeds of their own)
-most, so picking one never looks at the draws the accuracy is reported on.
+most, so picking one never looks at the draws the accuracy is reported on. PGD ascends the
+cross-entropy or the Carlini-Wagner margin (``attack_loss``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from models.noise import NoiseSource
 Threat = Literal["linf", "l2"]
 THREATS: tuple[str, ...] = ("linf", "l2")
 ATTACKS: tuple[str, ...] = ("none", "classifier-only", "bpda-eot", "pgd-eot")
+LOSSES: tuple[str, ...] = ("ce", "margin")
 EVAL_PURPOSE, ATTACK_PURPOSE, SELECT_PURPOSE = 0, 1, 2
 _IMAGE_STRIDE, _DRAW_STRIDE = 10_000_019, 1_000_003
 MAX_DRAWS = _DRAW_STRIDE  # noise draws per purpose: bounds restarts x PGD steps x EOT
@@ -122,13 +124,33 @@ class PurifiedClassifier:
 GradOracle = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def make_oracle(defense: PurifiedClassifier, attack: str, eot: int, first_draw: int = 0) -> GradOracle:
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Per image, what PGD ascends: the cross-entropy, or the margin max_{j != y} z_j - z_y.
+
+    The margin (Carlini and Wagner) keeps its gradient where a confident softmax saturates the
+    cross-entropy's, so an accuracy that only holds against one of them is a sign of masking.
+    """
+    z = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(z, y, reduction="none")
+    if loss == "margin":
+        true = z.gather(1, y[:, None]).squeeze(1)
+        other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+        return other - true
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def make_oracle(
+    defense: PurifiedClassifier, attack: str, eot: int, first_draw: int = 0, loss: str = "ce"
+) -> GradOracle:
     """The loss gradient each attack follows: (x, labels, image indices, iteration) -> dL/dx.
 
     EOT draws are numbered from ``first_draw``, so each restart of an attack sees fresh noise.
     """
     if attack not in ATTACKS or attack == "none":
         raise ValueError(f"attack {attack!r} has no gradient; known: {', '.join(ATTACKS[1:])}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     mode = {"classifier-only": "none", "bpda-eot": "bpda", "pgd-eot": "exact"}[attack]
     draws = 1 if attack == "classifier-only" else eot
 
@@ -139,8 +161,8 @@ def make_oracle(defense: PurifiedClassifier, attack: str, eot: int, first_draw: 
             [draw_seeds(indices, ATTACK_PURPOSE, first_draw + iteration * draws + e) for e in range(draws)]
         )
         logits = defense.logits(xs, seeds, gradient=mode)
-        loss = F.cross_entropy(logits, y.repeat(draws), reduction="sum") / draws
-        (grad,) = torch.autograd.grad(loss, x)
+        objective = attack_loss(logits, y.repeat(draws), loss).sum() / draws
+        (grad,) = torch.autograd.grad(objective, x)
         return grad
 
     return oracle
@@ -259,7 +281,12 @@ def predict_draws(
 
 @torch.no_grad()
 def attacker_view(
-    target: PurifiedClassifier, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, draws: int
+    target: PurifiedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: torch.Tensor,
+    draws: int,
+    loss: str = "ce",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How well adversarial images do by the attacker's own estimate: share of wrong draws, mean loss.
 
@@ -267,12 +294,12 @@ def attacker_view(
     the draws use selection seeds, never the evaluation ones.
     """
     wrong = torch.zeros(x.shape[0], device=x.device)
-    loss = torch.zeros(x.shape[0], device=x.device)
+    total = torch.zeros(x.shape[0], device=x.device)
     for e in range(draws):
         logits = target.logits(x, draw_seeds(indices, SELECT_PURPOSE, e))
         wrong += (logits.argmax(1) != y).float()
-        loss += F.cross_entropy(logits.float(), y, reduction="none")
-    return wrong / draws, loss / draws
+        total += attack_loss(logits, y, loss)
+    return wrong / draws, total / draws
 
 
 def pick_restarts(wrong: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:

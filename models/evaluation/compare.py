@@ -59,9 +59,11 @@ def paired_difference_interval(both: int, a_only: int, b_only: int, neither: int
 
 
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """The setting a row measured; reports from before ``--restarts`` attacked once."""
-    restarts = None if row["attack"] == "none" else row.get("restarts", 1)
-    return (*(row.get(k) for k in KEY_FIELDS), restarts)
+    """The setting a row measured; reports from before ``--restarts`` and ``--loss`` attacked
+    once, on the cross-entropy."""
+    if row["attack"] == "none":
+        return (*(row.get(k) for k in KEY_FIELDS), None, None)
+    return (*(row.get(k) for k in KEY_FIELDS), row.get("restarts", 1), row.get("loss", "ce"))
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -70,7 +72,12 @@ def _label(row: dict[str, Any]) -> str:
         return f"{defense}, clean"
     restarts = row.get("restarts", 1)
     label = f"{defense}, {row['attack']} eps {row['eps']:g} EOT {row['eot']}, {row['attack_steps']} steps"
-    return label + (f", {restarts} restarts" if restarts > 1 else "")
+    loss = row.get("loss", "ce")
+    return (
+        label
+        + (f", {restarts} restarts" if restarts > 1 else "")
+        + (f", {loss} loss" if loss != "ce" else "")
+    )
 
 
 def compare_rows(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> list[dict[str, Any]]:

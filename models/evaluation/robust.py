@@ -18,6 +18,7 @@ from models.devices import device_option
 from models.evaluation.adversarial import STALE_S, AdversarialStore, batch_slices
 from models.evaluation.attacks import (
     ATTACKS,
+    LOSSES,
     MAX_DRAWS,
     THREATS,
     PGDResult,
@@ -55,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="PGD step counts to report (one trajectory, recorded along it)",
     )
     p.add_argument("--step-size", type=float, default=None, help="[0, 1] scale; default eps/4")
+    p.add_argument(
+        "--loss",
+        default="ce",
+        help="what PGD ascends: ce (cross-entropy) or margin (Carlini-Wagner, max other logit - true "
+        "logit; does not saturate, a check for gradient masking)",
+    )
     p.add_argument(
         "--eot", default="4", help="EOT draws per gradient; a list (1,4) also checks monotonicity in EOT"
     )
@@ -122,6 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs only the headers and the arguments: fail before any work starts."""
     check(args.threat in THREATS, "threat", f"unknown threat {args.threat!r}; known: {', '.join(THREATS)}")
+    check(args.loss in LOSSES, "loss", f"unknown loss {args.loss!r}; known: {', '.join(LOSSES)}")
     eps = parse_list(args.eps, float, "eps")
     check(all(math.isfinite(e) and e >= 0 for e in eps), "eps", f"must be finite and >= 0, got {args.eps}")
     attacks = parse_list(args.attacks, str, "attacks")
@@ -173,6 +181,7 @@ def _attack(
     store: AdversarialStore,
     wait: bool = True,
     restart: int = 0,
+    loss: str = "ce",
 ) -> int:
     """Attack the batches of x that are neither in ``store`` nor held by another process.
 
@@ -180,7 +189,7 @@ def _attack(
     A failing or interrupted batch releases its claim, so a rerun or another process takes it up.
     Restart r starts elsewhere in the ball and draws EOT noise no other restart uses.
     """
-    oracle = make_oracle(defense, attack, eot, first_draw=restart * max(steps) * eot)
+    oracle = make_oracle(defense, attack, eot, first_draw=restart * max(steps) * eot, loss=loss)
     resumed = shown = store.done
     bar.update(resumed)
     while (sl := store.claim(wait)) is not None:
@@ -228,10 +237,13 @@ def _store(
     """The adversarial-example folder of one attack setting (and restart) under ``--out``.
 
     Restart 0 keeps the name and settings of a run without restarts, so adding restarts to a
-    finished attack reuses it.
+    finished attack reuses it; the margin loss gets folders of its own.
     """
     settings = {**fingerprint, "attack": attack, "eps": eps, "eot": eot, "attack_steps": steps}
     name = f"{prefix}{attack}-{args.threat}-eps{eps:g}-eot{eot}"
+    if args.loss != "ce":
+        settings["loss"] = args.loss
+        name += f"-{args.loss}"
     if restart:
         settings["restart"] = restart
         name += f"-restart{restart}"
@@ -263,7 +275,12 @@ def _evaluate(
 
 
 def _restart_choices(
-    target: PurifiedClassifier, advs: list[torch.Tensor], y: torch.Tensor, draws: int, batch: int
+    target: PurifiedClassifier,
+    advs: list[torch.Tensor],
+    y: torch.Tensor,
+    draws: int,
+    batch: int,
+    loss: str,
 ) -> list[torch.Tensor]:
     """For k = 1..K, the restart (of the first k) the attacker keeps for each image ([N] each)."""
     if len(advs) == 1:
@@ -271,15 +288,15 @@ def _restart_choices(
     views = [
         torch.cat(
             [
-                torch.stack(attacker_view(target, a[sl], y[sl], torch.arange(sl.start, sl.stop), draws))
+                torch.stack(attacker_view(target, a[sl], y[sl], torch.arange(sl.start, sl.stop), draws, loss))
                 for sl in batch_slices(a.shape[0], batch)
             ],
             dim=1,
         )
         for a in advs
     ]
-    wrong, loss = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
-    return [pick_restarts(wrong[:k], loss[:k]) for k in range(1, len(advs) + 1)]
+    wrong, value = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+    return [pick_restarts(wrong[:k], value[:k]) for k in range(1, len(advs) + 1)]
 
 
 def _evaluate_restarts(
@@ -378,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
                 store=store,
                 wait=not args.no_wait,
                 restart=r,
+                loss=args.loss,
             )
             for r, store in enumerate(stores)
         )
@@ -409,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         for s in steps:
             advs = [store.advs[s].to(x.device) for store in stores]
             target, view_draws = (undefended, 1) if pitfall else (defense, eot)
-            choices = _restart_choices(target, advs, y, view_draws, args.batch_size)
+            choices = _restart_choices(target, advs, y, view_draws, args.batch_size, args.loss)
             m = _evaluate_restarts(defense, advs, choices, y, args.draws, args.batch_size, classes)
             nfe = 0 if pitfall else s * eot * defense.nfe * args.restarts
             record(
@@ -419,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
                 eot=eot,
                 attack_steps=s,
                 restarts=args.restarts,
+                loss=args.loss,
                 attack_wall_s=round(sum(store.wall_s for store in stores), 2),
                 attack_network_evals_per_image=nfe,
                 resumed_images=resumed,
@@ -434,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
                     eot=1,
                     attack_steps=s,
                     restarts=args.restarts,
+                    loss=args.loss,
                     **m_undef,
                 )
     bar.close()
@@ -459,6 +479,7 @@ def run(args: argparse.Namespace) -> int:
         "n": args.n,
         "draws": args.draws,
         "restarts": args.restarts,
+        "loss": args.loss,
         "step_size": args.step_size if args.step_size is not None else "eps/4",
         "results": records,
         "sanity": sanity,
@@ -557,6 +578,7 @@ def _sanity(
                 seed=args.seed,
                 bar=bar,
                 store=store,
+                loss=args.loss,
             )
         m, _ = _evaluate(defense, store.advs[steps].to(x.device), y[:n], args.draws, args.batch_size, classes)
         out["large_eps"] = {

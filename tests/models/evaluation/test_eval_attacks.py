@@ -10,6 +10,7 @@ from models.evaluation.attacks import (
     EVAL_PURPOSE,
     SELECT_PURPOSE,
     PurifiedClassifier,
+    attack_loss,
     attacker_view,
     bpda,
     draw_seeds,
@@ -33,11 +34,14 @@ def _undefended(seed: int = 0) -> tuple[PurifiedClassifier, torch.Tensor, torch.
     return PurifiedClassifier(net, None), x, y
 
 
+@pytest.mark.parametrize("loss", ["ce", "margin"])
 @pytest.mark.parametrize(("threat", "eps"), [("linf", 0.5), ("l2", 8.0)])
-def test_pgd_on_an_undefended_classifier_reaches_zero_at_large_eps(threat: str, eps: float) -> None:
+def test_pgd_on_an_undefended_classifier_reaches_zero_at_large_eps(
+    threat: str, eps: float, loss: str
+) -> None:
     defense, x, y = _undefended()
     idx = torch.arange(x.shape[0])
-    oracle = make_oracle(defense, "classifier-only", eot=1)
+    oracle = make_oracle(defense, "classifier-only", eot=1, loss=loss)
     res = pgd(oracle, x, y, idx, eps=eps, threat=threat, steps=20, record=(0, 20))
     clean = float((predict_draws(defense, res.at_steps[0], idx, 1)[0] == y).float().mean())
     adv = float((predict_draws(defense, res.at_steps[20], idx, 1)[0] == y).float().mean())
@@ -97,6 +101,18 @@ def test_attack_selection_and_evaluation_seeds_never_collide() -> None:
     selection = torch.cat([draw_seeds(idx, SELECT_PURPOSE, e) for e in range(8)])
     union = set(attack.tolist()) | set(evaluation.tolist()) | set(selection.tolist())
     assert len(union) == len(attack) + len(evaluation) + len(selection)
+
+
+def test_the_margin_loss_is_the_best_other_logit_minus_the_true_one() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0], [-5.0, 0.0, 4.0]])
+    y = torch.tensor([0, 1, 2])
+    assert attack_loss(logits, y, "margin").tolist() == [2.0, -1.0, -4.0]
+    ce = attack_loss(logits, y, "ce")
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        attack_loss(logits, y, "dlr")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_oracle(_undefended()[0], "pgd-eot", eot=1, loss="hinge")
 
 
 def test_pick_restarts_prefers_more_fooled_draws_then_the_larger_loss() -> None:

@@ -42,6 +42,7 @@ def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
         (("--no-wait",), "no-wait: only for --attack-only helpers"),
         (("--claim-timeout", "0"), "claim-timeout: must be > 0 seconds"),
         (("--restarts", "0"), "restarts: must be >= 1"),
+        (("--loss", "dlr"), "loss: unknown loss 'dlr'; known: ce, margin"),
         (("--restarts", "2000", "--attack-steps", "100", "--eot", "8"), "restarts: restarts x attack steps"),
     ],
 )
@@ -239,3 +240,22 @@ def test_restarts_reuse_the_attack_without_them_and_keep_what_fools_the_classifi
     assert main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
     assert {r["setting"] for r in rows} >= {"undefended, classifier-only eps 0.02 EOT 1, 3 steps, 3 restarts"}
+
+
+@needs_data
+def test_the_margin_loss_attack_is_stored_apart_and_labelled(tiny_model: Path, tmp_path: Path) -> None:
+    out, n = tmp_path / "robust", 8
+    args = _robust(tiny_model, DEFAULT_CLASSIFIER, out, "--n", str(n), "--batch-size", "8", "--eps", "0.02")
+    args += ["--attacks", "none,classifier-only", "--attack-steps", "3", "--draws", "1", "--steps", "1"]
+    assert main([*args, "--sanity-eps", "0.5", "--sanity-n", "8", "--loss", "margin"]) == 0
+    report = json.loads((out / "robust.json").read_text())
+    assert report["loss"] == "margin" and report["sanity"]["large_eps"]["reaches_zero"] is True
+    assert sorted(p.name for p in (out / "adversarial").iterdir()) == [
+        "classifier-only-linf-eps0.02-eot1-margin",
+        "sanity-classifier-only-linf-eps0.5-eot1-margin",
+    ]
+    attacked = [r for r in report["results"] if r["attack"] != "none"]
+    assert attacked and all(r["loss"] == "margin" for r in attacked)
+    assert main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
+    assert "undefended, classifier-only eps 0.02 EOT 1, 3 steps, margin loss" in {r["setting"] for r in rows}
