@@ -271,7 +271,7 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", SANITY_N="2", WORK_DIR=str(tmp_path / "w"), **shrink
     )
-    steps = ["dro-at-0.1-deep", "standard-0.1-deep", "dro-at-0.1-atcls", "dro-at-8of255", "standard-8of255"]
+    steps = ["dro-at-0.1-atcls", "dro-at-0.1-deep", "standard-0.1-deep", "dro-at-8of255", "standard-8of255"]
     compares = ["compare-0.1-deep", "compare-8of255"]
     assert [line.split()[:2] for line in summary] == [[s, "rc=0"] for s in [*steps, *compares]]
     for name in steps:
@@ -294,5 +294,5 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     summary = _run_device_script(
         "gpu_protocol.sh", out, "protocol.log", BUDGET_S="90", WORK_DIR=str(tmp_path / "w")
     )
-    assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 240, 240, 100, 100, 100 s limits > 90 s
+    assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 100, 240, 240, 100, 100 s limits > 90 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
