@@ -21,6 +21,8 @@ from models.evaluation.attacks import (
     project,
 )
 from models.evaluation.classifier import ClassifierConfig, ResNetClassifier, load_classifier
+from models.evaluation.metrics import vote_metrics
+from models.evaluation.robust import _evaluate_restarts, _predict
 from models.pipeline import Pipeline
 
 
@@ -187,3 +189,25 @@ def test_the_attacked_purifier_is_the_deployed_one(purifier: tuple[Pipeline, Pur
     with torch.no_grad():
         attacked = defense.purify(x, seeds)
     assert torch.allclose(served, attacked, atol=1e-5)
+
+
+def test_gathered_restart_predictions_equal_evaluating_the_kept_images(
+    purifier: tuple[Pipeline, PurifiedClassifier],
+) -> None:
+    """eval robust evaluates each restart once and gathers; that must be evaluating the kept images."""
+    _, defense = purifier
+    torch.manual_seed(3)
+    advs = [torch.rand(6, 1, 16, 16) * 2 - 1 for _ in range(3)]
+    y = torch.randint(0, 10, (6,))
+    choices = [
+        torch.zeros(6, dtype=torch.long),
+        torch.tensor([1, 0, 1, 0, 1, 0]),
+        torch.tensor([2, 0, 1, 2, 1, 0]),
+    ]
+    got = _evaluate_restarts(defense, advs, choices, y, draws=3, batch=4, classes=10)
+    for k, c in enumerate(choices):
+        kept = torch.stack([advs[int(r)][i] for i, r in enumerate(c)])
+        want = vote_metrics(_predict(defense, kept, 3, 4), y, 10)
+        assert got["majority_by_restarts"][k] == want["majority"]
+        if k == len(choices) - 1:
+            assert got["majority_per_image"] == want["majority_per_image"] and got["mean"] == want["mean"]
