@@ -424,9 +424,9 @@ def run(args: argparse.Namespace) -> int:
     for attack, eps, eot, stores in plan:
         resumed = attack_one(attack, eps, eot, stores, bar)
         pitfall = attack == "classifier-only"
+        target, view_draws = (undefended, 1) if pitfall else (defense, eot)  # what the attack rates with
         for s in steps:
             advs = [store.advs[s].to(x.device) for store in stores]
-            target, view_draws = (undefended, 1) if pitfall else (defense, eot)
             choices = _restart_choices(target, advs, y, view_draws, args.batch_size, args.loss)
             m = _evaluate_restarts(defense, advs, choices, y, args.draws, args.batch_size, classes)
             nfe = 0 if pitfall else s * eot * defense.nfe * args.restarts
