@@ -42,11 +42,17 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Start/stop one redis-server child; ``stop`` then ``start`` reuses the port (for outage tests)."""
+    """Start/stop one redis-server child; ``stop`` then ``start`` reuses the port (for outage tests).
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    ``persistent`` keeps an append-only file in the server's private folder, so a server started again
+    after a crash reloads every job it had acknowledged (what `robustdiff serve` needs); without it a
+    restart comes back empty (what the outage tests need).
+    """
+
+    def __init__(self, port: int | None = None, binary: str | None = None, persistent: bool = False) -> None:
         self.binary = binary or find_redis_binary()
         self.port = port or free_port()
+        self.persistent = persistent
         self._dir = tempfile.TemporaryDirectory(prefix="robustdiff-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -64,7 +70,7 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
             "--dir",
             self._dir.name,
             "--daemonize",
@@ -91,6 +97,11 @@ class RedisServer:
             client.close()
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while the server runs (or was never started); its exit code once it died."""
+        return None if self._proc is None else self._proc.poll()
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None

@@ -1,8 +1,9 @@
 """`robustdiff serve`: the API, and by default a private Redis and one worker beside it.
 
 With ROBUSTDIFF_REDIS_URL empty this is the one-command local setup: it starts a private Redis
-server and a worker child (restarted if it dies), serves the API in this process, and on Ctrl-C or
-SIGTERM stops the API first, then the worker (which finishes its batch), then Redis. With a Redis
+server (with an append-only file, restarted on the same port with its jobs if it dies) and a worker
+child (restarted if it dies), serves the API in this process, and on Ctrl-C or SIGTERM stops the API
+first, then the worker (which finishes its batch), then Redis. With a Redis
 URL set it runs only the API unless --workers asks for local workers: that is the scale-out shape,
 where workers run as their own processes or machines.
 """
@@ -41,12 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
-class WorkerSupervisor:
-    """Keeps N `robustdiff worker` children running until stopped; restarts one that dies."""
+class Supervisor:
+    """Keeps N `robustdiff worker` children, and the private Redis if there is one, running until
+    stopped; restarts one that dies (Redis first: the workers and the API reconnect by themselves)."""
 
-    def __init__(self, count: int, env: dict[str, str]) -> None:
+    def __init__(self, count: int, env: dict[str, str], redis_server: RedisServer | None = None) -> None:
         self.count = count
         self.env = env
+        self.redis_server = redis_server
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._given_up: set[int] = set()
@@ -64,6 +67,7 @@ class WorkerSupervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
+            self._keep_redis()
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
                 if code is not None and not self._stop.is_set() and i not in self._given_up:
@@ -74,6 +78,16 @@ class WorkerSupervisor:
                     log.warning("worker %d exited with code %s; restarting it", proc.pid, code)
                     time.sleep(1.0)
                     self.procs[i] = self._spawn()
+
+    def _keep_redis(self) -> None:
+        code = self.redis_server.exit_code if self.redis_server is not None else None
+        if code is None or self.redis_server is None or self._stop.is_set():
+            return
+        log.warning("the private Redis exited with code %s; restarting it with its jobs", code)
+        try:
+            self.redis_server.start()
+        except RuntimeError as err:  # e.g. the port was taken meanwhile: try again next round
+            log.error("could not restart the private Redis: %s", err)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -101,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
     redis_server: RedisServer | None = None
     url = settings.redis_url
     if not url:
-        redis_server = RedisServer().start()
+        redis_server = RedisServer(persistent=True).start()
         url = redis_server.url
         log.info("started a private Redis at %s", url)
     workers = args.workers if args.workers is not None else (0 if settings.redis_url else 1)
     if workers < 0:
         raise UserError("--workers", "must be >= 0")
-    supervisor = WorkerSupervisor(workers, dict(os.environ, ROBUSTDIFF_REDIS_URL=url))
+    supervisor = Supervisor(workers, dict(os.environ, ROBUSTDIFF_REDIS_URL=url), redis_server)
     try:
         from service.api import create_app
 

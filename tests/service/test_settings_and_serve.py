@@ -91,46 +91,97 @@ def _get(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         return err.code, json.loads(err.read())
 
 
+def _start_serve(
+    checkpoints: dict[str, Path], log_path: Path, **env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`robustdiff serve` with the private Redis and one worker, once it answers /readyz."""
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    full.update({
+        "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ROBUSTDIFF_MODELS": str(checkpoints["tiny"]),
+        "ROBUSTDIFF_WORKER_METRICS_PORT": "0", "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5",
+        **env,
+    })  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=full,
+            stdout=log, stderr=log,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    _wait_ready(proc, base, log_path)
+    return proc, base
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log_path: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _get(f"{base}/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.2)
+    raise AssertionError(f"not ready within {timeout} s: {log_path.read_text()[-2000:]}")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path: Path, stop: int) -> None:
     """Serve, answer a request, and on Ctrl-C or SIGTERM (what Docker and Kubernetes send) stop the
     worker and the private Redis too: SIGTERM once ended the process before its cleanup ran."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
-    env.update(
-        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ROBUSTDIFF_MODELS=str(checkpoints["tiny"]),
-        ROBUSTDIFF_WORKER_METRICS_PORT=str(free_port()), ROBUSTDIFF_DEVICE="cpu", ROBUSTDIFF_HEARTBEAT_S="0.5",
-    )  # fmt: skip
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-        stderr=log,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    metrics_port = str(free_port())
+    log_path = tmp_path / "serve.log"
+    proc, base = _start_serve(checkpoints, log_path, ROBUSTDIFF_WORKER_METRICS_PORT=metrics_port)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if _get(f"{base}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
         status, out = _get(f"{base}/sample", {"steps": 2, "seeds": 5})
         assert status == 200 and out["model"] == "tiny" and out["seeds"] == [5]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['ROBUSTDIFF_WORKER_METRICS_PORT']}/metrics")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics")
         assert b'robustdiff_images_generated_total{model="tiny"} 1.0' in metrics.read()
     finally:
         proc.send_signal(stop)
-        assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()
-        log.close()
+        assert proc.wait(60) == 0, log_path.read_text()
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     assert not children.strip()
-    redis_url = re.search(r"started a private Redis at (\S+)", (tmp_path / "serve.log").read_text())
+    redis_url = re.search(r"started a private Redis at (\S+)", log_path.read_text())
     assert redis_url is not None
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(redis_url.group(1), socket_connect_timeout=1).ping()
+
+
+def test_serve_restarts_its_private_redis_with_the_accepted_jobs(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A crash of the private Redis must not disable the service for good nor lose accepted jobs:
+    serve restarts it on the same port from its append-only file, and the job still completes."""
+    log_path = tmp_path / "serve.log"
+    proc, base = _start_serve(
+        checkpoints, log_path, ROBUSTDIFF_FAULT_STEP_DELAY_S="0.5", ROBUSTDIFF_RECLAIM_IDLE_MS="1500"
+    )
+    try:
+        status, job = _get(f"{base}/sample", {"steps": 6, "seeds": 7, "async": True})
+        assert status == 202
+        redis_pid = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "redis-server"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(redis_pid) == 1
+        os.kill(int(redis_pid[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status, out = _get(f"{base}{job['location']}")
+            except OSError:
+                status, out = 0, {}
+            if status == 200 and out["status"] in ("done", "failed"):
+                break
+            time.sleep(0.3)
+        assert status == 200 and out["status"] == "done", out
+        assert "restarting it with its jobs" in log_path.read_text()
+        _wait_ready(proc, base, log_path)
+        status, again = _get(f"{base}/sample", {"steps": 6, "seeds": 7})
+        assert status == 200 and again["images"] == out["result"]["images"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
 
 
 def test_default_models_are_the_servable_committed_checkpoints() -> None:
