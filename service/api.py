@@ -379,9 +379,10 @@ class Service:
             )
         if status == "failed":
             err = json.loads(record.get("error") or "{}")
+            invalid = err.get("code") == "invalid"  # the worker refused the request, nothing broke
             return error_response(
-                500,
-                "job_failed",
+                422 if invalid else 500,
+                "invalid" if invalid else "job_failed",
                 [(err.get("field", "job"), err.get("reason", "failed"))],
                 headers={"Location": location},
             )
@@ -406,7 +407,8 @@ class Service:
         if record.get("status") == "done" and "result" in record:
             out["result"] = self.result(record)
         if record.get("error") and record.get("status") in TERMINAL:
-            out["error"] = json.loads(record["error"])
+            err = json.loads(record["error"])
+            out["error"] = {"field": err.get("field", "job"), "reason": err.get("reason", "failed")}
         return out
 
     # ---- purify inputs -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Layout (all keys under ``robustdiff:``):
   a worker acks *and deletes* an entry when the job ends, so XLEN - pending = jobs still waiting.
 - ``job:{id}``       hash: status, kind, model, request (JSON), created/started/finished, step/steps,
   result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1).
-- ``dead``           dead-letter stream for jobs delivered more than MAX_DELIVERIES times.
+- ``dead``           dead-letter stream for jobs whose worker died in each of MAX_DELIVERIES runs.
 - ``idem:{key}``     Idempotency-Key -> "job_id fingerprint".
 - ``models``/``heartbeats``  what the workers serve and when each last said so.
 - ``events``         pub/sub channel carrying the id of each job that reached a final status.
@@ -171,7 +171,7 @@ class DeadLetter:
     job_id: str
     model: str
     kind: str
-    deliveries: int
+    runs: int
 
 
 class QueueFull(Exception):
@@ -361,20 +361,21 @@ class JobQueue:
         keep: list[tuple[str, str, dict[str, str]]] = []
         dead: list[DeadLetter] = []
         for entry_id, data in claimed:
-            info = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
-            times = int(info[0]["times_delivered"]) if info else 1
-            if times > max_deliveries:
-                job_id = data.get("id", "")
-                kind = str(await self.redis.hget(job_key(job_id), "kind") or "sample")
-                await self.dead_letter(stream, entry_id, job_id, model, times)
-                dead.append(DeadLetter(job_id, model, kind, times))
+            job_id = data.get("id", "")
+            # Runs started (not deliveries): a job that waited in a dead worker's backlog, behind the
+            # job that killed it, never ran and must not be blamed.
+            kind, attempts = await self.redis.hmget(job_key(job_id), ["kind", "attempts"])
+            ran = int(attempts or 0)
+            if ran >= max_deliveries:
+                await self.dead_letter(stream, entry_id, job_id, model, ran)
+                dead.append(DeadLetter(job_id, model, str(kind or "sample"), ran))
             else:
                 keep.append((stream, entry_id, data))
         return await self._load(keep, reclaimed=True), dead
 
-    async def dead_letter(self, stream: str, entry_id: str, job_id: str, model: str, times: int) -> None:
+    async def dead_letter(self, stream: str, entry_id: str, job_id: str, model: str, runs: int) -> None:
         reason = (
-            f"dead_letter: delivered {times} times and never finished "
+            f"dead_letter: started {runs} times and never finished "
             "(the worker crashed or was killed each time)"
         )
         await self.redis.xadd(
@@ -383,7 +384,7 @@ class JobQueue:
                 "id": job_id,
                 "model": model,
                 "entry": entry_id,
-                "deliveries": times,
+                "runs": runs,
                 "reason": reason,
                 "ts": repr(time.time()),
             },

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         30000, ge=100, description="A delivered job idle this long (its worker died) is reclaimed by another."
     )
     max_deliveries: int = Field(
-        3, ge=1, description="Deliveries after which a job goes to the dead-letter stream and fails."
+        3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."
     )
     heartbeat_s: float = Field(
         2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."

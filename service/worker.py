@@ -2,8 +2,8 @@
 
 The event loop owns all Redis traffic (reading, heartbeats, progress, results); the network runs
 in a thread so heartbeats and cancellation checks continue during long batches. Jobs with the same
-model, kind, sampler, steps, eta and t* share a batch; each image keeps its own seed, so batching
-never changes an image.
+model, kind, sampler, steps, eta and t* share a batch (a job reclaimed from a dead worker runs alone);
+each image keeps its own seed, so batching never changes an image.
 
 Fault-injection hooks, for the test suite only (never set them in production):
 ``ROBUSTDIFF_FAULT_CRASH_SEED=<int>`` hard-exits the process when a batch holds that seed (a job that
@@ -111,8 +111,12 @@ def info_dict(pipe: Pipeline) -> dict[str, Any]:
 
 
 def batch_key(d: Delivery) -> tuple[Any, ...]:
+    """Jobs with equal keys may share a batch. A reclaimed job (its worker died while holding it)
+    gets a key of its own: if it is what killed the worker, it must not take healthy jobs down with it
+    again, so only it reaches the dead-letter stream."""
     r = d.request
-    return (d.model, d.kind, r["sampler"], r["steps"], r["eta"], r.get("t_star"))
+    alone = d.entry_id if d.reclaimed else None
+    return (d.model, d.kind, r["sampler"], r["steps"], r["eta"], r.get("t_star"), alone)
 
 
 def n_outputs(d: Delivery) -> int:
@@ -267,9 +271,14 @@ class Worker:
         except Cancelled:
             await self._after_cancel(run)
             return
+        except UserError as err:  # a request the model cannot run (e.g. more DDIM steps than fit below t*)
+            log.info("batch of %d jobs refused: %s", len(run), err)
+            await self._fail(run, {"field": err.field, "reason": err.reason, "code": "invalid"}, "validation")
+            return
         except Exception as err:
             log.exception("batch of %d jobs failed", len(run))
-            await self._fail(run, f"worker_error: {type(err).__name__}: {err}")
+            reason = f"worker_error: {type(err).__name__}: {err}"
+            await self._fail(run, {"field": "job", "reason": reason}, "worker_error")
             return
         finally:
             self.current = []
@@ -299,15 +308,13 @@ class Worker:
         if await self.queue.finish(d.stream, d.entry_id, d.job_id, "cancelled", error=error):
             m.JOBS.labels(kind=d.kind, status="cancelled").inc()
 
-    async def _fail(self, run: list[Delivery], reason: str) -> None:
+    async def _fail(self, run: list[Delivery], error: dict[str, str], metric_reason: str) -> None:
         for d in run:
             if d.job_id in self.cancelled:
                 continue
-            if await self.queue.finish(
-                d.stream, d.entry_id, d.job_id, "failed", error={"field": "job", "reason": reason}
-            ):
+            if await self.queue.finish(d.stream, d.entry_id, d.job_id, "failed", error=error):
                 m.JOBS.labels(kind=d.kind, status="failed").inc()
-                m.WORKER_FAILURES.labels(reason="worker_error").inc()
+                m.WORKER_FAILURES.labels(reason=metric_reason).inc()
 
     # ---- compute (runs in a thread) -----------------------------------------------------------------
     def _compute(self, run: list[Delivery]) -> np.ndarray:
@@ -445,6 +452,6 @@ class Worker:
                 m.JOBS_RECLAIMED.labels(model=model).inc()
                 self.backlog.append(d)
             for dl in dead:
-                log.error("job %s dead-lettered after %d deliveries", dl.job_id, dl.deliveries)
+                log.error("job %s dead-lettered after %d runs", dl.job_id, dl.runs)
                 m.WORKER_FAILURES.labels(reason="dead_letter").inc()
                 m.JOBS.labels(kind=dl.kind, status="failed").inc()

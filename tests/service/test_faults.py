@@ -64,7 +64,7 @@ def test_job_that_always_crashes_goes_to_dead_letter(
             assert worker.proc.wait(60) == CRASH_EXIT_CODE
             worker = spawn_worker(url, **env)
         final = wait_for(lambda: (j := c.get(f"/jobs/{job}").json())["status"] == "failed" and j, 30)
-        assert final["error"]["reason"].startswith("dead_letter: delivered 3 times")
+        assert final["error"]["reason"].startswith("dead_letter: started 2 times")
         ok = c.post("/sample", json={"steps": 1, "seeds": 1})
         assert ok.status_code == 200  # the worker that dead-lettered it is healthy
         metrics = c.get("/metrics").text
@@ -72,8 +72,37 @@ def test_job_that_always_crashes_goes_to_dead_letter(
     r = redis.Redis.from_url(url, decode_responses=True)
     entries = r.xrange(DEAD_STREAM)
     r.close()
-    assert len(entries) == 1 and entries[0][1]["id"] == job and entries[0][1]["deliveries"] == "3"
+    assert len(entries) == 1 and entries[0][1]["id"] == job and entries[0][1]["runs"] == "2"
     assert worker.proc.poll() is None
+
+
+def test_a_crashing_job_does_not_take_its_batch_mates_down(
+    private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    url = private_redis.url
+    # A long batching window so the healthy job and the crashing one share the first batch.
+    env = {FAULT_CRASH_SEED_ENV: "666", "ROBUSTDIFF_MAX_DELIVERIES": "2", "ROBUSTDIFF_MAX_WAIT_MS": "3000"}
+    with make_client(url, default_model="tiny") as c:
+        worker = spawn_worker(url, **env)
+        healthy = c.post("/sample", json={"steps": 2, "seeds": 5, "async": True}).json()["id"]
+        poison = c.post("/sample", json={"steps": 2, "seeds": 666, "async": True}).json()["id"]
+        assert worker.proc.wait(60) == CRASH_EXIT_CODE  # the shared batch killed it
+        assert job_hash(url, healthy).get("status") == "running"
+
+        def final() -> bool:
+            nonlocal worker
+            if worker.proc.poll() == CRASH_EXIT_CODE:
+                worker = spawn_worker(url, **env)
+            return all(job_hash(url, j).get("status") in ("done", "failed") for j in (healthy, poison))
+
+        wait_for(final, 120, 0.2)
+        ok, bad = c.get(f"/jobs/{healthy}").json(), c.get(f"/jobs/{poison}").json()
+    assert ok["status"] == "done" and len(ok["result"]["images"]) == 1
+    assert bad["status"] == "failed" and bad["error"]["reason"].startswith("dead_letter: started 2 times")
+    r = redis.Redis.from_url(url, decode_responses=True)
+    dead = [fields["id"] for _, fields in r.xrange(DEAD_STREAM)]
+    r.close()
+    assert dead == [poison]
 
 
 def test_redis_outage_503_then_recovery(
