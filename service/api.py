@@ -102,13 +102,27 @@ def _is_union_tag(part: int | str) -> bool:
     )
 
 
+def _is_type_mismatch(error_type: str) -> bool:
+    return error_type.endswith("_type") or error_type in ("none_required", "is_instance_of")
+
+
 def _validation_errors(err: ValidationError | RequestValidationError) -> list[tuple[str, str]]:
-    out: dict[str, str] = {}
+    """One reason per field. A value tried against each member of a union (``seeds``: a list or one
+    seed) fails once per member; keep the member that says what is wrong with the value (``seeds[0]``
+    is below 0, or not an integer) over those that only say the whole value is of another type."""
+    errors = []
     for e in err.errors():
         loc = tuple(x for x in e.get("loc", ()) if not _is_union_tag(x))
         reason = str(e.get("msg", "invalid"))
         if e.get("type") == "json_invalid":
             reason = f"malformed JSON ({e.get('ctx', {}).get('error', reason)})"
+        errors.append((loc, str(e.get("type", "")), reason))
+    informative = {loc[:1] for loc, kind, _ in errors if not _is_type_mismatch(kind)}
+    deeper = {loc[:i] for loc, _, _ in errors for i in range(1, len(loc))}
+    out: dict[str, str] = {}
+    for loc, kind, reason in errors:
+        if _is_type_mismatch(kind) and (loc in deeper or (len(loc) == 1 and loc in informative)):
+            continue
         out.setdefault(_loc(loc), reason)
     return list(out.items()) or [("body", "invalid")]
 
@@ -186,8 +200,11 @@ class Service:
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> tuple[BaseModel, list[bytes]]:
         """The validated body (JSON, or multipart for /purify) and any uploaded files."""
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise ApiError(415, "content-encoding", f"{encoding!r} is not supported; send the body as is")
         body = await self.read_body(request)
-        ctype = request.headers.get("content-type", "")
+        ctype = request.headers.get("content-type", "").lower()  # media types are case-insensitive
         files: list[bytes] = []
         if ctype.startswith("multipart/form-data") and schema is PurifyRequest:
             data: dict[str, Any] = {}
@@ -200,6 +217,8 @@ class Service:
                     if key not in ("files", "images"):
                         raise ApiError(422, key, "file parts must be named 'files'")
                     files.append(await value.read())
+                elif key in data:
+                    raise ApiError(422, key, "given more than once")
                 else:
                     try:
                         data[key] = json.loads(value)
@@ -221,8 +240,8 @@ class Service:
             raise ApiError(
                 415, "content-type", f"{ctype.split(';')[0]!r} is not {accepted}", code="unsupported"
             )
-        try:
-            return schema.model_validate_json(body or b"null"), files
+        try:  # strict: JSON has types, so "4" is not a number and "yes" not a boolean
+            return schema.model_validate_json(body or b"null", strict=True), files
         except ValidationError as err:
             raise _Invalid(err) from None
 
@@ -358,8 +377,12 @@ class Service:
             raise ApiError(409, "Idempotency-Key", "already used for a different request")
         location = f"/jobs/{sub.job_id}"
         if async_:
+            status = "queued"
+            if not sub.created:  # the Idempotency-Key's job: say where it is now
+                record = await self.queue.get(sub.job_id)
+                status = record.get("status", "queued") if record else "queued"
             return JSONResponse(
-                {"id": sub.job_id, "status": "queued" if sub.created else "existing", "location": location},
+                {"id": sub.job_id, "status": status, "created": sub.created, "location": location},
                 status_code=202,
                 headers={"Location": location},
             )
@@ -577,11 +600,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"models": entries})
 
-    @app.get("/healthz", summary="The API process is up")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="The API process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Redis reachable and a live worker with its models loaded")
+    @app.api_route(
+        "/readyz", methods=["GET", "HEAD"], summary="Redis reachable and a live worker with its models loaded"
+    )
     async def readyz() -> Response:
         try:
             await svc.redis.ping()

@@ -225,6 +225,33 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "eta",
     ),
     ("seed negative", "POST", "/sample", {"json": {"seeds": -1}}, 422, "seeds"),
+    ("seed negative in a list", "POST", "/sample", {"json": {"seeds": [-1]}}, 422, "seeds[0]"),
+    ("number as a string", "POST", "/sample", {"json": {"num_images": "4"}}, 422, "num_images"),
+    ("boolean as a string", "POST", "/sample", {"json": {"async": "yes"}}, 422, "async"),
+    (
+        "compressed body",
+        "POST",
+        "/sample",
+        {"content": b"\x1f\x8b", "headers": {"content-type": "application/json", "content-encoding": "gzip"}},
+        415,
+        "content-encoding",
+    ),
+    (
+        "multipart field twice",
+        "POST",
+        "/purify",
+        {"files": [("files", GOOD)], "data": {"model": "tiny", "npy_range": "-1,1", "steps": ["2", "3"]}},
+        422,
+        "steps",
+    ),
+    (
+        "multipart seed negative",
+        "POST",
+        "/purify",
+        {"files": [("files", GOOD)], "data": {"model": "tiny", "npy_range": "-1,1", "seeds": "-1"}},
+        422,
+        "seeds",
+    ),
     ("seed float", "POST", "/sample", {"json": {"seeds": [1.5]}}, 422, "seeds[0]"),
     ("seeds count", "POST", "/sample", {"json": {"num_images": 2, "seeds": [1, 2, 3]}}, 422, "seeds"),
     ("seed too large", "POST", "/sample", {"json": {"seeds": 2**64}}, 422, "seeds"),
@@ -293,6 +320,28 @@ def test_bad_input(
     body = r.json()
     assert body["errors"][0]["field"] == field, body
     assert body["errors"][0]["reason"] and body["detail"] and body["error"]
+    # one reason per problem: a union's other members ("a list", "an integer") add nothing
+    assert not any("should be a valid" in e["reason"] for e in body["errors"][1:]), body
+
+
+def test_a_union_value_gets_the_reason_of_its_own_type(client: TestClient) -> None:
+    """A seed below 0 is refused for being below 0, not for not being a list (multipart sends one
+    seed as a bare number)."""
+    r = client.post(
+        "/purify", files=[("files", GOOD)], data={"model": "tiny", "npy_range": "-1,1", "seeds": "-1"}
+    )
+    assert r.json()["errors"] == [{"field": "seeds", "reason": "Input should be greater than or equal to 0"}]
+    r = client.post("/sample", json={"seeds": [-1]})
+    assert r.json()["errors"] == [
+        {"field": "seeds[0]", "reason": "Input should be greater than or equal to 0"}
+    ]
+
+
+def test_media_types_are_case_insensitive(client: TestClient) -> None:
+    r = client.post(
+        "/sample", content=b'{"steps": 1, "seeds": 3}', headers={"content-type": "Application/JSON"}
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_large_content_length_refused_before_reading(client: TestClient) -> None:

@@ -146,6 +146,8 @@ def test_idempotency_key(client: TestClient) -> None:
     b = client.post("/sample", json=body, headers={"Idempotency-Key": key})
     assert a.status_code == b.status_code == 202
     assert a.json()["id"] == b.json()["id"]
+    assert a.json()["created"] is True and b.json()["created"] is False
+    assert b.json()["status"] in ("queued", "running", "done")  # where the job is, a JobStatus status
     sync = client.post("/sample", json={**body, "async": False}, headers={"Idempotency-Key": key})
     assert sync.status_code == 200 and sync.json()["job_id"] == a.json()["id"]  # a retry that waits
     changed = client.post("/sample", json={**body, "seeds": 12}, headers={"Idempotency-Key": key})
@@ -184,6 +186,9 @@ def test_models_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["workers"] == 1
+    for probe in ("/healthz", "/readyz"):  # load balancers probe with HEAD too
+        head = client.head(probe)
+        assert head.status_code == 200 and not head.content
 
 
 def test_metrics_route(client: TestClient) -> None:
