@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
+
 import torch
 
 from models.denoisers import Denoiser
 from models.noise import NoiseSource
-from models.samplers import SAMPLERS, Callback, Cancel
-from models.schedules import Spacing, time_grid
+from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
+from models.schedules import Schedule, Spacing, time_grid
 
 SPACING: dict[str, Spacing] = {
     "ddpm": "uniform",
@@ -15,13 +19,55 @@ SPACING: dict[str, Spacing] = {
     "dpm-solver++": "log-snr",
     "consistency": "linear",
 }
+DEFAULT_STEPS = 10
 
 
-def _check_sampler(sampler: str, steps: int) -> None:
+def sampler_grid(
+    schedule: Schedule,
+    sampler: str,
+    *,
+    steps: int | None = None,
+    times: Sequence[float] | None = None,
+    eta: float = 0.0,
+    t_star: float | None = None,
+) -> torch.Tensor:
+    """The time grid [start, ..., 0] a call runs (NFE = len - 1), or the ValueError it would raise.
+
+    The one place that checks sampler, steps, times, eta and t* and picks the grid, so generate,
+    purify and the CLI (before its progress bar) accept and refuse the same arguments. start is 1
+    for sampling and t* for purification. Without ``times`` the grid is ``steps`` (default 10) steps
+    on the sampler's own spacing; ``times`` replaces that spacing: the grid is [start, *times, 0].
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise ValueError("steps: must be >= 1")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta: must be a finite number >= 0, got {eta}")
+    if eta != 0 and sampler not in ETA_SAMPLERS:
+        raise ValueError(
+            f"eta: only the {', '.join(ETA_SAMPLERS)} sampler uses eta; {sampler} would ignore it"
+        )
+    t_min = 1.0 / schedule.T
+    start = 1.0
+    if t_star is not None:
+        if not t_min <= t_star <= 1.0:
+            raise ValueError(f"t_star: must be in [{t_min}, 1], got {t_star}")
+        start = t_star
+    if times is None:
+        return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, SPACING[sampler], t_max=start)
+    ts = [float(t) for t in times]
+    if not all(math.isfinite(t) for t in ts):
+        raise ValueError(f"times: must be finite, got {ts}")
+    if any(later >= earlier for earlier, later in itertools.pairwise(ts)):
+        raise ValueError(f"times: must be strictly decreasing, got {ts}")
+    if ts and not (t_min <= ts[-1] and ts[0] < start):
+        raise ValueError(
+            f"times: must be in [{t_min}, {start}) (at least 1/T, below the start time), got {ts}"
+        )
+    if steps is not None and steps != len(ts) + 1:
+        raise ValueError(
+            f"steps: {steps} does not match the {len(ts) + 1} network evaluations that times gives"
+        )
+    return torch.tensor([start, *ts, 0.0], dtype=torch.float64)
 
 
 def generate(
@@ -29,15 +75,22 @@ def generate(
     noise: NoiseSource,
     *,
     sampler: str = "ddim",
-    steps: int = 10,
+    steps: int | None = None,
+    times: Sequence[float] | None = None,
     eta: float = 0.0,
     clip_x0: bool = True,
     callback: Callback | None = None,
     cancel: Cancel | None = None,
 ) -> torch.Tensor:
-    """Images [B, C, H, W] in [-1, 1] from pure noise (one per seed of ``noise``)."""
-    _check_sampler(sampler, steps)
-    ts = time_grid(denoiser.schedule, steps, SPACING[sampler])
+    """Images [B, C, H, W] in [-1, 1] from pure noise (one per seed of ``noise``).
+
+    ``times`` (decreasing, in [1/T, 1)) are the times after the first network evaluation, at t = 1,
+    where the sampler evaluates the network again; for a consistency model they are the re-noising
+    times tau_1 > tau_2 > ... of multistep consistency sampling (Song et al. 2023, Algorithm 1).
+    The grid is [1, *times, 0], so NFE = len(times) + 1 and ``times=[]`` is one step. Without it,
+    ``steps`` (default 10) steps on the sampler's own spacing; with it, ``steps`` may be omitted.
+    """
+    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta)
     x = noise.initial()
     out = SAMPLERS[sampler](
         denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
@@ -52,7 +105,8 @@ def purify(
     *,
     t_star: float = 0.1,
     sampler: str = "ddim",
-    steps: int = 10,
+    steps: int | None = None,
+    times: Sequence[float] | None = None,
     eta: float = 0.0,
     clip_x0: bool = True,
     callback: Callback | None = None,
@@ -60,17 +114,14 @@ def purify(
 ) -> torch.Tensor:
     """DiffPure: diffuse ``images`` (in [-1, 1]) to t* with per-image noise, then reverse to t = 0.
 
-    With a consistency model and ``steps=1`` this is one network evaluation: f(x_t*, t*).
+    ``times`` (decreasing, in [1/T, t*)) are where the sampler evaluates the network again after
+    t*: the grid is [t*, *times, 0], NFE = len(times) + 1. With a consistency model ``times=[]`` (or
+    ``steps=1``) is one network evaluation, f(x_t*, t*); ``times=[tau]`` denoises, re-noises to tau
+    and denoises again.
     """
-    _check_sampler(sampler, steps)
-    T = denoiser.schedule.T
-    if not 1.0 / T <= t_star <= 1.0:
-        raise ValueError(f"t_star: must be in [{1.0 / T}, 1], got {t_star}")
-    if SPACING[sampler] == "uniform" and steps > round(t_star * T):
-        raise ValueError(f"steps: at most {round(t_star * T)} steps fit below t_star={t_star}")
+    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
     if images.shape[0] != len(noise):
         raise ValueError("images: one seed per image is needed")
-    ts = time_grid(denoiser.schedule, steps, SPACING[sampler], t_max=t_star)
     t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
     x = denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
     out = SAMPLERS[sampler](

@@ -19,7 +19,7 @@ import torch
 from models.checkpoint import CheckpointHeader, load_checkpoint
 from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
 from models.devices import resolve_device
-from models.generate import generate, purify
+from models.generate import generate, purify, sampler_grid
 from models.noise import NoiseSource
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
 from models.schedules import Schedule
@@ -39,6 +39,7 @@ class ModelInfo:
     method: str
     image_shape: tuple[int, int, int]
     num_classes: int
+    timesteps: int  # the schedule's T: t* and every time must be >= 1/T; ddpm/ddim fit round(t* T) steps
     class_names: list[str] = field(default_factory=list)
     hash: str = ""
     samplers: list[str] = field(default_factory=list)
@@ -75,6 +76,7 @@ class Pipeline:
             method=header.training.method,
             image_shape=header.image_shape,
             num_classes=header.model.num_classes,
+            timesteps=self.schedule.T,
             class_names=list(header.class_names),
             hash=header.content_hash or hashlib.sha256(header.model_dump_json().encode()).hexdigest(),
             samplers=list(CONSISTENCY_SAMPLERS if consistency else DIFFUSION_SAMPLERS),
@@ -160,6 +162,20 @@ class Pipeline:
                 f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}"
             )
 
+    def grid(
+        self,
+        sampler: str,
+        *,
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
+        eta: float = 0.0,
+        t_star: float | None = None,
+    ) -> torch.Tensor:
+        """The time grid sample (``t_star=None``) or purify would run with these arguments (NFE is
+        its length - 1), or their ValueError: lets a caller refuse a request before any work."""
+        self._check_sampler(sampler)
+        return sampler_grid(self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
+
     def _prepare(
         self, sampler: str, seeds: Sequence[int], labels: Sequence[int] | None
     ) -> tuple[NoiseSource, Denoiser]:
@@ -174,15 +190,29 @@ class Pipeline:
         seeds: Sequence[int],
         *,
         sampler: str = "ddim",
-        steps: int = 10,
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
         eta: float = 0.0,
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
     ) -> torch.Tensor:
-        """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed."""
+        """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed.
+
+        ``steps`` (default 10) on the sampler's spacing, or the grid [1, *times, 0]: ``times`` are
+        where the network is evaluated again after t = 1 (see ``models.generate.generate``).
+        """
         noise, den = self._prepare(sampler, seeds, labels)
-        out = generate(den, noise, sampler=sampler, steps=steps, eta=eta, callback=callback, cancel=cancel)
+        out = generate(
+            den,
+            noise,
+            sampler=sampler,
+            steps=steps,
+            times=times,
+            eta=eta,
+            callback=callback,
+            cancel=cancel,
+        )
         return out.float().cpu()
 
     @torch.inference_mode()
@@ -193,13 +223,18 @@ class Pipeline:
         *,
         t_star: float = 0.1,
         sampler: str = "ddim",
-        steps: int = 10,
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
         eta: float = 0.0,
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
     ) -> torch.Tensor:
-        """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1]."""
+        """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1].
+
+        ``steps`` (default 10) on the sampler's spacing, or the grid [t*, *times, 0] (see
+        ``models.generate.purify``).
+        """
         if tuple(images.shape[1:]) != self.info.image_shape:
             raise ValueError(
                 f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}"
@@ -215,6 +250,7 @@ class Pipeline:
             t_star=t_star,
             sampler=sampler,
             steps=steps,
+            times=times,
             eta=eta,
             callback=callback,
             cancel=cancel,

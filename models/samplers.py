@@ -101,6 +101,8 @@ RULES: dict[str, StepRule] = {
 }
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 CONSISTENCY_SAMPLERS = ("consistency",)
+ETA_SAMPLERS = ("ddim",)
+"""The rules that read eta; the others would silently ignore it (DDPM's noise is fixed by its posterior)."""
 
 
 def run_sampler(

@@ -23,12 +23,13 @@ from models.consistency import (
     pseudo_huber,
     teacher_ode_step,
 )
-from models.denoisers import ConsistencyDenoiser, Parameterization
+from models.denoisers import ConsistencyDenoiser, Denoiser, Parameterization
 from models.generate import generate
 from models.noise import NoiseSource
+from models.pipeline import Pipeline
 from models.samplers import RULES
-from models.schedules import Schedule
-from models.testing import GaussianEps, gaussian_denoiser
+from models.schedules import Schedule, time_grid
+from models.testing import GaussianEps, gaussian_denoiser, tiny_checkpoint
 
 MU, V = 0.5, 0.25
 
@@ -301,3 +302,86 @@ def test_project_l2_keeps_rows_inside_unchanged() -> None:
     d = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
     out = project_l2(d, 1.0)
     torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+
+
+@pytest.fixture(scope="module")
+def cm(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return Pipeline.from_checkpoint(
+        tiny_checkpoint(tmp_path_factory.mktemp("cm") / "cm.safetensors", kind="consistency")
+    )
+
+
+def _f(den: Denoiser, x: torch.Tensor, t: float) -> torch.Tensor:
+    """The consistency function at one time for every row, clipped as the served sampler clips it."""
+    return den.x0(x, torch.full((x.shape[0],), t, dtype=torch.float64)).clamp(-1.0, 1.0)
+
+
+def _renoise(sch: Schedule, x0: torch.Tensor, t: float, z: torch.Tensor) -> torch.Tensor:
+    return sch.diffuse(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), z)
+
+
+def test_one_step_purification_is_f_at_t_star(cm: Pipeline) -> None:
+    """steps=1 and times=[] are the single evaluation f(x_t*, t*) of the diffused image, bitwise."""
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    seeds, t_star = [4, 9, 2], 0.25
+    noise = NoiseSource(seeds, cm.info.image_shape)
+    with torch.inference_mode():
+        den = cm.denoiser()
+        expected = _f(den, _renoise(cm.schedule, images, t_star, noise.initial()), t_star)
+    for grid in ({"steps": 1}, {"times": []}):
+        got = cm.purify(images, seeds, t_star=t_star, sampler="consistency", **grid)
+        assert torch.equal(got, expected), grid
+
+
+def test_multistep_sampling_is_algorithm_1(cm: Pipeline) -> None:
+    """times [a, b]: x0 = f(z, 1); re-noise to a with the image's step-1 noise; f; to b; f (bitwise)."""
+    seeds, (a, b) = [3, 17], (0.6, 0.25)
+    noise = NoiseSource(seeds, cm.info.image_shape)
+    with torch.inference_mode():
+        den = cm.denoiser()
+        x0 = _f(den, noise.initial(), 1.0)
+        x0 = _f(den, _renoise(cm.schedule, x0, a, noise.draw(noise.step_stream(0))), a)
+        x0 = _f(den, _renoise(cm.schedule, x0, b, noise.draw(noise.step_stream(1))), b)
+    got = cm.sample(seeds, sampler="consistency", times=[a, b])
+    assert torch.equal(got, x0)
+    assert not torch.equal(got, cm.sample(seeds, sampler="consistency", times=[a]))
+
+
+def test_multistep_purification_with_steps_and_times(cm: Pipeline) -> None:
+    """Purification re-noises below t*: times [tau] is f(x_t*, t*), re-noised to tau, f again; steps=2
+    is the same on the linear grid (tau = t*/2), and steps=3 equals times [2t*/3, t*/3]."""
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    seeds, t_star, tau = [8, 1], 0.3, 0.12
+    noise = NoiseSource(seeds, cm.info.image_shape)
+    with torch.inference_mode():
+        den = cm.denoiser()
+        x0 = _f(den, _renoise(cm.schedule, images, t_star, noise.initial()), t_star)
+        x0 = _f(den, _renoise(cm.schedule, x0, tau, noise.draw(noise.step_stream(0))), tau)
+    got = cm.purify(images, seeds, t_star=t_star, sampler="consistency", times=[tau])
+    assert torch.equal(got, x0)
+    for steps in (2, 3):
+        inner = time_grid(cm.schedule, steps, "linear", t_max=t_star)[1:-1].tolist()
+        assert inner == pytest.approx([t_star * (steps - k) / steps for k in range(1, steps)], abs=1e-15)
+        by_steps = cm.purify(images, seeds, t_star=t_star, sampler="consistency", steps=steps)
+        by_times = cm.purify(images, seeds, t_star=t_star, sampler="consistency", times=inner)
+        assert torch.equal(by_steps, by_times)
+        assert not torch.equal(by_steps, cm.purify(images, seeds, t_star=t_star, sampler="consistency"))
+
+
+def test_times_match_steps_and_keep_images_independent_of_the_batch(cm: Pipeline) -> None:
+    inner = time_grid(cm.schedule, 3, "linear")[1:-1].tolist()
+    assert inner == pytest.approx([2 / 3, 1 / 3], abs=1e-15)
+    batch = cm.sample([10, 11, 12, 13], sampler="consistency", times=inner)
+    assert torch.equal(batch, cm.sample([10, 11, 12, 13], sampler="consistency", steps=3))
+    assert torch.equal(batch[2], cm.sample([12], sampler="consistency", times=inner)[0])
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    purified = cm.purify(images, [5, 6, 7, 8], t_star=0.5, sampler="consistency", times=[0.3, 0.1])
+    alone = cm.purify(images[1:2], [6], t_star=0.5, sampler="consistency", times=[0.3, 0.1])
+    assert torch.equal(purified[1], alone[0])
+
+
+def test_the_consistency_sampler_refuses_eta(cm: Pipeline) -> None:
+    with pytest.raises(
+        ValueError, match=r"^eta: only the ddim sampler uses eta; consistency would ignore it"
+    ):
+        cm.sample([1], sampler="consistency", times=[0.5], eta=0.3)

@@ -1,4 +1,7 @@
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +20,51 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 def test_info(pipe: Pipeline) -> None:
     assert pipe.info.kind == "diffusion" and pipe.info.image_shape == (1, 16, 16)
     assert pipe.info.samplers == ["ddpm", "ddim", "dpm-solver++"] and len(pipe.info.hash) == 64
+    assert pipe.info.timesteps == pipe.schedule.T == 1000
+    assert json.loads(json.dumps(dataclasses.asdict(pipe.info)))["timesteps"] == 1000
+
+
+REFUSED: list[tuple[dict[str, Any], str]] = [
+    ({"times": [0.3, 0.6]}, "times: must be strictly decreasing"),
+    ({"times": [0.5, 0.5]}, "times: must be strictly decreasing"),
+    ({"times": [1.0]}, r"times: must be in \[0.001, "),  # the start (1, or t*) itself
+    ({"times": [0.05, 0.0005]}, r"times: must be in \[0.001, "),  # below 1/T
+    ({"times": [0.5, float("nan")]}, "times: must be finite"),
+    ({"times": [float("inf")]}, "times: must be finite"),
+    (
+        {"times": [0.05, 0.02], "steps": 2},
+        "steps: 2 does not match the 3 network evaluations that times gives",
+    ),
+    ({"times": [], "steps": 10}, "steps: 10 does not match the 1 network evaluations"),
+    ({"sampler": "ddpm", "eta": 0.5}, "eta: only the ddim sampler uses eta; ddpm would ignore it"),
+    ({"sampler": "dpm-solver++", "eta": 1.0}, "eta: only the ddim sampler uses eta"),
+    ({"sampler": "ddim", "eta": -1.0}, "eta: must be a finite number >= 0"),
+    ({"sampler": "ddim", "eta": float("nan")}, "eta: must be a finite number >= 0"),
+    ({"steps": 0}, "steps: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), REFUSED)
+def test_bad_grids_are_refused_by_sample_and_purify(
+    pipe: Pipeline, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{message}"):
+        pipe.sample([1], **kwargs)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        pipe.purify(torch.zeros(1, 1, 16, 16), [1], t_star=0.1, **kwargs)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        pipe.grid(kwargs.get("sampler", "ddim"), **{k: v for k, v in kwargs.items() if k != "sampler"})
+
+
+def test_purify_times_must_lie_below_t_star(pipe: Pipeline) -> None:
+    x = torch.zeros(1, 1, 16, 16)
+    for times in ([0.1], [0.2, 0.05]):
+        with pytest.raises(ValueError, match=r"^times: must be in \[0.001, 0.1\)"):
+            pipe.purify(x, [1], t_star=0.1, times=times)
+    assert pipe.purify(x, [1], t_star=0.1, times=[0.099, 0.001]).shape == (1, 1, 16, 16)
+    assert len(pipe.grid("ddim", times=[0.05], t_star=0.1)) == 3
+    with pytest.raises(ValueError, match=r"^t_star: must be in"):
+        pipe.purify(x, [1], t_star=float("nan"), times=[])
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])

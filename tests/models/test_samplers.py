@@ -1,10 +1,12 @@
 """Exactness on Gaussian data: with the closed-form denoiser the samplers must reproduce N(mu, v)."""
 
+from typing import Any
+
 import pytest
 import torch
 
 from models.denoisers import ConsistencyDenoiser, EpsDenoiser
-from models.generate import generate
+from models.generate import SPACING, generate, purify
 from models.noise import NoiseSource
 from models.samplers import Cancelled, PlanCache, coefficient_table, sample_ddim
 from models.schedules import Schedule, ScheduleConfig, time_grid
@@ -54,7 +56,7 @@ def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
     assert abs(mean - MU) < 0.01 and abs(var / V - 1) < 0.03
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "consistency"])
 @pytest.mark.parametrize("steps", [1, 3, 8])
 def test_step_count_and_progress(sampler: str, steps: int) -> None:
     calls: list[tuple[int, int]] = []
@@ -92,16 +94,65 @@ def test_cancel_stops_between_steps() -> None:
     assert seen == [1, 2, 3]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
-def test_image_does_not_depend_on_its_batch(sampler: str) -> None:
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "consistency"])
+@pytest.mark.parametrize("grid", [{"steps": 7}, {"times": [0.8, 0.45, 0.2, 0.01]}])
+def test_image_does_not_depend_on_its_batch(sampler: str, grid: dict[str, Any]) -> None:
     """Image 3 of a batch of 8 equals the same seed sampled alone, bitwise."""
     den = gaussian_denoiser()
     seeds = [11, 22, 33, 44, 55, 66, 77, 88]
-    batch = generate(den, NoiseSource(seeds, (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
-    alone = generate(den, NoiseSource([44], (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
+    eta = 1.0 if sampler == "ddim" else 0.0
+    batch = generate(den, NoiseSource(seeds, (1, 4, 4)), sampler=sampler, eta=eta, **grid)
+    alone = generate(den, NoiseSource([44], (1, 4, 4)), sampler=sampler, eta=eta, **grid)
     assert torch.equal(batch[3], alone[0])
-    other = generate(den, NoiseSource([45], (1, 4, 4)), sampler=sampler, steps=7, eta=1.0)
+    other = generate(den, NoiseSource([45], (1, 4, 4)), sampler=sampler, eta=eta, **grid)
     assert not torch.equal(other[0], alone[0])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "consistency"])
+@pytest.mark.parametrize("times", [[], [0.7], [0.9, 0.35, 0.0105]])
+def test_times_are_where_the_network_is_evaluated(sampler: str, times: list[float]) -> None:
+    """The network sees t = 1 and then exactly the given times; one progress call per evaluation."""
+    den = gaussian_denoiser()
+    seen: list[torch.Tensor] = []
+    calls: list[tuple[int, int]] = []
+    inner = den.net
+
+    def recording(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        seen.append(timestep.clone())
+        return inner(x, timestep)
+
+    den.net = recording
+    generate(
+        den,
+        NoiseSource([1, 2], (1, 2, 2)),
+        sampler=sampler,
+        times=times,
+        callback=lambda i, n: calls.append((i, n)),
+    )
+    expected = den.schedule.net_time(torch.tensor([1.0, *times], dtype=torch.float64))
+    assert torch.equal(torch.stack([t[0] for t in seen]), expected)
+    assert all(bool((t == t[0]).all()) for t in seen)
+    assert calls == [(i + 1, len(times) + 1) for i in range(len(times) + 1)]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "consistency"])
+def test_times_of_the_default_grid_give_the_default_images(sampler: str) -> None:
+    """``times`` replaces the spacing and nothing else: the default grid's inner times, passed
+    explicitly, give the default images bitwise (sampling from t = 1 and purifying from t* = 0.3)."""
+    den = gaussian_denoiser()
+    noise = NoiseSource([5, 6, 7], (1, 4, 4))
+    eta = 0.5 if sampler == "ddim" else 0.0
+    inner = time_grid(den.schedule, 6, SPACING[sampler])[1:-1].tolist()
+    assert len(inner) == 5 and inner[0] < 1.0
+    default = generate(den, noise, sampler=sampler, steps=6, eta=eta)
+    assert torch.equal(generate(den, noise, sampler=sampler, times=inner, eta=eta), default)
+    assert torch.equal(generate(den, noise, sampler=sampler, steps=6, times=inner, eta=eta), default)
+    images = torch.rand(3, 1, 4, 4) * 2 - 1
+    inner = time_grid(den.schedule, 4, SPACING[sampler], t_max=0.3)[1:-1].tolist()
+    default = purify(den, images, noise, t_star=0.3, sampler=sampler, steps=4, eta=eta)
+    assert torch.equal(purify(den, images, noise, t_star=0.3, sampler=sampler, times=inner, eta=eta), default)
+    other = purify(den, images, noise, t_star=0.3, sampler=sampler, times=[0.2, 0.1, 0.05], eta=eta)
+    assert not torch.equal(other, default)
 
 
 def test_bad_grids_are_refused() -> None:
