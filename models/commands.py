@@ -7,6 +7,8 @@ and refuse bad arguments with a one-line message before any work starts.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="sampler steps (default: 10, or 1 for consistency models)"
     )
+    parser.add_argument(
+        "--times",
+        type=_times_option,
+        default=None,
+        help="comma-separated decreasing times where the network is evaluated again after the start "
+        "(t = 1, or t*), e.g. 0.6,0.3: the CM re-noising times; replaces the sampler's spacing, "
+        "NFE = count + 1 ('' is one step)",
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
     parser.add_argument("--device", default="auto", type=device_option, help="auto | cpu | cuda | cuda:N")
@@ -47,6 +57,28 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--t-star", type=float, default=0.1, help="diffusion time to noise the inputs to, in (0, 1]"
         )
+
+
+def _times_option(text: str) -> list[float]:
+    """argparse ``type=`` for ``--times``: "0.6,0.3" -> [0.6, 0.3]; the range is checked with the grid."""
+    try:
+        return [float(part) for part in text.split(",")] if text.strip() else []
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers, e.g. 0.6,0.3") from err
+
+
+@contextmanager
+def _as_user_error() -> Iterator[None]:
+    """The library's "field: reason" ValueErrors as the CLI's one-line "--field: reason" errors."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        field, _, reason = str(err).partition(": ")
+        raise UserError(
+            f"--{field.replace('_', '-')}" if reason else "arguments", reason or str(err)
+        ) from err
 
 
 def _read_inputs(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -88,43 +120,31 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_checkpoint(args.model, args.device)
     sampler = args.sampler or pipe.info.samplers[0 if pipe.info.kind == "consistency" else 1]
-    steps = pipe.info.default_steps if args.steps is None else args.steps
-    if steps < 1:
-        raise UserError("--steps", "must be >= 1")
+    steps = pipe.info.default_steps if args.steps is None and args.times is None else args.steps
     if args.seed < 0:
         raise UserError("--seed", "must be >= 0")
-    bar = tqdm(total=steps, desc=f"{args.command} ({sampler}, {steps} steps)", unit="step")
+    if args.command == "sample":
+        if args.num_images < 1:
+            raise UserError("--num-images", "must be >= 1")
+        seeds = [args.seed + i for i in range(args.num_images)]
+    else:
+        inputs = _read_inputs(args.inputs, pipe.info.image_shape)
+        seeds = [args.seed + i for i in range(inputs.shape[0])]
+    t_star = args.t_star if args.command == "purify" else None
+    with _as_user_error():  # refuse before the progress bar appears
+        nfe = len(pipe.grid(sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star)) - 1
+    bar = tqdm(total=nfe, desc=f"{args.command} ({sampler}, {nfe} steps)", unit="step")
 
     def progress(i: int, n: int) -> None:
         bar.update(1)
 
+    common = {"sampler": sampler, "steps": steps, "times": args.times, "eta": args.eta, "callback": progress}
     try:
-        if args.command == "sample":
-            if args.num_images < 1:
-                raise UserError("--num-images", "must be >= 1")
-            seeds = [args.seed + i for i in range(args.num_images)]
-            images = pipe.sample(
-                seeds, sampler=sampler, steps=steps, eta=args.eta, labels=args.labels, callback=progress
-            )
-        else:
-            inputs = _read_inputs(args.inputs, pipe.info.image_shape)
-            seeds = [args.seed + i for i in range(inputs.shape[0])]
-            images = pipe.purify(
-                inputs,
-                seeds,
-                t_star=args.t_star,
-                sampler=sampler,
-                steps=steps,
-                eta=args.eta,
-                callback=progress,
-            )
-    except ValueError as err:
-        if isinstance(err, UserError):
-            raise
-        field, _, reason = str(err).partition(": ")
-        raise UserError(
-            f"--{field.replace('_', '-')}" if reason else "arguments", reason or str(err)
-        ) from err
+        with _as_user_error():
+            if args.command == "sample":
+                images = pipe.sample(seeds, labels=args.labels, **common)
+            else:
+                images = pipe.purify(inputs, seeds, t_star=args.t_star, **common)
     finally:
         bar.close()
     save_grid(images, args.out)

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from models.pipeline import Pipeline
 from models.testing import tiny_checkpoint
 from service.cli import main
 
@@ -76,7 +78,86 @@ def test_bad_purify_arguments(
         ["purify", "--model", str(ckpt), "--out", str(tmp_path / "o.png"), *argv, str(tmp_path / "b.npy")]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert code == 2 and len(err) == 1 and message in err[0]  # no progress bar, no traceback
+
+
+@pytest.fixture(scope="module")
+def cm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("cm") / "cm.safetensors", kind="consistency")
+
+
+def test_times_choose_the_consistency_grid(
+    cm_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--times 0.6,0.3 is three evaluations, the library's images; purify's --times lie below t*."""
+    out, npy = str(tmp_path / "g.png"), tmp_path / "x.npy"
+    code = main(
+        ["sample", "--model", str(cm_ckpt), "-n", "3", "--times", "0.6,0.3", "--out", out, "--npy", str(npy)]
+    )
+    assert code == 0 and "sample (consistency, 3 steps)" in capsys.readouterr().err
+    pipe = Pipeline.from_checkpoint(cm_ckpt)
+    expected = pipe.sample([0, 1, 2], sampler="consistency", times=[0.6, 0.3])
+    assert torch.equal(torch.from_numpy(np.load(npy)), expected)
+    np.save(tmp_path / "b.npy", expected.numpy())
+    for times, nfe in (("0.05", 2), ("", 1)):
+        argv = ["purify", "--model", str(cm_ckpt), "--t-star", "0.1", "--times", times, "--seed", "7"]
+        code = main([*argv, "--out", out, "--npy", str(npy), str(tmp_path / "b.npy")])
+        assert code == 0 and f"purify (consistency, {nfe} steps)" in capsys.readouterr().err
+        purified = pipe.purify(
+            expected, [7, 8, 9], t_star=0.1, sampler="consistency", times=[float(times)] if times else []
+        )
+        assert torch.equal(torch.from_numpy(np.load(npy)), purified)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--times", "0.3,0.6"], "--times: must be strictly decreasing"),
+        (["--times", "1.5"], "--times: must be in [0.001, 1.0)"),
+        (["--times", "0.5,0"], "--times: must be in [0.001, 1.0)"),
+        (["--times", "0.5,nan"], "--times: must be finite"),
+        (["--steps", "2", "--times", "0.5,0.2"], "--steps: 2 does not match the 3 network evaluations"),
+        (
+            ["--sampler", "ddpm", "--eta", "0.5"],
+            "--eta: only the ddim sampler uses eta; ddpm would ignore it",
+        ),
+        (["--sampler", "consistency"], "--sampler: 'consistency' is not available for diffusion models"),
+    ],
+)
+def test_bad_grids_are_one_line_before_any_progress_bar(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["sample", "--model", str(ckpt), "-n", "2", "--out", str(tmp_path / "o.png"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"robustdiff sample: error: {message}")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_purify_times_at_or_above_t_star_are_refused(
+    cm_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "b.npy", np.zeros((1, 1, 16, 16), np.float32))
+    argv = [
+        "purify",
+        "--model",
+        str(cm_ckpt),
+        "--t-star",
+        "0.2",
+        "--times",
+        "0.2",
+        "--out",
+        str(tmp_path / "o.png"),
+    ]
+    assert main([*argv, str(tmp_path / "b.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--times: must be in [0.001, 0.2)" in err[0]
+
+
+def test_times_that_are_not_numbers_are_a_usage_error(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", str(ckpt), "--out", "o.png", "--times", "0.5,half"])
+    assert exit_info.value.code == 2
+    assert "argument --times: '0.5,half' is not comma-separated numbers" in capsys.readouterr().err
 
 
 def test_bad_inputs_and_models(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
