@@ -347,17 +347,38 @@ class JobQueue:
         await pipe.execute()
 
     async def reclaim(
-        self, consumer: str, model: str, idle_ms: int, max_deliveries: int
+        self,
+        consumer: str,
+        model: str,
+        idle_ms: int,
+        max_deliveries: int,
+        dead_workers: Iterable[str] = (),
+        dead_idle_ms: int = 0,
     ) -> tuple[list[Delivery], list[DeadLetter]]:
-        """Take over entries idle for ``idle_ms`` (their worker died); dead-letter the over-delivered."""
+        """Take over the entries of ``dead_workers`` (heartbeat stopped) idle for ``dead_idle_ms``, and
+        any entry idle for ``idle_ms`` (its worker died unseen); dead-letter the jobs that ran too often.
+
+        A live worker touches its entries every heartbeat, so ``dead_idle_ms`` (the liveness timeout)
+        keeps a worker whose heartbeat only looks stale (clock skew) from losing its jobs.
+        """
         stream = stream_key(model)
         try:
             reply = await self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, "0-0", count=100)
+            claimed = [(entry_id, data) for entry_id, data in reply[1] if data]
+            for worker in dead_workers:
+                held = await self.redis.xpending_range(
+                    stream, GROUP, "-", "+", 100, consumername=worker, idle=dead_idle_ms
+                )
+                if held:
+                    ids: list[Any] = [h["message_id"] for h in held]
+                    taken: list[tuple[str, dict[str, str]]] = await self.redis.xclaim(  # type: ignore[assignment]
+                        stream, GROUP, consumer, dead_idle_ms, ids
+                    )
+                    claimed += [(entry_id, data) for entry_id, data in taken if data]
         except ResponseError as err:
             if "NOGROUP" not in str(err):
                 raise
             return [], []
-        claimed = [(entry_id, data) for entry_id, data in reply[1] if data]
         keep: list[tuple[str, str, dict[str, str]]] = []
         dead: list[DeadLetter] = []
         for entry_id, data in claimed:

@@ -105,7 +105,10 @@ class Settings(BaseSettings):
     )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(
-        30000, ge=100, description="A delivered job idle this long (its worker died) is reclaimed by another."
+        30000,
+        ge=100,
+        description="A delivered job idle this long (its worker died) is reclaimed by another; a worker whose "
+        "heartbeat stopped loses its jobs after 3 heartbeat periods.",
     )
     max_deliveries: int = Field(
         3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."

@@ -443,15 +443,26 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _reclaim(self) -> None:
+        """Take over the jobs of workers whose heartbeat stopped at once (a user polling such a job
+        would otherwise see it 'running' for RECLAIM_IDLE_MS), and of any that died unseen later."""
+        now = time.time()
+        liveness = self.settings.liveness_s
+        beats = await self.queue.heartbeats()
+        dead = [w for w, b in beats.items() if w != self.id and now - float(b.get("ts", 0)) > liveness]
         for model in self.models:
-            claimed, dead = await self.queue.reclaim(
-                self.id, model, self.settings.reclaim_idle_ms, self.settings.max_deliveries
+            claimed, lost = await self.queue.reclaim(
+                self.id,
+                model,
+                self.settings.reclaim_idle_ms,
+                self.settings.max_deliveries,
+                dead_workers=dead,
+                dead_idle_ms=int(liveness * 1000),
             )
             for d in claimed:
                 log.warning("reclaimed job %s of model %s from a dead worker", d.job_id, model)
                 m.JOBS_RECLAIMED.labels(model=model).inc()
                 self.backlog.append(d)
-            for dl in dead:
+            for dl in lost:
                 log.error("job %s dead-lettered after %d runs", dl.job_id, dl.runs)
                 m.WORKER_FAILURES.labels(reason="dead_letter").inc()
                 m.JOBS.labels(kind=dl.kind, status="failed").inc()

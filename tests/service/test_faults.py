@@ -144,3 +144,20 @@ def test_sigterm_finishes_running_batch_and_hands_back_the_rest(
         assert worker.pid not in beats  # deregistered
         spawn_worker(url)
         wait_for(lambda: job_hash(url, waiting).get("status") == "done", 60)
+
+
+def test_a_dead_workers_jobs_are_taken_over_when_its_heartbeat_stops(
+    private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    """Not after RECLAIM_IDLE_MS (a minute here): a job on a killed worker must not sit 'running'."""
+    url = private_redis.url
+    env = {"ROBUSTDIFF_RECLAIM_IDLE_MS": "60000", "ROBUSTDIFF_MAX_WAIT_MS": "0"}
+    first = spawn_worker(url, **env, **{FAULT_STEP_DELAY_ENV: "0.3"})
+    second = spawn_worker(url, **env)
+    with make_client(url, default_model="tiny") as c:
+        job = c.post("/sample", json={"steps": 6, "seeds": 4, "async": True}).json()["id"]
+        wait_for(lambda: job_hash(url, job).get("worker", "").endswith(str(first.pid)))
+        first.kill()
+        done = wait_for(lambda: (j := c.get(f"/jobs/{job}").json())["status"] == "done" and j, 20)
+    assert job_hash(url, job)["worker"].endswith(str(second.pid))
+    assert len(done["result"]["images"]) == 1
