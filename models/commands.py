@@ -69,13 +69,15 @@ def _times_option(text: str) -> list[float]:
 
 @contextmanager
 def _as_user_error() -> Iterator[None]:
-    """The library's "field: reason" ValueErrors as the CLI's one-line "--field: reason" errors."""
+    """The library's UserErrors (and "field: reason" ValueErrors) as the CLI's one-line
+    "--field: reason" errors: the library names its arguments, the CLI its options."""
     try:
         yield
-    except UserError:
-        raise
     except ValueError as err:
-        field, _, reason = str(err).partition(": ")
+        if isinstance(err, UserError):
+            field, reason = err.field, err.reason
+        else:
+            field, _, reason = str(err).partition(": ")
         raise UserError(
             f"--{field.replace('_', '-')}" if reason else "arguments", reason or str(err)
         ) from err

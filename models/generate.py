@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from models.denoisers import Denoiser
+from models.errors import UserError
 from models.noise import NoiseSource
 from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
 from models.schedules import Schedule, Spacing, time_grid
@@ -39,33 +40,33 @@ def sampler_grid(
     on the sampler's own spacing; ``times`` replaces that spacing: the grid is [start, *times, 0].
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        raise UserError("sampler", f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta: must be a finite number >= 0, got {eta}")
+        raise UserError("eta", f"must be a finite number >= 0, got {eta}")
     if eta != 0 and sampler not in ETA_SAMPLERS:
-        raise ValueError(
-            f"eta: only the {', '.join(ETA_SAMPLERS)} sampler uses eta; {sampler} would ignore it"
+        raise UserError(
+            "eta", f"only the {', '.join(ETA_SAMPLERS)} sampler uses eta; {sampler} would ignore it"
         )
     t_min = 1.0 / schedule.T
     start = 1.0
     if t_star is not None:
         if not t_min <= t_star <= 1.0:
-            raise ValueError(f"t_star: must be in [{t_min}, 1], got {t_star}")
+            raise UserError("t_star", f"must be in [{t_min}, 1], got {t_star}")
         start = t_star
     if times is None:
         return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, SPACING[sampler], t_max=start)
     ts = [float(t) for t in times]
     if not all(math.isfinite(t) for t in ts):
-        raise ValueError(f"times: must be finite, got {ts}")
+        raise UserError("times", f"must be finite, got {ts}")
     if any(later >= earlier for earlier, later in itertools.pairwise(ts)):
-        raise ValueError(f"times: must be strictly decreasing, got {ts}")
+        raise UserError("times", f"must be strictly decreasing, got {ts}")
     if ts and not (t_min <= ts[-1] and ts[0] < start):
-        raise ValueError(
-            f"times: must be in [{t_min}, {start}) (at least 1/T, below the start time), got {ts}"
+        raise UserError(
+            "times", f"must be in [{t_min}, {start}) (at least 1/T, below the start time), got {ts}"
         )
     if steps is not None and steps != len(ts) + 1:
-        raise ValueError(
-            f"steps: {steps} does not match the {len(ts) + 1} network evaluations that times gives"
+        raise UserError(
+            "steps", f"{steps} does not match the {len(ts) + 1} network evaluations that times gives"
         )
     return torch.tensor([start, *ts, 0.0], dtype=torch.float64)
 
@@ -121,7 +122,7 @@ def purify(
     """
     ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
     if images.shape[0] != len(noise):
-        raise ValueError("images: one seed per image is needed")
+        raise UserError("images", "one seed per image is needed")
     t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
     x = denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
     out = SAMPLERS[sampler](

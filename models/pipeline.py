@@ -19,6 +19,7 @@ import torch
 from models.checkpoint import CheckpointHeader, load_checkpoint
 from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
 from models.devices import resolve_device
+from models.errors import UserError
 from models.generate import generate, purify, sampler_grid
 from models.noise import NoiseSource
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
@@ -148,18 +149,19 @@ class Pipeline:
         classes = self.info.num_classes
         if not classes:
             if labels is not None:
-                raise ValueError("labels: this model is unconditional")
+                raise UserError("labels", "this model is unconditional")
             return None
         if labels is None or len(labels) != n:
-            raise ValueError(f"labels: one class label per image is required ({n})")
+            raise UserError("labels", f"one class label per image is required ({n})")
         if any(not 0 <= int(c) < classes for c in labels):
-            raise ValueError(f"labels: must be in [0, {classes - 1}]")
+            raise UserError("labels", f"must be in [0, {classes - 1}]")
         return torch.tensor(list(labels), dtype=torch.long, device=self.device)
 
     def _check_sampler(self, sampler: str) -> None:
         if sampler not in self.info.samplers:
-            raise ValueError(
-                f"sampler: {sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}"
+            raise UserError(
+                "sampler",
+                f"{sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}",
             )
 
     def grid(
@@ -236,11 +238,12 @@ class Pipeline:
         ``models.generate.purify``).
         """
         if tuple(images.shape[1:]) != self.info.image_shape:
-            raise ValueError(
-                f"images: shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}"
+            raise UserError(
+                "images",
+                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
             )
         if not torch.isfinite(images).all():
-            raise ValueError("images: contain NaN or infinity")
+            raise UserError("images", "contain NaN or infinity")
         noise, den = self._prepare(sampler, seeds, labels)
         x = images.to(self.device, torch.float32)
         out = purify(

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.errors import UserError
+
 ScheduleName = Literal["linear", "cosine"]
 
 
@@ -119,16 +121,16 @@ def time_grid(
     (multistep consistency sampling, where every step starts from a fresh re-noising).
     """
     if steps < 1:
-        raise ValueError("steps: must be >= 1")
+        raise UserError("steps", "must be >= 1")
     t_min = 1.0 / schedule.T
     if t_max < t_min or t_max > 1.0:
-        raise ValueError(f"t_max: must be in [{t_min}, 1]")
+        raise UserError("t_max", f"must be in [{t_min}, 1]")
     if spacing == "linear":
         return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
     if spacing == "uniform":
         k_max = round(t_max * schedule.T)
         if steps > k_max:
-            raise ValueError(f"steps: at most {k_max} steps fit below t={t_max} (one per DDPM step)")
+            raise UserError("steps", f"at most {k_max} steps fit below t={t_max} (one per DDPM step)")
         ks = (
             torch.linspace(k_max, 1, steps, dtype=torch.float64).round()
             if steps > 1
