@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -276,13 +277,25 @@ class Service:
             else:
                 reason = f"unknown sampler {sampler!r}; {info['name']!r} supports {samplers}"
             raise ApiError(422, "sampler", reason)
-        steps = req.steps or int(info["default_steps"])
+        if req.eta and sampler != "ddim":
+            raise ApiError(422, "eta", f"only the ddim sampler uses eta; {sampler} would ignore it")
+        if req.times is None:
+            steps = req.steps or int(info["default_steps"])
+        else:
+            steps = len(req.times) + 1
+            if any(later >= earlier for earlier, later in itertools.pairwise(req.times)):
+                raise ApiError(422, "times", "must be strictly decreasing")
+            if req.steps is not None and req.steps != steps:
+                raise ApiError(
+                    422, "steps", f"{req.steps} does not match the {steps} evaluations times gives"
+                )
         if steps > self.settings.max_steps:
             raise ApiError(422, "steps", f"{steps} is over the maximum of {self.settings.max_steps}")
         return {
             "model": info["name"],
             "sampler": sampler,
             "steps": steps,
+            "times": req.times,
             "eta": req.eta,
             "format": req.format,
         }
@@ -556,6 +569,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         seeds = svc.seeds(req.seeds, outputs)
         t_star = req.t_star if req.t_star is not None else STRENGTHS[req.strength or "medium"]
+        if "timesteps" in info:  # registered by workers that know their schedule
+            t_min = 1 / int(info["timesteps"])
+            if t_star < t_min:
+                raise ApiError(422, "t_star", f"must be at least {t_min} (one step of the model's schedule)")
+            if req.steps is None and req.times is None:  # the default must fit below a shallow t*
+                job["steps"] = min(job["steps"], round(t_star * int(info["timesteps"])))
+        if req.times and req.times[0] >= t_star:
+            raise ApiError(422, "times", f"must all be below t_star={t_star}, where purification starts")
         labels = svc.labels(req.labels, len(inputs), info, seeds, "purify")
         job.update(
             seeds=seeds,

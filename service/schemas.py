@@ -30,7 +30,20 @@ class _JobRequest(BaseModel):
     steps: int | None = Field(
         None, ge=1, description="Sampler steps (network evaluations); default: the model's."
     )
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity (0: deterministic).")
+    times: list[Annotated[float, Field(gt=0.0, lt=1.0)]] | None = Field(
+        None,
+        max_length=999,
+        description="Times after the first network evaluation at which the sampler evaluates the network "
+        "again, strictly decreasing and below the start (1 for /sample, t* for /purify): for a consistency "
+        "model the re-noising times of multistep sampling, e.g. [0.5]. Replaces the sampler's own spacing; "
+        "network evaluations = len(times) + 1, so steps may be omitted.",
+    )
+    eta: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="DDIM stochasticity (0: deterministic); only the ddim sampler uses it.",
+    )
     seeds: list[Seed] | Seed | None = Field(
         None,
         description="One seed per output image, or a base seed (output i gets base + i); omitted: random, "
@@ -103,7 +116,8 @@ class JobResult(BaseModel):
     model: str
     model_hash: str
     sampler: str
-    steps: int
+    steps: int = Field(description="Network evaluations per image.")
+    times: list[float] | None = Field(None, description="The times asked for, if any.")
     format: Literal["png", "npy"]
     seeds: list[int] | list[list[int]] = Field(description="Per image (per image and draw for /purify).")
     images: list[str] | list[list[str]] | None = Field(None, description="Base64 PNGs (format png).")

@@ -2,7 +2,7 @@
 
 The event loop owns all Redis traffic (reading, heartbeats, progress, results); the network runs
 in a thread so heartbeats and cancellation checks continue during long batches. Jobs with the same
-model, kind, sampler, steps, eta and t* share a batch (a job reclaimed from a dead worker runs alone);
+model, kind, sampler, steps, times, eta and t* share a batch (a job reclaimed from a dead worker runs alone);
 each image keeps its own seed, so batching never changes an image.
 
 Fault-injection hooks, for the test suite only (never set them in production):
@@ -116,7 +116,8 @@ def batch_key(d: Delivery) -> tuple[Any, ...]:
     again, so only it reaches the dead-letter stream."""
     r = d.request
     alone = d.entry_id if d.reclaimed else None
-    return (d.model, d.kind, r["sampler"], r["steps"], r["eta"], r.get("t_star"), alone)
+    times = tuple(r["times"]) if r.get("times") is not None else None
+    return (d.model, d.kind, r["sampler"], r["steps"], times, r["eta"], r.get("t_star"), alone)
 
 
 def n_outputs(d: Delivery) -> int:
@@ -346,6 +347,7 @@ class Worker:
         common: dict[str, Any] = {
             "sampler": sampler,
             "steps": req["steps"],
+            "times": req.get("times"),
             "eta": req["eta"],
             "callback": callback,
             "cancel": cancel,
@@ -388,6 +390,7 @@ class Worker:
                 "model_hash": self.infos[d.model]["hash"],
                 "sampler": r["sampler"],
                 "steps": r["steps"],
+                "times": r.get("times"),
                 "format": r["format"],
                 "seeds": seeds,
                 "labels": r.get("labels"),

@@ -113,6 +113,33 @@ def test_consistency_model_one_step(client: TestClient) -> None:
     assert "consistency model" in wrong.json()["detail"]
 
 
+def test_consistency_multistep_at_chosen_times(client: TestClient) -> None:
+    """times=[0.5] is the grid that steps=2 lays (1, 0.5, 0): the same images, and it is echoed."""
+    body = {"model": "tiny-cm", "num_images": 2, "seeds": 8}
+    by_steps = client.post("/sample", json={**body, "steps": 2}).json()
+    by_times = client.post("/sample", json={**body, "times": [0.5]}).json()
+    assert by_times["steps"] == 2 and by_times["times"] == [0.5] and by_steps["times"] is None
+    assert by_times["images"] == by_steps["images"]
+    other = client.post("/sample", json={**body, "times": [0.8, 0.3]}).json()
+    assert other["steps"] == 3 and other["images"] != by_times["images"]
+    image = base64.b64encode(grey_png()).decode()
+    purified = client.post(
+        "/purify", json={"model": "tiny-cm", "images": [image], "t_star": 0.4, "times": [0.2]}
+    )
+    assert purified.status_code == 200 and purified.json()["steps"] == 2, purified.text
+
+
+def test_purify_default_steps_fit_a_shallow_t_star(client: TestClient) -> None:
+    """DDIM lays one step per DDPM step: at t* = 0.005 of T = 1000 only 5 fit, so the default (10)
+    shrinks to 5; asking for 10 explicitly is refused with a 422 that names steps."""
+    image = base64.b64encode(grey_png()).decode()
+    ok = client.post("/purify", json={"model": "tiny", "images": [image], "t_star": 0.005})
+    assert ok.status_code == 200 and ok.json()["steps"] == 5, ok.text
+    refused = client.post("/purify", json={"model": "tiny", "images": [image], "t_star": 0.005, "steps": 10})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "steps", refused.text
+    assert "fit below" in refused.json()["errors"][0]["reason"]
+
+
 def test_async_then_poll(client: TestClient, wait_for: Any) -> None:
     r = client.post("/sample", json={"num_images": 1, "steps": 3, "seeds": 1, "async": True})
     assert r.status_code == 202, r.text

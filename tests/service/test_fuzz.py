@@ -20,6 +20,7 @@ SAMPLE_FIELDS = {
     "sampler": st.sampled_from(["ddpm", "ddim", "dpm-solver++", "consistency", "DDIM"]) | JSON,
     "steps": st.integers(-2, 3) | JSON,
     "eta": st.floats(-1, 2) | JSON,
+    "times": st.lists(st.floats(-0.5, 1.5), max_size=3) | JSON,
     "seeds": st.integers(-5, 2**64) | st.lists(st.integers(-1, 2**63), max_size=4) | JSON,
     "format": st.sampled_from(["png", "npy", "jpg"]) | JSON,
     "num_images": st.integers(-1, 3) | JSON,
