@@ -145,6 +145,7 @@ class ModelEntry(BaseModel):
     method: str
     image_shape: list[int]
     num_classes: int
+    timesteps: int = Field(description="T of the model's schedule: t_star and times must be at least 1/T.")
     class_names: list[str]
     hash: str
     samplers: list[str]

@@ -210,6 +210,7 @@ def test_models_and_readiness(client: TestClient) -> None:
     assert models["tiny"]["default"] and models["tiny"]["workers"] == 1
     assert models["tiny-cm"]["kind"] == "consistency" and models["tiny-cm"]["samplers"] == ["consistency"]
     assert models["tiny-cond"]["num_classes"] == 3 and models["tiny"]["image_shape"] == [1, 16, 16]
+    assert models["tiny"]["timesteps"] == 1000
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["workers"] == 1
