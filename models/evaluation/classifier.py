@@ -24,7 +24,6 @@ from models.evaluation.attacks import THREATS, pgd
 
 FORMAT_VERSION = 1
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "weights" / "fmnist-classifier.safetensors"
-FEATURE_NAME = "fmnist-classifier (penultimate layer)"
 
 
 class ClassifierConfig(BaseModel):
@@ -136,6 +135,13 @@ def read_classifier_header(path: str | Path) -> ClassifierHeader:
     if raw.get("kind") != "classifier":
         raise CheckpointError("classifier", f"{path} is not a classifier (kind={raw.get('kind')!r})")
     return validate_header(ClassifierHeader, raw, "classifier")
+
+
+def feature_network_name(path: str | Path, header: ClassifierHeader) -> str:
+    """The feature space a Frechet distance was measured in, from the file actually used: FDs are
+    comparable only within one (the name first, so ``name.split(" (")[0]`` stays the bare name)."""
+    digest = f"hash {header.content_hash[:12]}" if header.content_hash else "no content hash"
+    return f"{header.name} (penultimate layer of {Path(path).name}, {digest})"
 
 
 def load_classifier(

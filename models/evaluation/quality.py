@@ -18,11 +18,7 @@ from tqdm import tqdm
 
 from models.checkpoint import read_header
 from models.devices import device_option
-from models.evaluation.classifier import (
-    DEFAULT_CLASSIFIER,
-    FEATURE_NAME,
-    load_classifier,
-)
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, feature_network_name, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import report_header, save_plot
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
@@ -202,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
     from models.pipeline import Pipeline
 
     samplers, steps_list = _validate(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     classifier, cls_header = load_classifier(args.classifier, "cpu")
+    features = feature_network_name(args.classifier, cls_header)
     test = load_fashion_mnist("test", args.data)
     real = extract_features(classifier, test.images)
     train = load_fashion_mnist("train", args.data)
@@ -220,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     # Batch-invariant row-by-row evaluation buys bitwise reproducibility that FD does not need.
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
     classes = pipe.info.num_classes
+    out = Path(args.out)  # created only once every input has loaded: a bad path leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     total = len(samplers) * len(steps_list) * args.n
     with tqdm(total=total, desc="eval quality", unit="img") as bar:
@@ -243,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
                         "steps": steps,
                         "nfe": steps,
                         "n": args.n,
+                        "feature_network": features,
                         "fd": fd_of_features(feats, real),
                         "precision": precision,
                         "recall": recall,
@@ -256,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix(sampler=sampler, steps=steps, fd=f"{results[-1]['fd']:.2f}")
     report = {
         **report_header(args.command_line, args.device, args.model, pipe.info),
-        "feature_network": FEATURE_NAME,
+        "feature_network": features,
         "classifier": {
             "path": args.classifier,
             "test_accuracy": cls_header.test_accuracy,
@@ -276,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     _plot(report, out / "fd_vs_nfe.png")
+    print(f"FD in the feature space of {features}")
     print(json.dumps({r["sampler"] + "@" + str(r["steps"]): round(r["fd"], 3) for r in results}))
     return 0
 
@@ -289,7 +288,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("NFE")
         ax.set_ylabel("Frechet distance")
         ax.set_title(
-            f"{report['model']['name']}: FD in the feature space of {report['feature_network']}", fontsize=8
+            f"{report['model']['name']}: FD in the feature space of\n{report['feature_network']}", fontsize=8
         )
         ax.legend()
 

@@ -13,6 +13,7 @@ from models.evaluation.classifier import (
     ClassifierConfig,
     ClassifierHeader,
     ResNetClassifier,
+    feature_network_name,
     load_classifier,
     read_classifier_header,
     save_classifier,
@@ -49,3 +50,22 @@ def test_loader_refuses_tampered_and_foreign_files(tmp_path: Path) -> None:
         read_classifier_header(tmp_path / "foreign.safetensors")
     with pytest.raises(CheckpointError, match="no classifier file"):
         read_classifier_header(tmp_path / "missing.safetensors")
+
+
+def test_the_feature_network_is_named_after_the_file_used(tmp_path: Path) -> None:
+    """Two classifiers give two feature spaces: their FDs must not carry the same label."""
+    headers = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        net = ResNetClassifier(ClassifierConfig(widths=(4, 8))).eval()
+        headers[name] = save_classifier(
+            tmp_path / f"{name}.safetensors", net, ClassifierHeader(name="tiny", model=net.config)
+        )
+    ha = headers["a"]
+    name_a = feature_network_name(tmp_path / "a.safetensors", ha)
+    name_b = feature_network_name(tmp_path / "b.safetensors", headers["b"])
+    assert name_a == f"tiny (penultimate layer of a.safetensors, hash {ha.content_hash[:12]})"
+    assert name_b.startswith("tiny (penultimate layer of b.safetensors, hash ") and name_a != name_b
+    assert name_a.split(" (")[0] == "tiny"  # what bench/gpu_report.py groups reports by
+    unhashed = ha.model_copy(update={"content_hash": ""})
+    assert feature_network_name("a.safetensors", unhashed).endswith("a.safetensors, no content hash)")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.data import FASHION_MNIST_DIR, load_fashion_mnist
-from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier, read_classifier_header
 from models.testing import tiny_checkpoint
 from service.cli import main
 
@@ -134,7 +134,7 @@ def test_eval_robust_end_to_end_on_a_tiny_model(
 
 @needs_data
 def test_eval_quality_and_corruption_end_to_end(
-    tiny_model: Path, tiny_classifier: Path, tmp_path: Path
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     q = tmp_path / "q"
     args = [
@@ -155,7 +155,11 @@ def test_eval_quality_and_corruption_end_to_end(
         ("dpm-solver++", 1),
         ("dpm-solver++", 2),
     ]
-    assert report["feature_network"] == "fmnist-classifier (penultimate layer)"
+    digest = read_classifier_header(tiny_classifier).content_hash[:12]
+    features = f"tiny-classifier (penultimate layer of {tiny_classifier.name}, hash {digest})"
+    assert report["feature_network"] == features and len(digest) == 12
+    assert all(r["feature_network"] == features for r in report["results"])
+    assert f"FD in the feature space of {features}" in capsys.readouterr().out
     assert all(r["fd"] >= 0 for r in report["results"]) and (q / "fd_vs_nfe.png").is_file()
     for row in [*report["results"], report["reference"]]:
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["coverage"] <= 1

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 
+from models.evaluation import quality
 from models.evaluation.quality import (
     KNNManifold,
     density_coverage,
@@ -128,3 +133,30 @@ def test_a_subset_manifold_keeps_the_radii_of_the_full_one() -> None:
     queries = rng.normal(size=(50, 3))
     # a query covered by the subset is covered by the full manifold, not necessarily the other way
     assert bool((part.covers(queries) <= full.covers(queries)).all())
+
+
+def test_the_fd_plot_names_the_feature_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles: list[str] = []
+
+    def capture(path: Path, draw: Callable[[Any], None]) -> Path:
+        fig, ax = plt.subplots()
+        draw(ax)
+        titles.append(ax.get_title())
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(quality, "save_plot", capture)
+    features = "robust-cls (penultimate layer of robust-cls.safetensors, hash 0123456789ab)"
+    report = {
+        "model": {"name": "m"},
+        "feature_network": features,
+        "reference": {"fd": 1.0},
+        "results": [{"sampler": "ddim", "nfe": 1, "fd": 2.0}],
+    }
+    quality._plot(report, tmp_path / "fd.png")
+    assert titles == [f"m: FD in the feature space of\n{features}"]
