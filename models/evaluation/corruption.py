@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float = 100.0) -> torch.Tenso
     return (10.0 * torch.log10(1.0 / mse.clamp_min(10 ** (-max_db / 10)))).clamp(max=max_db)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+def gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalised 1-D SSIM window, in float64 on ``device`` (that of the images it filters)."""
+    t = torch.arange(size, dtype=torch.float64, device=device)
+    g = torch.exp(-((t - (size - 1) / 2) ** 2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -45,7 +48,7 @@ def ssim(
     """Per-image mean SSIM of images in [-1, 1] (computed on the [0, 1] scale, channels averaged)."""
     a, b = _unit(x).double(), _unit(y).double()
     c = a.shape[1]
-    g = gaussian_window(size, sigma)
+    g = gaussian_window(size, sigma, a.device)
     wh = g.reshape(1, 1, 1, size).repeat(c, 1, 1, 1)
     wv = g.reshape(1, 1, size, 1).repeat(c, 1, 1, 1)
 
@@ -79,7 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> list[float]:
     t_stars = parse_list(args.t_star, float, "t-star")
-    check(args.sigma >= 0, "sigma", "must be >= 0")
+    check(
+        math.isfinite(args.sigma) and args.sigma >= 0, "sigma", f"must be finite and >= 0, got {args.sigma}"
+    )
     check(0 <= args.amount <= 1, "amount", "must be in [0, 1]")
     check(args.n >= 1 and args.batch_size >= 1 and args.steps >= 1, "n/batch-size/steps", "must be >= 1")
     check_purifier(args.model, args.sampler, args.steps, t_stars)
@@ -102,23 +107,37 @@ def _summary(
     }
 
 
+def corrupted_inputs(
+    x: torch.Tensor, y: torch.Tensor, sigma: float, amount: float, seed: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clean images, labels and each corrupted version, on ``device`` beside the classifier.
+
+    The noise is drawn on the CPU from ``seed``, so every device purifies the same corrupted images.
+    """
+    from models.data import gaussian_noise, salt_and_pepper
+
+    gen = torch.Generator().manual_seed(seed)
+    corrupted = {
+        "clean": x,
+        f"gaussian sigma={sigma}": gaussian_noise(x, sigma, 1.0, gen)[0],
+        f"salt-and-pepper amount={amount}": salt_and_pepper(x, amount, 1.0, gen)[0],
+    }
+    return x.to(device), y.to(device), {name: images.to(device) for name, images in corrupted.items()}
+
+
 def run(args: argparse.Namespace) -> int:
-    from models.data import gaussian_noise, load_fashion_mnist, salt_and_pepper
+    from models.data import load_fashion_mnist
     from models.pipeline import Pipeline
 
     t_stars = validate(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     classifier, cls_header = load_classifier(args.classifier, args.device)
     test = load_fashion_mnist("test", args.data)
-    x, y = test.images[: args.n], test.labels[: args.n]
-    gen = torch.Generator().manual_seed(args.seed)
-    corrupted = {
-        "clean": x,
-        f"gaussian sigma={args.sigma}": gaussian_noise(x, args.sigma, 1.0, gen)[0],
-        f"salt-and-pepper amount={args.amount}": salt_and_pepper(x, args.amount, 1.0, gen)[0],
-    }
+    x, y, corrupted = corrupted_inputs(
+        test.images[: args.n], test.labels[: args.n], args.sigma, args.amount, args.seed, args.device
+    )
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
+    out = Path(args.out)  # created only once every input has loaded: a bad path leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for name, images in corrupted.items():
         rows.append({"t_star": 0.0, **_summary(name, images, x, y, classifier)})
@@ -150,7 +169,11 @@ def run(args: argparse.Namespace) -> int:
                 )
     report = {
         **report_header(args.command_line, args.device, args.model, pipe.info),
-        "classifier": {"path": args.classifier, "test_accuracy": cls_header.test_accuracy},
+        "classifier": {
+            "path": args.classifier,
+            "test_accuracy": cls_header.test_accuracy,
+            "hash": cls_header.content_hash,
+        },
         "purifier": {"sampler": args.sampler, "steps": args.steps},
         "n": args.n,
         "ssim": "Gaussian window 11x11, sigma 1.5, K1=0.01, K2=0.03, data range 1, valid region",

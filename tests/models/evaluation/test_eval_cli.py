@@ -81,6 +81,18 @@ def test_classifier_model_shape_mismatch_fails_before_any_work(
         assert not out.exists()
 
 
+@pytest.mark.parametrize("sigma", ["inf", "nan", "-0.1"])
+def test_a_non_finite_or_negative_sigma_is_refused(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], sigma: str
+) -> None:
+    out = tmp_path / "out"
+    args = ["eval", "corruption", "--model", str(tiny_model), "--classifier", str(tiny_classifier)]
+    assert main([*args, "--sigma", sigma, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"sigma: must be finite and >= 0, got {float(sigma)}" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_a_diffusion_checkpoint_is_not_a_classifier(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -176,7 +188,9 @@ def test_eval_quality_and_corruption_end_to_end(
         str(c),
     ]
     assert main([*args, "--t-star", "0.05,0.1", "--steps", "2", "--n", "4"]) == 0
-    rows = json.loads((c / "corruption.json").read_text())["results"]
+    corruption = json.loads((c / "corruption.json").read_text())
+    assert corruption["classifier"]["hash"] == read_classifier_header(tiny_classifier).content_hash
+    rows = corruption["results"]
     assert len(rows) == 3 * 3
     clean = next(r for r in rows if r["t_star"] == 0.0 and r["images"] == "clean")
     assert clean["ssim"] == pytest.approx(1.0) and clean["psnr_db"] == 100.0
