@@ -6,7 +6,9 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attack-steps",
         default="10,20",
-        help="PGD step counts to report (one trajectory, recorded along it)",
+        help="PGD step counts to report (one trajectory, recorded along it); a single value is also "
+        "checked against half as many steps on the --sanity-n images",
     )
     p.add_argument("--step-size", type=float, default=None, help="[0, 1] scale; default eps/4")
     p.add_argument(
@@ -63,7 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "logit; does not saturate, a check for gradient masking)",
     )
     p.add_argument(
-        "--eot", default="4", help="EOT draws per gradient; a list (1,4) also checks monotonicity in EOT"
+        "--eot",
+        default="4",
+        help="EOT draws per gradient; a list (1,4) checks that accuracy does not rise with EOT on all "
+        "--n images, a single value checks it against EOT 1 on the --sanity-n images",
     )
     p.add_argument(
         "--restarts",
@@ -96,7 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="large radius that must drive accuracy to ~0 (0 = skip)",
     )
-    p.add_argument("--sanity-n", type=int, default=32, help="images in the sanity checks")
+    p.add_argument(
+        "--sanity-n",
+        type=int,
+        default=32,
+        help="images in the sanity checks' own attacks (the first of the --n; at most --n are used)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -156,9 +167,17 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     check(args.claim_timeout > 0, "claim-timeout", "must be > 0 seconds")
     sanity = DEFAULT_SANITY_EPS[args.threat] if args.sanity_eps is None else args.sanity_eps
     check(sanity >= 0, "sanity-eps", "must be >= 0")
+    check(args.sanity_n >= 1, "sanity-n", f"must be >= 1, got {args.sanity_n}")
     check_purifier(args.model, args.sampler, args.steps, [args.t_star])
     check_classifier_fits(args.classifier, read_header(args.model).image_shape)
-    return {"eps": eps, "attacks": attacks, "attack_steps": attack_steps, "eot": eot, "sanity_eps": sanity}
+    return {
+        "eps": eps,
+        "attacks": attacks,
+        "attack_steps": attack_steps,
+        "eot": eot,
+        "sanity_eps": sanity,
+        "sanity_n": min(args.sanity_n, args.n),  # a subset of the attacked images
+    }
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -330,13 +349,13 @@ def run(args: argparse.Namespace) -> int:
     from models.pipeline import Pipeline
 
     cfg = validate(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     classifier, cls_header = load_classifier(args.classifier, args.device)
     classes = cls_header.model.num_classes
     test = load_fashion_mnist("test", args.data)
     x, y = test.images[: args.n].to(args.device), test.labels[: args.n].to(args.device)
     pipe = Pipeline.from_checkpoint(args.model, args.device, batch_invariant=False)
+    out = Path(args.out)  # created only once every input has loaded: a bad path leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     pipe.net.requires_grad_(False)
     checkpoint = args.grad_checkpoint == "on" or (args.grad_checkpoint == "auto" and args.steps > 1)
     defense = PurifiedClassifier(
@@ -374,9 +393,12 @@ def run(args: argparse.Namespace) -> int:
         for eps in cfg["eps"]
         for eot in ([1] if attack == "classifier-only" else cfg["eot"])
     ]
+    extras = _sanity_attacks(args, cfg, fingerprint, {(a, e, k): stores[0] for a, e, k, stores in plan})
     for *_, stores in plan:
         for store in stores:
             store.open(x)
+    for extra in extras:
+        extra.store.open(x[: cfg["sanity_n"]])
 
     def attack_one(attack: str, eps: float, eot: int, stores: list[AdversarialStore], bar: tqdm) -> int:
         return sum(
@@ -457,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
                     **m_undef,
                 )
     bar.close()
-    sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records, fingerprint)
+    sanity = _sanity(args, cfg, defense, undefended, x, y, classes, records, extras)
     report = {
         **report_header(args.command_line, args.device, args.model, pipe.info),
         "classifier": {
@@ -495,7 +517,117 @@ def run(args: argparse.Namespace) -> int:
             ]
         )
     )
+    for failure in sanity["failed"]:  # a finding, not an error: the report stands, with this next to it
+        print(f"WARNING: sanity check failed: {failure}", file=sys.stderr)
     return 0
+
+
+@dataclass(frozen=True)
+class SanityAttack:
+    """An attack on the first --sanity-n images that a sanity check needs beside the reported ones.
+
+    For the "eot" and "steps" checks, ``reported`` is restart 0 of the reported attack it is compared
+    with and ``reported_value`` that attack's EOT or step count; "large_eps" compares with nothing.
+    """
+
+    check: str
+    attack: str
+    eps: float
+    eot: int
+    steps: int
+    step_size: float | None
+    store: AdversarialStore
+    reported: AdversarialStore | None = None
+    reported_value: int = 0
+
+
+def _sanity_attacks(
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    fingerprint: dict[str, Any],
+    reported: dict[tuple[str, float, int], AdversarialStore],
+) -> list[SanityAttack]:
+    """The sanity checks' own attacks, planned with the reported ones so their stores are checked first.
+
+    With several --eot (--attack-steps) values the report's rows show the trend on all n images.
+    With one, the strongest attack is run again on the --sanity-n images at EOT 1 (at half the
+    steps), or at 2 where that one value is 1, with the same seeds, and compared with the reported
+    attack on the same images: the check always runs, at a fraction of the attack's cost.
+    """
+    extras: list[SanityAttack] = []
+    top_steps = max(cfg["attack_steps"])
+    strongest = next((a for a in reversed(GRADIENT_ATTACKS) if a in cfg["attacks"]), None)
+    if strongest is None:
+        return extras
+    with_eot = strongest != "classifier-only"
+
+    def add(check: str, eps: float, eot: int, steps: int, **more: Any) -> None:
+        prefix = "sanity-" if check == "large_eps" else f"sanity-{check}-"
+        store = _store(args, fingerprint, strongest, eps, eot, [steps], prefix=prefix)
+        extras.append(SanityAttack(check, strongest, eps, eot, steps, store=store, **more))
+
+    if len(cfg["eot"]) == 1 and with_eot:
+        eot = cfg["eot"][0]
+        for eps in cfg["eps"]:
+            main = reported[(strongest, eps, eot)]
+            weaker = 1 if eot > 1 else 2
+            add("eot", eps, weaker, top_steps, step_size=args.step_size, reported=main, reported_value=eot)
+    if len(cfg["attack_steps"]) == 1:
+        eot = max(cfg["eot"]) if with_eot else 1
+        other = top_steps // 2 if top_steps > 1 else 2
+        for eps in cfg["eps"]:
+            main = reported[(strongest, eps, eot)]
+            add("steps", eps, eot, other, step_size=args.step_size, reported=main, reported_value=top_steps)
+    if cfg["sanity_eps"] > 0:
+        add(
+            "large_eps",
+            cfg["sanity_eps"],
+            min(cfg["eot"]) if with_eot else 1,
+            min(top_steps, 20),
+            step_size=None,
+        )
+    return extras
+
+
+def _trend(
+    by: str, metrics: list[dict[str, Any]], tol: float, compared: str, **setting: Any
+) -> dict[str, Any]:
+    """Whether accuracy, the mean over draws and the majority vote both, stays within ``tol`` of its
+    previous value as the attack gets stronger (``metrics`` ordered from the weakest attack)."""
+    means, majorities = [m["mean"] for m in metrics], [m["majority"] for m in metrics]
+    ok = all(b <= a + tol for series in (means, majorities) for a, b in itertools.pairwise(series))
+    return {
+        **setting,
+        f"mean_by_{by}": means,
+        f"majority_by_{by}": majorities,
+        "n": metrics[0]["n"],
+        "tolerance": tol,
+        "compared": compared,
+        "non_increasing": ok,
+    }
+
+
+def _row_trends(
+    records: list[dict[str, Any]], cfg: dict[str, Any], n: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Accuracy against steps and against EOT from the report's own rows (where they hold several)."""
+    top_steps, tol, compared = max(cfg["attack_steps"]), 2.0 / n, f"report rows, all {n} images"
+    attacked = [r for r in records if r["defense"] == "purifier" and r["attack"] != "none"]
+    by_steps, by_eot = [], []
+    for r in (r for r in attacked if r["attack_steps"] == top_steps):
+        same = [q for q in attacked if q["attack"] == r["attack"] and q["eps"] == r["eps"]]
+        series = [q for q in same if q["eot"] == r["eot"]]
+        setting = {"attack": r["attack"], "eps": r["eps"]}
+        if len(series) > 1:
+            steps = [q["attack_steps"] for q in series]
+            by_steps.append(
+                _trend("steps", series, tol, compared, **setting, eot=r["eot"], attack_steps=steps)
+            )
+        series = [q for q in same if q["attack_steps"] == top_steps]
+        if len(series) > 1 and r["eot"] == max(cfg["eot"]):
+            eots = [q["eot"] for q in series]
+            by_eot.append(_trend("eot", series, tol, compared, **setting, attack_steps=top_steps, eot=eots))
+    return by_steps, by_eot
 
 
 def _sanity(
@@ -507,92 +639,103 @@ def _sanity(
     y: torch.Tensor,
     classes: int,
     records: list[dict[str, Any]],
-    fingerprint: dict[str, Any],
+    extras: list[SanityAttack],
 ) -> dict[str, Any]:
-    """The checks an honest robustness number needs next to it."""
+    """The checks an honest robustness number needs next to it, and the list of those that failed."""
     out: dict[str, Any] = {}
     grads = [g for r in records for g in r.get("gradients", [])]
     out["gradients_finite"] = all(g["finite"] for g in grads) if grads else None
     out["gradients_nonzero"] = all(g["nonzero_fraction"] > 0 for g in grads) if grads else None
-    tol = 2.0 / args.n
-    steps_ok, eot_ok = [], []
-    for r in records:
-        if r.get("attack_steps") == max(cfg["attack_steps"]) and r["defense"] == "purifier":
-            series = [
-                q["mean"]
-                for q in records
-                if q["attack"] == r["attack"]
-                and q["eps"] == r["eps"]
-                and q.get("eot") == r["eot"]
-                and q["defense"] == "purifier"
-            ]
-            steps_ok.append(
-                {
-                    "attack": r["attack"],
-                    "eps": r["eps"],
-                    "eot": r["eot"],
-                    "mean_by_steps": series,
-                    "non_increasing": all(b <= a + tol for a, b in itertools.pairwise(series)),
-                }
-            )
-            by_eot = [
-                q["mean"]
-                for q in records
-                if q["attack"] == r["attack"]
-                and q["eps"] == r["eps"]
-                and q.get("attack_steps") == r["attack_steps"]
-                and q["defense"] == "purifier"
-            ]
-            if len(by_eot) > 1 and r["eot"] == max(cfg["eot"]):
-                eot_ok.append(
-                    {
-                        "attack": r["attack"],
-                        "eps": r["eps"],
-                        "eot": cfg["eot"],
-                        "mean_by_eot": by_eot,
-                        "non_increasing": all(b <= a + tol for a, b in itertools.pairwise(by_eot)),
-                    }
-                )
-    out["non_increasing_in_steps"] = steps_ok
-    out["non_increasing_in_eot"] = eot_ok
-    out["tolerance"] = f"{tol:.4f} (2 images of n)"
-    strongest = next((a for a in ("pgd-eot", "bpda-eot", "classifier-only") if a in cfg["attacks"]), None)
-    if cfg["sanity_eps"] > 0 and strongest is not None:
-        n = min(args.sanity_n, x.shape[0])
-        steps = min(max(cfg["attack_steps"]), 20)
-        eot = 1 if strongest == "classifier-only" else min(cfg["eot"])
-        target = undefended if strongest == "classifier-only" else defense
-        store = _store(args, fingerprint, strongest, cfg["sanity_eps"], eot, [steps], prefix="sanity-")
-        store.open(x[:n])
-        with tqdm(total=n, desc=f"sanity eps={cfg['sanity_eps']}", unit="img") as bar:
+    by_steps, by_eot = _row_trends(records, cfg, args.n)
+    k = cfg["sanity_n"]
+    xk, yk = x[:k], y[:k]
+
+    def evaluate(advs: torch.Tensor) -> dict[str, Any]:
+        return _evaluate(defense, advs.to(x.device), yk, args.draws, args.batch_size, classes)[0]
+
+    for e in extras:
+        with tqdm(total=k, desc=f"sanity {e.check} eps={e.eps:g}", unit="img") as bar:
             _attack(
-                target,
-                strongest,
-                x[:n],
-                y[:n],
-                eps=cfg["sanity_eps"],
+                undefended if e.attack == "classifier-only" else defense,
+                e.attack,
+                xk,
+                yk,
+                eps=e.eps,
                 threat=args.threat,
-                steps=[steps],
-                eot=eot,
-                step_size=None,
+                steps=[e.steps],
+                eot=e.eot,
+                step_size=e.step_size,
                 seed=args.seed,
                 bar=bar,
-                store=store,
+                store=e.store,
                 loss=args.loss,
             )
-        m, _ = _evaluate(defense, store.advs[steps].to(x.device), y[:n], args.draws, args.batch_size, classes)
-        out["large_eps"] = {
-            "attack": strongest,
-            "eps": cfg["sanity_eps"],
-            "attack_steps": steps,
-            "eot": eot,
-            "n": n,
-            "mean": m["mean"],
-            "majority": m["majority"],
-            "reaches_zero": m["mean"] <= 0.1,
-            "wall_s": round(store.wall_s, 1),
-        }
+        m = evaluate(e.store.advs[e.steps])
+        wall_s = round(e.store.wall_s, 1)  # of this check's own attack
+        if e.reported is None:
+            out["large_eps"] = {
+                "attack": e.attack,
+                "eps": e.eps,
+                "attack_steps": e.steps,
+                "eot": e.eot,
+                "n": k,
+                "mean": m["mean"],
+                "majority": m["majority"],
+                "reaches_zero": m["mean"] <= 0.1,
+                "wall_s": wall_s,
+            }
+            continue
+        own, theirs = (e.eot if e.check == "eot" else e.steps), e.reported_value
+        base = evaluate(e.reported.advs[e.steps if e.check == "eot" else theirs][:k])
+        (weak, m_weak), (strong, m_strong) = sorted([(own, m), (theirs, base)], key=lambda p: p[0])
+        label = "EOT" if e.check == "eot" else "steps"
+        compared = (
+            f"the first {k} images: the reported attack (restart 0) at {label} {theirs} and the same "
+            f"attack and seeds at {label} {own}, run for this check"
+        )
+        if e.check == "eot":
+            setting = {"attack_steps": e.steps, "eot": [weak, strong]}
+        else:
+            setting = {"eot": e.eot, "attack_steps": [weak, strong]}
+        entry = _trend(e.check, [m_weak, m_strong], 2.0 / k, compared, attack=e.attack, eps=e.eps, **setting)
+        (by_eot if e.check == "eot" else by_steps).append(entry | {"wall_s": wall_s})
+    out["non_increasing_in_steps"] = by_steps
+    out["non_increasing_in_eot"] = by_eot
+    out["tolerance"] = "2 images of those compared (each check records its own)"
+    out["failed"] = sanity_failures(out)
+    out["passed"] = not out["failed"]
     return out
+
+
+def sanity_failures(sanity: dict[str, Any]) -> list[str]:
+    """One line per failed check: printed as a warning and kept in the report, which stays valid."""
+    failed = []
+    if sanity["gradients_finite"] is False:
+        failed.append("gradients_finite: a first attack gradient has NaN or infinite entries")
+    if sanity["gradients_nonzero"] is False:
+        failed.append("gradients_nonzero: a first attack gradient is all zeros (masked gradients?)")
+    for key, by, values in (
+        ("non_increasing_in_steps", "steps", "attack_steps"),
+        ("non_increasing_in_eot", "eot", "eot"),
+    ):
+        for c in (c for c in sanity[key] if not c["non_increasing"]):
+            failed.append(
+                f"{key}: {c['attack']} eps {c['eps']:g}, {by} {_fmt(c[values], 'd')}: accuracy rose with "
+                f"the stronger attack (mean {_fmt(c[f'mean_by_{by}'])}, majority "
+                f"{_fmt(c[f'majority_by_{by}'])}; tolerance {c['tolerance']:.3f}, n {c['n']}): "
+                "the attack is not converged or its estimate is too noisy"
+            )
+    big = sanity.get("large_eps")
+    if big is not None and not big["reaches_zero"]:
+        failed.append(
+            f"large_eps: {big['attack']} at eps {big['eps']:g} leaves mean accuracy {big['mean']:.3f} "
+            f"> 0.1 on {big['n']} images (too few steps, or masked gradients)"
+        )
+    return failed
+
+
+def _fmt(values: list[Any], spec: str = ".3f") -> str:
+    return " -> ".join(format(v, spec) for v in values)
 
 
 def _plots(report: dict[str, Any], cfg: dict[str, Any], out: Path) -> None:
@@ -630,7 +773,7 @@ def _plots(report: dict[str, Any], cfg: dict[str, Any], out: Path) -> None:
         ax.set_title(
             f"{report['model']['name']}: n={report['n']}, {top_steps} PGD steps, EOT {top_eot}", fontsize=9
         )
-        ax.legend(fontsize=7)
+        _legend(ax)
 
     def vs_steps(ax: Any) -> None:
         for attack in GRADIENT_ATTACKS:
@@ -657,7 +800,13 @@ def _plots(report: dict[str, Any], cfg: dict[str, Any], out: Path) -> None:
             f"{report['model']['name']}: purifier t*={pur['t_star']}, {pur['sampler']} {pur['steps']} steps",
             fontsize=9,
         )
-        ax.legend(fontsize=7)
+        _legend(ax)
 
     save_plot(out / "robust_vs_eps.png", vs_eps)
     save_plot(out / "robust_vs_steps.png", vs_steps)
+
+
+def _legend(ax: Any) -> None:
+    """A legend only where something is drawn: --attacks none leaves the axes empty."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)

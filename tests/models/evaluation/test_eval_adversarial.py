@@ -99,7 +99,8 @@ def test_an_interrupted_attack_resumes_bitwise(
     again = _Counting()
     monkeypatch.setattr(robust, "pgd", again)
     assert _run(tiny_model, tiny_classifier, parts, 4) == 0
-    assert again.calls == 1  # only the second batch was attacked
+    # only the second batch was attacked, then the EOT check's EOT-1 attack on the 4 sanity images
+    assert again.calls == 1 + 2
     stored = _stored(whole)
     assert list(stored) == ["000000.safetensors", "000002.safetensors"]
     assert stored["000000.safetensors"].keys() == {"clean", "adv_1", "adv_2"}
@@ -120,7 +121,7 @@ def test_more_images_extend_a_finished_attack(
     counting = _Counting()
     monkeypatch.setattr(robust, "pgd", counting)
     assert _run(tiny_model, tiny_classifier, grown, 4) == 0
-    assert counting.calls == 1
+    assert counting.calls == 1 + 1  # the new batch, for the attack and for the EOT check's attack
     assert _same(_stored(grown), _stored(whole))
 
 

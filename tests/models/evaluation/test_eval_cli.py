@@ -44,6 +44,8 @@ def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
         (("--restarts", "0"), "restarts: must be >= 1"),
         (("--loss", "dlr"), "loss: unknown loss 'dlr'; known: ce, margin"),
         (("--restarts", "2000", "--attack-steps", "100", "--eot", "8"), "restarts: restarts x attack steps"),
+        (("--sanity-n", "0"), "sanity-n: must be >= 1, got 0"),
+        (("--sanity-n", "-4"), "sanity-n: must be >= 1, got -4"),
     ],
 )
 def test_bad_robust_arguments_fail_before_any_work(
@@ -79,6 +81,18 @@ def test_classifier_model_shape_mismatch_fails_before_any_work(
         assert main(args) == 2
         assert "classifier: expects images 1x32x32" in capsys.readouterr().err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["robust", "quality", "corruption"])
+def test_a_bad_data_path_fails_and_leaves_no_out_folder(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    out = tmp_path / "out"
+    args = ["eval", command, "--model", str(tiny_model), "--classifier", str(tiny_classifier)]
+    assert main([*args, "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: data_path:" in err and "nowhere not found" in err and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("sigma", ["inf", "nan", "-0.1"])
@@ -271,9 +285,85 @@ def test_the_margin_loss_attack_is_stored_apart_and_labelled(tiny_model: Path, t
     assert sorted(p.name for p in (out / "adversarial").iterdir()) == [
         "classifier-only-linf-eps0.02-eot1-margin",
         "sanity-classifier-only-linf-eps0.5-eot1-margin",
+        "sanity-steps-classifier-only-linf-eps0.02-eot1-margin",  # one step count: 1 vs 3 checked
     ]
     attacked = [r for r in report["results"] if r["attack"] != "none"]
     assert attacked and all(r["loss"] == "margin" for r in attacked)
     assert main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["results"]
     assert "undefended, classifier-only eps 0.02 EOT 1, 3 steps, margin loss" in {r["setting"] for r in rows}
+
+
+def _row(report: dict, eot: int, steps: int) -> dict:
+    return next(
+        r
+        for r in report["results"]
+        if r["attack"] == "pgd-eot" and r["eot"] == eot and r["attack_steps"] == steps
+    )
+
+
+@needs_data
+def test_one_eot_and_one_step_count_are_still_checked_on_the_sanity_images(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path
+) -> None:
+    """One --eot and one --attack-steps value: the sanity images are attacked at EOT 1 and at half
+    the steps with the reported attack's seeds, which gives what a run reporting those rows gives."""
+    base = _robust(tiny_model, tiny_classifier, tmp_path / "one", "--n", "4", "--eps", "0.05")
+    base += ["--attacks", "none,pgd-eot", "--draws", "2", "--steps", "1", "--sanity-eps", "0"]
+    assert main([*base, "--eot", "2", "--attack-steps", "2", "--sanity-n", "100"]) == 0  # clamped to --n
+    sanity = json.loads((tmp_path / "one" / "robust.json").read_text())["sanity"]
+    (by_eot,), (by_steps,) = sanity["non_increasing_in_eot"], sanity["non_increasing_in_steps"]
+    assert (by_eot["eot"], by_eot["attack_steps"], by_eot["n"]) == ([1, 2], 2, 4)
+    assert (by_steps["attack_steps"], by_steps["eot"], by_steps["n"]) == ([1, 2], 2, 4)
+    assert by_eot["compared"].startswith("the first 4 images: the reported attack (restart 0) at EOT 2")
+    assert by_eot["tolerance"] == 0.5 and "large_eps" not in sanity
+    assert sorted(p.name for p in (tmp_path / "one" / "adversarial").iterdir()) == [
+        "pgd-eot-linf-eps0.05-eot2",
+        "sanity-eot-pgd-eot-linf-eps0.05-eot1",
+        "sanity-steps-pgd-eot-linf-eps0.05-eot2",
+    ]
+    both = _robust(tiny_model, tiny_classifier, tmp_path / "both", *base[base.index("--n") :])
+    assert main([*both, "--eot", "1,2", "--attack-steps", "1,2", "--sanity-n", "4"]) == 0
+    report = json.loads((tmp_path / "both" / "robust.json").read_text())
+    rows_eot = [_row(report, e, 2) for e in (1, 2)]
+    rows_steps = [_row(report, 2, s) for s in (1, 2)]
+    assert by_eot["mean_by_eot"] == [r["mean"] for r in rows_eot]
+    assert by_eot["majority_by_eot"] == [r["majority"] for r in rows_eot]
+    assert by_steps["mean_by_steps"] == [r["mean"] for r in rows_steps]
+    assert by_steps["majority_by_steps"] == [r["majority"] for r in rows_steps]
+    (row_eot,) = report["sanity"]["non_increasing_in_eot"]
+    assert (
+        row_eot["compared"] == "report rows, all 4 images" and row_eot["mean_by_eot"] == by_eot["mean_by_eot"]
+    )
+    assert not any(p.name.startswith("sanity") for p in (tmp_path / "both" / "adversarial").iterdir())
+
+
+@needs_data
+def test_a_failed_sanity_check_warns_on_stderr_and_the_report_says_so(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tiny --sanity-eps cannot fool the real classifier: reported, warned about, exit 0."""
+    out = tmp_path / "robust"
+    args = _robust(tiny_model, DEFAULT_CLASSIFIER, out, "--n", "8", "--eps", "0.02", "--steps", "1")
+    args += ["--attacks", "none,classifier-only", "--attack-steps", "2", "--draws", "1"]
+    assert main([*args, "--sanity-eps", "0.001", "--sanity-n", "8"]) == 0
+    sanity = json.loads((out / "robust.json").read_text())["sanity"]
+    assert sanity["large_eps"]["reaches_zero"] is False and sanity["passed"] is False
+    assert len(sanity["failed"]) == 1 and sanity["failed"][0].startswith("large_eps: classifier-only")
+    (by_steps,) = sanity["non_increasing_in_steps"]  # classifier-only: 1 vs 2 steps on the 8 images
+    assert by_steps["attack_steps"] == [1, 2] and by_steps["eot"] == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert warnings == [f"WARNING: sanity check failed: {sanity['failed'][0]}"]
+
+
+@needs_data
+def test_no_attack_draws_no_empty_legend(
+    tiny_model: Path, tiny_classifier: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    out = tmp_path / "robust"
+    args = _robust(tiny_model, tiny_classifier, out, "--n", "2", "--attacks", "none", "--steps", "1")
+    assert main(args) == 0
+    assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+    sanity = json.loads((out / "robust.json").read_text())["sanity"]
+    assert sanity["passed"] is True and sanity["non_increasing_in_eot"] == []
+    assert (out / "robust_vs_eps.png").stat().st_size > 0
