@@ -153,10 +153,10 @@ def test_a_dead_workers_jobs_are_taken_over_when_its_heartbeat_stops(
     url = private_redis.url
     env = {"ROBUSTDIFF_RECLAIM_IDLE_MS": "60000", "ROBUSTDIFF_MAX_WAIT_MS": "0"}
     first = spawn_worker(url, **env, **{FAULT_STEP_DELAY_ENV: "0.3"})
-    second = spawn_worker(url, **env)
     with make_client(url, default_model="tiny") as c:
-        job = c.post("/sample", json={"steps": 6, "seeds": 4, "async": True}).json()["id"]
-        wait_for(lambda: job_hash(url, job).get("worker", "").endswith(str(first.pid)))
+        job = c.post("/sample", json={"steps": 20, "seeds": 4, "async": True}).json()["id"]
+        wait_for(lambda: job_hash(url, job).get("status") == "running")
+        second = spawn_worker(url, **env)  # after the first holds the job, so it cannot take it first
         first.kill()
         done = wait_for(lambda: (j := c.get(f"/jobs/{job}").json())["status"] == "done" and j, 20)
     assert job_hash(url, job)["worker"].endswith(str(second.pid))
