@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from models.errors import UserError
 
@@ -27,8 +28,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: the reason and where to look, not the usage block
+    (which for some commands is 17 lines that bury the one that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="robustdiff",
         description="Serve, train and evaluate adversarially trained diffusion and consistency models.",
         epilog="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()),
@@ -48,13 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = args[0], args[1:]
     module_name, text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"robustdiff {name}", description=text)
+    parser = _Parser(prog=f"robustdiff {name}", description=text)
     module.add_arguments(parser, name)
     parsed = parser.parse_args(rest)
     parsed.command = name
     try:
         return int(module.run(parsed) or 0)
-    except (UserError, FileNotFoundError) as err:
+    except (UserError, OSError) as err:  # OSError: a file that vanished or could not be written
         print(f"robustdiff {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
