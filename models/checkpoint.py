@@ -155,6 +155,10 @@ def read_header(path: str | Path) -> CheckpointHeader:
         raise CheckpointError(
             "format_version", f"{path} was written by a newer robustdiff (format {raw['format_version']})"
         )
+    if raw.get("kind") == "classifier":  # the same file format, told apart by its header kind
+        raise CheckpointError(
+            "header.kind", f"{path} is a classifier checkpoint, not a diffusion or consistency model"
+        )
     header = validate_header(CheckpointHeader, raw, "header")
     if header.kind == "consistency" and header.consistency is None:
         raise CheckpointError("header.consistency", "a consistency checkpoint needs its consistency settings")

@@ -10,14 +10,19 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from models.devices import device_option
-from models.errors import UserError
-from models.grid import save_grid
+from models.errors import CheckpointError, UserError
+from models.grid import GRID_SUFFIXES, save_grid
+from models.paths import output_file
+
+if TYPE_CHECKING:
+    from models.pipeline import Pipeline
 
 MULTI_COMMAND = True
 
@@ -41,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
     parser.add_argument("--device", default="auto", type=device_option, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--out", type=Path, required=True, help="output PNG grid")
+    parser.add_argument(
+        "--out", type=Path, required=True, help=f"output PNG grid ({', '.join(GRID_SUFFIXES)})"
+    )
     parser.add_argument(
         "--npy", type=Path, default=None, help="also write the images as a .npy array in [-1, 1]"
     )
@@ -117,10 +124,28 @@ def _read_inputs(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor
     return torch.from_numpy(np.stack(arrays))
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Both output files are checked before the model loads: a bad --npy must not leave the grid behind."""
+    args.out = output_file(args.out, "--out", GRID_SUFFIXES)
+    if args.npy is not None:
+        args.npy = output_file(args.npy, "--npy", [".npy"])
+        if args.npy.resolve() == args.out.resolve():
+            raise UserError("--npy", f"{args.npy} is also the --out file")
+
+
+def _load(path: str, device: str) -> Pipeline:
+    """The --model checkpoint; its errors (missing, a classifier, a bad header) name --model."""
     from models.pipeline import Pipeline
 
-    pipe = Pipeline.from_checkpoint(args.model, args.device)
+    try:
+        return Pipeline.from_checkpoint(path, device)
+    except CheckpointError as err:
+        raise UserError("--model", err.reason if str(path) in err.reason else f"{path}: {err}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_outputs(args)
+    pipe = _load(args.model, args.device)
     sampler = args.sampler or pipe.info.samplers[0 if pipe.info.kind == "consistency" else 1]
     steps = pipe.info.default_steps if args.steps is None and args.times is None else args.steps
     if args.seed < 0:

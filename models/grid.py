@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.errors import UserError
+
+# What ``save_grid`` writes: formats Pillow saves from both grayscale and RGB in every build; the
+# suffix picks the format, so anything else is refused when the arguments are read, not after sampling.
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8."""
@@ -31,8 +37,11 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
+    """Write the tiled batch, upscaled ``scale`` times so small images stay visible."""
     from PIL import Image
 
+    if Path(path).suffix.lower() not in GRID_SUFFIXES:  # callers check first; this keeps Pillow's error out
+        raise UserError("out", f"{path}: the file name must end in {' or '.join(GRID_SUFFIXES)}")
     grid = make_grid(images, nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:

@@ -176,3 +176,74 @@ def test_bad_inputs_and_models(ckpt: Path, tmp_path: Path, capsys: pytest.Captur
 def test_unknown_bench(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "no_such_benchmark"]) == 2
     assert "no benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "out", "npy", "message"),
+    [
+        ("sample", "x.txt", None, "--out: "),
+        ("sample", "folder/", None, "--out: "),
+        ("purify", "p.jpg2", None, "--out: "),
+        ("sample", "g.png", "x.txt", "--npy: "),
+        ("purify", "g.png", "/proc/x.npy", "--npy: /proc"),
+        ("sample", "g.png", "g.png", "--npy: "),
+    ],
+)
+def test_bad_output_paths_are_refused_before_any_work(
+    ckpt: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    out: str,
+    npy: str | None,
+    message: str,
+) -> None:
+    """A sweep found these failing only after sampling (a traceback, or the grid left without its .npy)."""
+    scratch = tmp_path / "scratch"
+    (scratch / "folder").mkdir(parents=True)
+    np.save(tmp_path / "b.npy", np.zeros((1, 1, 16, 16), np.float32))
+    argv = [command, "--model", str(ckpt), "--steps", "2", "--out", str(scratch / out)]
+    if out.endswith("/"):
+        argv[-1] += "/"
+    if npy is not None:
+        argv += ["--npy", npy if npy.startswith("/") else str(scratch / npy)]
+    argv += ["-n", "1"] if command == "sample" else [str(tmp_path / "b.npy")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"robustdiff {command}: error: {message}"), err
+    assert sorted(p.name for p in scratch.iterdir()) == ["folder"] and not any((scratch / "folder").iterdir())
+
+
+def test_every_grid_suffix_is_written(ckpt: Path, tmp_path: Path) -> None:
+    """The suffixes --out accepts are the ones save_grid really writes (grayscale through Pillow)."""
+    from PIL import Image
+
+    from models.grid import GRID_SUFFIXES, save_grid
+
+    for suffix in GRID_SUFFIXES:
+        path = save_grid(torch.zeros(2, 1, 4, 4), tmp_path / f"g{suffix}")
+        with Image.open(path) as im:
+            assert im.size[0] > 0
+    assert (
+        main(["sample", "--model", str(ckpt), "-n", "1", "--steps", "2", "--out", str(tmp_path / "g.JPG")])
+        == 0
+    )
+
+
+def test_a_classifier_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.evaluation.classifier import (
+        ClassifierConfig,
+        ClassifierHeader,
+        ResNetClassifier,
+        save_classifier,
+    )
+
+    path = tmp_path / "cls.safetensors"
+    net = ResNetClassifier(ClassifierConfig(image_size=16, widths=(4, 8)))
+    save_classifier(path, net.eval(), ClassifierHeader(name="c", model=net.config, test_accuracy=None))
+    assert main(["sample", "--model", str(path), "-n", "1", "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"robustdiff sample: error: --model: {path} is a classifier checkpoint, not a diffusion or consistency model"
+    ]
+    assert not (tmp_path / "o.png").exists()
