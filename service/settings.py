@@ -20,6 +20,7 @@ ENV_PREFIX = "ROBUSTDIFF_"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 SERVABLE_KINDS = ("diffusion", "consistency")
@@ -128,6 +129,16 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        """Checked here, so a typo fails at start in one line, not in redis-py after loading models."""
+        value = value.strip()
+        scheme, sep, rest = value.partition("://")
+        if value and (not sep or scheme.lower() not in _REDIS_SCHEMES or not rest):
+            raise ValueError(f"{value[:80]!r} must be redis://host:port/db, rediss://... or unix://path")
+        return value
 
     @field_validator("device")
     @classmethod

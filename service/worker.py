@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "ROBUSTDIFF_REDIS_URL", "required by the worker (`robustdiff serve` sets it for its own)"
         )
+    fault_hooks()  # before loading models: a typo must not cost their load time
     pipelines = load_pipelines(settings)
     if settings.worker_metrics_port:
         try:
@@ -63,6 +65,23 @@ def run(args: argparse.Namespace) -> int:
                 "ROBUSTDIFF_WORKER_METRICS_PORT", f"{settings.worker_metrics_port}: {err}"
             ) from None
     return asyncio.run(Worker(settings, pipelines).run())
+
+
+def fault_hooks() -> tuple[int | None, float]:
+    """The fault-injection variables (crash seed, step delay), a bad value refused as a UserError."""
+    crash = os.environ.get(FAULT_CRASH_SEED_ENV, "").strip()
+    delay = os.environ.get(FAULT_STEP_DELAY_ENV, "").strip()
+    try:
+        crash_seed = int(crash) if crash else None
+    except ValueError:
+        raise UserError(FAULT_CRASH_SEED_ENV, f"{crash[:80]!r} is not an integer") from None
+    try:
+        step_delay = float(delay) if delay else 0.0
+    except ValueError:
+        raise UserError(FAULT_STEP_DELAY_ENV, f"{delay[:80]!r} is not a number of seconds") from None
+    if not (math.isfinite(step_delay) and step_delay >= 0):
+        raise UserError(FAULT_STEP_DELAY_ENV, f"{delay[:80]!r} must be a finite number >= 0")
+    return crash_seed, step_delay
 
 
 def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
@@ -144,9 +163,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress = (0, 0)
         self._progress_event = asyncio.Event()
-        crash = os.environ.get(FAULT_CRASH_SEED_ENV)
-        self._crash_seed = int(crash) if crash else None
-        self._step_delay = float(os.environ.get(FAULT_STEP_DELAY_ENV) or 0)
+        self._crash_seed, self._step_delay = fault_hooks()
         devices = {p.device for p in pipelines.values()}
         self._cuda = next((d for d in devices if d.type == "cuda"), None)
         self.meta = {"pid": os.getpid(), "host": socket.gethostname(), "device": ",".join(map(str, devices))}
@@ -155,8 +172,13 @@ class Worker:
         loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        await self._until_redis(lambda: self.queue.ensure_groups(self.models))
-        await self._until_redis(lambda: self.queue.register(self.id, self.infos, self.meta))
+        if not (
+            await self._until_redis(lambda: self.queue.ensure_groups(self.models))
+            and await self._until_redis(lambda: self.queue.register(self.id, self.infos, self.meta))
+        ):
+            log.info("worker %s stopped before Redis at %s was reachable", self.id, self.settings.redis_url)
+            await self.redis.aclose()
+            return 0
         log.info("worker %s serving %s", self.id, ", ".join(self.models))
         tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
         try:
@@ -188,16 +210,19 @@ class Worker:
             log.info("stopping: finishing the running batch, handing back the rest (signal again to abort)")
         self.stopping = True
 
-    async def _until_redis(self, op: Any) -> None:
-        while True:
+    async def _until_redis(self, op: Any) -> bool:
+        """Retry ``op`` until Redis answers (True), or until a signal asks to stop (False): a worker
+        stopped while Redis is down has nothing to hand back, so it just exits."""
+        while not self.stopping:
             try:
                 await op()
-                return
+                return True
             except REDIS_ERRORS as err:
                 if self.stopping:
-                    raise
+                    break
                 log.warning("redis unavailable at start (%s); retrying", err)
                 await asyncio.sleep(1.0)
+        return False
 
     async def _hand_back(self) -> None:
         try:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from service.queue import DEAD_STREAM, job_key
+from service.redis_server import free_port
 from service.worker import CRASH_EXIT_CODE, FAULT_CRASH_SEED_ENV, FAULT_STEP_DELAY_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_ENV = {"ROBUSTDIFF_WORKER_METRICS_PORT": "0", "ROBUSTDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def job_hash(url: str, job_id: str) -> dict[str, str]:
@@ -161,3 +171,72 @@ def test_a_dead_workers_jobs_are_taken_over_when_its_heartbeat_stops(
         done = wait_for(lambda: (j := c.get(f"/jobs/{job}").json())["status"] == "done" and j, 20)
     assert job_hash(url, job)["worker"].endswith(str(second.pid))
     assert len(done["result"]["images"]) == 1
+
+
+def _worker_env(**env: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    return {**base, **WORKER_ENV, "PYTHONPATH": str(ROOT), **env}
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], name: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [(FAULT_STEP_DELAY_ENV, "abc"), (FAULT_STEP_DELAY_ENV, "-1"), (FAULT_CRASH_SEED_ENV, "1.5")],
+)
+def test_bad_fault_hook_is_one_line_before_loading_models(var: str, value: str) -> None:
+    """A typo in a fault hook once raised a ValueError traceback after the models had loaded."""
+    env = _worker_env(
+        ROBUSTDIFF_REDIS_URL="redis://127.0.0.1:1/0", ROBUSTDIFF_MODELS="/nonexistent", **{var: value}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    _assert_one_line_error(proc, var)  # named, not ROBUSTDIFF_MODELS: checked before the models
+
+
+def test_worker_with_a_garbage_redis_url_is_one_line() -> None:
+    env = _worker_env(ROBUSTDIFF_REDIS_URL="garbage", ROBUSTDIFF_MODELS="/nonexistent")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    _assert_one_line_error(proc, "ROBUSTDIFF_REDIS_URL")
+
+
+def test_worker_stopped_while_redis_is_unreachable_exits_cleanly(
+    checkpoints: dict[str, Path], tmp_path: Path, wait_for: Any
+) -> None:
+    """SIGTERM during the start-up retries once ended in a redis ConnectionError traceback."""
+    env = _worker_env(
+        ROBUSTDIFF_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", ROBUSTDIFF_MODELS=str(checkpoints["tiny"])
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        wait_for(lambda: "redis unavailable at start" in log_path.read_text() or proc.poll() is not None, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "Traceback" not in text and "stopped before Redis" in text, text

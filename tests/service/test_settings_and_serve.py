@@ -54,6 +54,8 @@ def test_defaults_and_csv(monkeypatch: pytest.MonkeyPatch) -> None:
         ("ROBUSTDIFF_LOG_LEVEL", "LOUD"),
         ("ROBUSTDIFF_WORKER_METRICS_PORT", "70000"),
         ("ROBUSTDIFF_HEARTBEAT_S", "-1"),
+        ("ROBUSTDIFF_REDIS_URL", "garbage"),
+        ("ROBUSTDIFF_REDIS_URL", "http://127.0.0.1:6379"),
     ],
 )
 def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
