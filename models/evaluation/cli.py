@@ -54,14 +54,16 @@ def check(condition: bool, field: str, reason: str) -> None:
 
 
 def parse_list(text: str, kind: type, field: str) -> list:
-    """'5,10,20' -> [5, 10, 20], with a message that names the option on a bad item."""
+    """'5,10,20' -> [5, 10, 20], with a message that names the option on a bad or empty item."""
+    parts = [v.strip() for v in text.split(",")]
+    if not any(parts):
+        raise UserError(field, "must not be empty")
+    if not all(parts):
+        raise UserError(field, f"an empty item in {text!r}; give values separated by single commas")
     try:
-        items = [kind(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in parts]
     except ValueError as err:
         raise UserError(field, f"expected a comma-separated list of {kind.__name__}, got {text!r}") from err
-    if not items:
-        raise UserError(field, "must not be empty")
-    return items
 
 
 def check_classifier_fits(classifier_path: str, image_shape: tuple[int, int, int]) -> None:
@@ -81,8 +83,11 @@ def check_classifier_fits_config(cls: ClassifierConfig, image_shape: tuple[int, 
     )
 
 
-def check_purifier(model_path: str, sampler: str, steps: int, t_stars: list[float]) -> None:
-    """Header-only checks of a purifier setting: unconditional model, sampler, steps below t*."""
+def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: list[float]) -> str:
+    """Header-only checks of a purifier setting: unconditional model, sampler, steps below t*.
+
+    Returns the sampler: ``sampler``, or when None the model's own (consistency for a CM, else ddim).
+    """
     from models.checkpoint import read_header
     from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
     from models.schedules import Schedule
@@ -94,6 +99,8 @@ def check_purifier(model_path: str, sampler: str, steps: int, t_stars: list[floa
         "purification needs an unconditional model (labels are unknown)",
     )
     allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
+    if sampler is None:
+        sampler = "consistency" if header.kind == "consistency" else "ddim"
     check(
         sampler in allowed,
         "sampler",
@@ -105,3 +112,4 @@ def check_purifier(model_path: str, sampler: str, steps: int, t_stars: list[floa
         check(1.0 / T <= t <= 1.0, "t-star", f"must be in [{1.0 / T}, 1], got {t}")
         if sampler in ("ddim", "ddpm"):
             check(steps <= round(t * T), "steps", f"at most {round(t * T)} steps fit below t*={t}")
+    return sampler

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 from models.errors import UserError
 from models.evaluation.cli import check
 from models.evaluation.common import now_utc, save_plot, wilson_interval
+from models.paths import output_dir
 
 KEY_FIELDS = ("defense", "attack", "eps", "eot", "attack_steps")
+_BITS = re.compile("[01]+")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,12 +86,27 @@ def _label(row: dict[str, Any]) -> str:
 def compare_rows(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> list[dict[str, Any]]:
     """Pair the settings both reports measured, on the test images both contain (the first n)."""
     for report, name in zip((a, b), names, strict=True):
+        check(
+            all(isinstance(r, dict) and "attack" in r and "defense" in r for r in report["results"]),
+            "reports",
+            f"{name} is not an eval robust report (a result without defense and attack)",
+        )
         missing = [r for r in report["results"] if "majority_per_image" not in r]
         check(
             not missing,
             "reports",
             f"{name} has no per-image outcomes (written before they were stored); rerun its command, "
             "which reuses the stored attack and only evaluates",
+        )
+        malformed = [
+            r["majority_per_image"]
+            for r in report["results"]
+            if not isinstance(r["majority_per_image"], str) or not _BITS.fullmatch(r["majority_per_image"])
+        ]
+        check(
+            not malformed,
+            "reports",
+            f"{name}: majority_per_image must be a non-empty string of 0s and 1s, got {str(malformed[:1])[:60]}",
         )
     b_rows = {_key(r): r for r in b["results"]}
     rows = []
@@ -161,6 +179,7 @@ def _name(path: Path, report: dict[str, Any], *, with_classifier: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_dir(args.out, "out")
     (path_a, a), (path_b, b) = (_read(p) for p in args.reports)
     rows = compare_rows(a, b, (str(path_a), str(path_b)))
     desc_a, desc_b = _describe(path_a, a), _describe(path_b, b)

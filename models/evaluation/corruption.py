@@ -23,6 +23,7 @@ from models.evaluation.attacks import EVAL_PURPOSE, PurifiedClassifier, draw_see
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
 from models.evaluation.common import report_header, save_plot, wilson_interval
+from models.paths import output_dir
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="classifier scored before/after")
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--t-star", default="0.05,0.1,0.2", help="comma-separated purification depths")
-    p.add_argument("--sampler", default="ddim", help="purifier sampler (consistency for CM checkpoints)")
+    p.add_argument(
+        "--sampler", default=None, help="purifier sampler (default: ddim; consistency for CM checkpoints)"
+    )
     p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
     p.add_argument("--sigma", type=float, default=0.2, help="Gaussian noise std on the [0, 1] scale")
     p.add_argument("--amount", type=float, default=0.1, help="share of pixels hit by salt-and-pepper")
@@ -81,13 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> list[float]:
+    output_dir(args.out, "out")
+    check(args.seed >= 0, "seed", f"must be >= 0, got {args.seed}")
     t_stars = parse_list(args.t_star, float, "t-star")
     check(
         math.isfinite(args.sigma) and args.sigma >= 0, "sigma", f"must be finite and >= 0, got {args.sigma}"
     )
     check(0 <= args.amount <= 1, "amount", "must be in [0, 1]")
     check(args.n >= 1 and args.batch_size >= 1 and args.steps >= 1, "n/batch-size/steps", "must be >= 1")
-    check_purifier(args.model, args.sampler, args.steps, t_stars)
+    args.sampler = check_purifier(args.model, args.sampler, args.steps, t_stars)
     check_classifier_fits(args.classifier, read_header(args.model).image_shape)
     return t_stars
 

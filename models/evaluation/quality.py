@@ -21,6 +21,7 @@ from models.devices import device_option
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, feature_network_name, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import report_header, save_plot
+from models.paths import output_dir
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
 
 
@@ -170,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """Every check that needs only the headers: nothing is generated before these pass."""
+    output_dir(args.out, "out")
     samplers = parse_list(args.sampler, str, "sampler")
     steps = parse_list(args.steps, int, "steps")
     check(all(s >= 1 for s in steps), "steps", "every step count must be >= 1")

@@ -35,6 +35,7 @@ from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, check_purifier, parse_list
 from models.evaluation.common import report_header, save_plot
 from models.evaluation.metrics import vote_metrics
+from models.paths import output_dir
 
 GRADIENT_ATTACKS = ("classifier-only", "bpda-eot", "pgd-eot")
 DEFAULT_SANITY_EPS = {"linf": 0.5, "l2": 8.0}
@@ -86,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="purification depth: noise to time t* in (0, 1], then denoise",
     )
-    p.add_argument("--sampler", default="ddim", help="purifier sampler (consistency for CM checkpoints)")
+    p.add_argument(
+        "--sampler", default=None, help="purifier sampler (default: ddim; consistency for CM checkpoints)"
+    )
     p.add_argument("--steps", type=int, default=5, help="purifier sampler steps (NFE)")
     p.add_argument("--batch-size", type=int, default=64, help="images attacked at once (memory)")
     p.add_argument(
@@ -139,6 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs only the headers and the arguments: fail before any work starts."""
+    output_dir(args.out, "out")
     check(args.threat in THREATS, "threat", f"unknown threat {args.threat!r}; known: {', '.join(THREATS)}")
     check(args.loss in LOSSES, "loss", f"unknown loss {args.loss!r}; known: {', '.join(LOSSES)}")
     eps = parse_list(args.eps, float, "eps")
@@ -168,7 +172,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     sanity = DEFAULT_SANITY_EPS[args.threat] if args.sanity_eps is None else args.sanity_eps
     check(sanity >= 0, "sanity-eps", "must be >= 0")
     check(args.sanity_n >= 1, "sanity-n", f"must be >= 1, got {args.sanity_n}")
-    check_purifier(args.model, args.sampler, args.steps, [args.t_star])
+    args.sampler = check_purifier(args.model, args.sampler, args.steps, [args.t_star])
     check_classifier_fits(args.classifier, read_header(args.model).image_shape)
     return {
         "eps": eps,

@@ -31,10 +31,15 @@ from models.evaluation.classifier import (
 )
 from models.evaluation.cli import check, check_classifier_fits_config, check_purifier, parse_list
 from models.evaluation.common import now_utc
+from models.paths import output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=str(DEFAULT_CLASSIFIER), help="safetensors file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        help=f"safetensors file to write (required: never the committed {DEFAULT_CLASSIFIER.name} by accident)",
+    )
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
@@ -47,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=device_option,
         help="torch device to train on (cpu, cuda, cuda:N, auto)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; else >= 1)"
+    )
     p.add_argument(
         "--train-n",
         type=int,
@@ -63,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="diffusion/consistency checkpoint: train on its purified images (purifier-aware classifier)",
     )
     p.add_argument("--purify-t-star", type=float, default=0.4, help="purification depth t* of --purifier")
-    p.add_argument("--purify-sampler", default="ddim", help="sampler of --purifier")
+    p.add_argument(
+        "--purify-sampler", default=None, help="sampler of --purifier (default: ddim, consistency for CMs)"
+    )
     p.add_argument("--purify-steps", type=int, default=5, help="sampler steps (NFE) of --purifier")
     p.add_argument(
         "--purify-fraction", type=float, default=0.5, help="share of each batch that is purified (0, 1]"
@@ -99,6 +108,8 @@ def _validate(
         args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0, "epochs/batch-size/lr", "must be positive"
     )
     check(args.train_n >= 0, "train-n", "must be >= 0")
+    check(args.threads >= 0, "threads", f"must be >= 1 (or 0 for torch's default), got {args.threads}")
+    output_file(args.out, "out", suffixes=[".safetensors"])
     check(
         0.0 < args.purify_fraction <= 1.0, "purify-fraction", f"must be in (0, 1], got {args.purify_fraction}"
     )
@@ -120,7 +131,9 @@ def _validate(
         check(all(w >= 1 for w in widths), "widths", "must be >= 1")
         config = ClassifierConfig(widths=widths)
     if args.purifier:
-        check_purifier(args.purifier, args.purify_sampler, args.purify_steps, [args.purify_t_star])
+        args.purify_sampler = check_purifier(
+            args.purifier, args.purify_sampler, args.purify_steps, [args.purify_t_star]
+        )
         check_classifier_fits_config(config, read_header(args.purifier).image_shape)
     return config, init, adversarial
 
