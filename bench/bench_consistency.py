@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from models.bench_cli import BenchParser, positive_int
+from models.checkpoint import read_header
 from models.pipeline import Pipeline
 from models.testing import tiny_checkpoint
 from models.unet import PRESETS
@@ -133,21 +135,27 @@ def gpu_mode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--cm", default="models/weights/fmnist-cd.safetensors", help="consistency checkpoint")
     p.add_argument(
         "--diffusion", default="models/weights/fmnist-standard.safetensors", help="cpu mode: 10-step purifier"
     )
-    p.add_argument("--batch", type=int, default=16, help="cpu mode: batch size")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="cpu mode: torch threads")
+    p.add_argument("--batch", type=positive_int, default=16, help="cpu mode: batch size")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="cpu mode: torch threads")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
-    for path in (args.cm, args.diffusion if args.mode == "cpu" else None):
-        if path and not Path(path).is_file():
-            print(f"bench_consistency: no checkpoint at {path}", file=sys.stderr)
-            return 2
+    for option, path, kind in (
+        ("cm", args.cm, "consistency"),
+        ("diffusion", args.diffusion if args.mode == "cpu" else None, "diffusion"),
+    ):
+        if not path:
+            continue
+        if not Path(path).is_file():
+            p.error(f"--{option}: no checkpoint at {path}")
+        if read_header(path).kind != kind:
+            p.error(f"--{option}: {path} is a {read_header(path).kind} model, not a {kind} model")
     report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
     report |= {
         "command": " ".join(

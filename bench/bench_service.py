@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from models.bench_cli import BenchParser, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -135,18 +137,16 @@ def start_serve(args: argparse.Namespace, checkpoint: Path, port: int, log: Path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = BenchParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="served checkpoint (default: a random tiny one)")
     parser.add_argument("--url", help="an already running service (default: start `robustdiff serve`)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--images-per-request", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--single-requests", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--images-per-request", type=positive_int, default=8)
+    parser.add_argument("--concurrency", type=positive_int, default=16)
+    parser.add_argument("--requests", type=positive_int, default=128)
+    parser.add_argument("--single-requests", type=positive_int, default=20)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 

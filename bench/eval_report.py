@@ -1,15 +1,16 @@
 """Print the docs/RESULTS.md tables from the JSON that ``bench/eval_served.sh`` wrote.
 
-usage: python bench/eval_report.py [bench/results/eval]
+usage: python bench/eval_report.py [ROOT]   (default: bench/results/eval)
 Numbers are copied from the JSON files, never typed by hand.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from models.bench_cli import BenchParser
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -154,8 +155,17 @@ def combined_plots(root: Path) -> None:
     save_plot(root / "robust_vs_eps.png", rob)
 
 
-if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/eval")
+def main() -> None:
+    p = BenchParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "root",
+        nargs="?",
+        default="bench/results/eval",
+        help="folder eval_served.sh wrote (default: %(default)s)",
+    )
+    root = Path(p.parse_args().root)
+    if not root.is_dir():
+        p.error(f"root: {root} is not a folder")
     for title, fn in (
         ("Sample quality", quality),
         ("Purification robustness", robust),
@@ -164,3 +174,7 @@ if __name__ == "__main__":
         print(f"\n### {title}\n")
         fn(root)
     combined_plots(root)
+
+
+if __name__ == "__main__":
+    main()

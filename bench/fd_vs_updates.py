@@ -20,11 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from models.bench_cli import BenchParser, positive_int
+from models.errors import UserError
 from models.evaluation.classifier import DEFAULT_CLASSIFIER
+from models.evaluation.cli import parse_list
 from models.evaluation.common import machine_description, now_utc, save_plot
+from models.paths import output_dir
 from models.train.export import export_checkpoint
 
 STEP = re.compile(r"step-(\d+)\.json$")
+QUALITY_K = 3
+"""``eval quality``'s default k of the k-NN metrics: it needs more samples than that."""
 METRICS = ("sampler", "steps", "n", "fd", "precision", "recall", "coverage")
 
 
@@ -53,21 +59,31 @@ def _evaluate(ckpt: Path, served: Path, out: Path, args: argparse.Namespace) -> 
         cmd = ["eval", "quality", "--model", str(served), "--sampler", args.sampler]
         cmd += ["--steps", args.steps, "--n", str(args.n), "--classifier", args.classifier, "--out", str(out)]
         print("+ robustdiff", shlex.join(cmd), flush=True)
-        subprocess.run([sys.executable, "-m", "service.cli", *cmd], check=True)  # the venv's, not PATH's
+        done = subprocess.run([sys.executable, "-m", "service.cli", *cmd], check=False)  # the venv's
+        if done.returncode:
+            sys.exit(f"eval quality of {served} failed (exit {done.returncode}); its message is above")
     result: dict[str, Any] = json.loads(report.read_text())
     return result
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = BenchParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", metavar="LABEL=RUN_FOLDER")
     p.add_argument("--sampler", default="consistency")
     p.add_argument("--steps", default="1,2", help="comma-separated step counts")
-    p.add_argument("--n", type=int, default=2000, help="generated samples per checkpoint and step count")
+    p.add_argument(
+        "--n", type=positive_int, default=2000, help="generated samples per checkpoint and step count (>= 4)"
+    )
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="feature network (safetensors)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    out = Path(args.out)
+    if args.n <= QUALITY_K:
+        p.error(f"--n: eval quality's k-NN metrics need more than k={QUALITY_K} samples, got {args.n}")
+    try:
+        out = output_dir(args.out, "out")
+        parse_list(args.steps, int, "steps")
+    except UserError as err:
+        p.error(str(err))
     rows: list[dict[str, Any]] = []
     for label, run in _runs(args.runs):
         for updates, ckpt in _checkpoints(run):

@@ -15,14 +15,16 @@ Markdown table. Numbers are copied from the reports, never typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from models.bench_cli import BenchParser
+from models.errors import UserError
 from models.evaluation.common import machine_description, now_utc, save_plot
+from models.paths import output_dir
 
 SHARED = ("threat", "n", "draws")
 
@@ -101,13 +103,17 @@ def _dodge(x: float, i: int, count: int, axis: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = BenchParser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", metavar="REPORT_DIR")
     p.add_argument("--x", choices=tuple(AXES), default="nfe", help="what the points are placed at")
     p.add_argument("--attack", default="pgd-eot", help="attack whose accuracy is plotted")
     p.add_argument("--eps", type=float, help="the radius to read from reports that swept several")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    try:
+        out = output_dir(args.out, "out")
+    except UserError as err:
+        p.error(str(err))
     axis = args.x
     xlabel, series_of = AXES[axis]
     points = sorted(
@@ -118,7 +124,6 @@ def main() -> None:
         if len({pt[key] for pt in points}) > 1:
             sys.exit(f"the reports differ in {key}: {sorted({str(pt[key]) for pt in points})}")
     first = points[0]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "command": shlex.join(["python", *sys.argv]),

@@ -10,7 +10,6 @@ distance to the plane: the mean distance and the fraction farther than ``--tau``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -22,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _toy import VectorTrainer, machine, mean_sem
+
+from models.bench_cli import BenchParser, positive_int
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "standard": ("standard", {}),
@@ -60,22 +61,22 @@ def distance_to_plane(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--updates", type=int, default=4000, help="parameter updates per model")
+    p = BenchParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=positive_int, default=5)
+    p.add_argument("--updates", type=positive_int, default=4000, help="parameter updates per model")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--n-train", type=positive_int, default=4000)
     p.add_argument("--outliers", type=float, default=0.1)
-    p.add_argument("--n-samples", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for sampling")
+    p.add_argument("--n-samples", type=positive_int, default=2000)
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps for sampling")
     p.add_argument(
         "--tau", type=float, default=0.05, help="'off the support' = farther than tau from the plane"
     )
     p.add_argument("--lam", type=float, default=0.3)
     p.add_argument("--r-floor", type=float, default=2 * 8 / 255)
     p.add_argument("--r-scale", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", default="docs/img/seed_a_plane", help="writes OUT.json and OUT.png")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
