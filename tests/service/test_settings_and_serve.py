@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,3 +196,120 @@ def test_default_models_are_the_servable_committed_checkpoints() -> None:
     assert names[0] == "fmnist-dro-at" and "fmnist-classifier" not in names
     assert checkpoint_kind(WEIGHTS_DIR / "fmnist-classifier.safetensors") == "classifier"
     assert all(checkpoint_kind(Path(m)) in ("diffusion", "consistency") for m in models)
+
+
+def _serve_env(**env: str) -> dict[str, str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    full.update({
+        "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ROBUSTDIFF_WORKER_METRICS_PORT": "0",
+        "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5", **env,
+    })  # fmt: skip
+    return full
+
+
+def _assert_no_private_redis_left(log: str) -> None:
+    """The private Redis serve started (if any) is gone: no process on its port, nothing answers."""
+    found = re.search(r"started a private Redis at redis://127\.0\.0\.1:(\d+)/0", log)
+    if found is None:
+        return
+    port = found.group(1)
+    left = subprocess.run(["pgrep", "-f", f"redis-server 127.0.0.1:{port}"], capture_output=True, text=True)
+    assert not left.stdout.strip(), log
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis(port=int(port), socket_connect_timeout=1).ping()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "name"),
+    [
+        (["--host", "999.1.1.1"], {}, "--host"),
+        (["--port", "IN_USE"], {}, "--port"),
+        (["--workers", "-1"], {}, "--workers"),
+        ([], {"ROBUSTDIFF_REDIS_URL": "garbage"}, "ROBUSTDIFF_REDIS_URL"),
+        ([], {"ROBUSTDIFF_MODELS": "/nonexistent.safetensors"}, "ROBUSTDIFF_MODELS"),
+    ],
+)
+def test_serve_refuses_bad_input_before_starting_anything(
+    checkpoints: dict[str, Path], argv: list[str], env: dict[str, str], name: str
+) -> None:
+    """Each once started the private Redis first (and left it running), hung, or printed a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = str(taken.getsockname()[1])
+        argv = [in_use if a == "IN_USE" else a for a in argv]
+        if "--port" not in argv:
+            argv += ["--port", str(free_port())]
+        full = _serve_env(**{"ROBUSTDIFF_MODELS": str(checkpoints["tiny"]), **env})
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", *argv],
+            cwd=ROOT, env=full, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], proc.stderr  # one line: no Redis was even started
+    _assert_no_private_redis_left(proc.stderr)
+
+
+def test_serve_stops_its_children_whatever_way_uvicorn_fails(checkpoints: dict[str, Path]) -> None:
+    """With the up-front check bypassed, uvicorn's own bind failure must still end serve non-zero
+    with the worker and the private Redis stopped: it once hung in the API's shutdown for good."""
+    code = (
+        "import sys, service.serve as s; from service.cli import main; s.check_listen = lambda h, p: None; "
+        "sys.exit(main(['serve', '--host', '999.1.1.1', '--port', sys.argv[1]]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(free_port())], cwd=ROOT,
+        env=_serve_env(ROBUSTDIFF_MODELS=str(checkpoints["tiny"])), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (0, None), err
+    assert "started a private Redis" in err and "Traceback" not in err, err
+    _assert_no_private_redis_left(err)
+
+
+def test_serve_exits_2_when_every_worker_has_a_configuration_error(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A checkpoint only the worker can find bad (here truncated) once left an API answering 503
+    forever; serve now stops everything and exits 2 with the worker's reason."""
+    broken = tmp_path / "truncated.safetensors"
+    broken.write_bytes(checkpoints["tiny"].read_bytes()[:200])
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT, env=_serve_env(ROBUSTDIFF_MODELS=str(broken)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("robustdiff serve: error: worker: ROBUSTDIFF_MODELS:") and broken.name in last, (
+        last
+    )
+    _assert_no_private_redis_left(proc.stderr)
+
+
+def test_serve_warns_when_its_redis_is_unreachable(tmp_path: Path) -> None:
+    """It once said nothing at all, leaving the user to wonder why every request got 503."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+            cwd=ROOT, env=_serve_env(ROBUSTDIFF_REDIS_URL=url), stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while "startup complete" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log_path.read_text()
+    text = log_path.read_text()
+    assert f"Redis at {url} is unreachable" in text and "Traceback" not in text, text
