@@ -138,8 +138,12 @@ def test_serve_embedded_redis_and_worker(checkpoints: dict[str, Path], tmp_path:
     try:
         status, out = _get(f"{base}/sample", {"steps": 2, "seeds": 5})
         assert status == 200 and out["model"] == "tiny" and out["seeds"] == [5]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert b'robustdiff_images_generated_total{model="tiny"} 1.0' in metrics.read()
+        # The worker counts an image just after publishing its result, so the counter may lag the answer.
+        want = b'robustdiff_images_generated_total{model="tiny"} 1.0'
+        deadline = time.monotonic() + 5
+        while want not in (text := urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
     finally:
         proc.send_signal(stop)
         assert proc.wait(60) == 0, log_path.read_text()
