@@ -65,7 +65,8 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         "",
-        description="Redis URL (redis://host:port/db). Empty: `robustdiff serve` starts a private Redis.",
+        description="Redis URL: redis://host:port/db, rediss://... (TLS) or unix://path. Empty: "
+        "`robustdiff serve` starts a private Redis.",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=_committed_weights,
