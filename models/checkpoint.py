@@ -105,8 +105,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], header
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: header.model_dump_json()})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: header.model_dump_json()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed: no stray .tmp beside the target
 
 
 def read_header_json(path: str | Path, field: str, what: str = "checkpoint") -> dict[str, Any]:

@@ -11,6 +11,7 @@ import shlex
 from typing import Any, Literal, get_args, get_origin
 
 from models.errors import UserError
+from models.paths import output_dir, output_file
 from models.train import state as ckpt
 from models.train.config import RESUMABLE, TrainConfig, apply_override, build, load_config
 
@@ -32,7 +33,11 @@ FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("config", nargs="?", help="TOML (.toml) or YAML (.yaml/.yml) config file")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="TOML (.toml) or YAML (.yaml/.yml) config file; required unless --resume or --options",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -62,7 +67,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def resume_config(path: str, sets: list[str]) -> TrainConfig:
     """The checkpoint's own config, with overrides only of the fields a resumed run may change."""
-    meta, _ = ckpt.load(path)
+    meta, _ = ckpt.load(path, "--resume")
     data = meta["config"]
     for s in sets:
         key = apply_override(data, s)
@@ -71,6 +76,15 @@ def resume_config(path: str, sets: list[str]) -> TrainConfig:
                 key, f"cannot be changed when resuming (resumable: {', '.join(sorted(RESUMABLE))})"
             )
     return build(data)
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """The run folder and the served file are checked before training: failing after it loses the run."""
+    out_dir = output_dir(cfg.out_dir, "--out-dir")
+    if cfg.export_path is not None:
+        output_file(cfg.export_path, "--export", [".safetensors"])
+    else:  # the default served file, inside the run folder
+        output_file(out_dir / f"{cfg.name}.safetensors", "--out-dir")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -128,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             raise UserError("config", "give either a config file or --resume, not both")
         cfg = resume_config(args.resume, sets)
+    elif not args.config:  # README: `robustdiff train CONFIG`; no silent 1000-update default run into ./runs
+        raise UserError("config", "give a config file (TOML or YAML), or --resume RUN_DIR")
     else:
         cfg = load_config(args.config, sets)
+    check_outputs(cfg)
     from models.train.trainer import train
 
     result = train(cfg, command=command_line(args), resume=args.resume)

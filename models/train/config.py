@@ -158,16 +158,27 @@ def _error(err: ValidationError) -> UserError:
     return UserError(".".join(loc) or "config", msg)
 
 
+def _parse_error(err: Exception) -> str:
+    """A parser's error as one line: PyYAML's spans several (with a source excerpt), tomllib's is one."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem or err.context or 'syntax error'} (at line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """A config file as a dict: .toml through tomllib, .yaml/.yml/.json through PyYAML."""
     path = Path(path)
     if not path.is_file():
         raise UserError("config", f"no config file at {path}")
-    text = path.read_text()
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        text = path.read_text()
+        data = tomllib.loads(text) if kind == "TOML" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError("config", f"{path} is not a text file (expected {kind})") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise UserError("config", f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
+        raise UserError("config", f"{path} is not valid {kind}: {_parse_error(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

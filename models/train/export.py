@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointHeader, TrainingInfo, save_checkpoint
+from models.errors import UserError
+from models.paths import output_file
 from models.train import state as ckpt
 from models.train.config import TrainConfig, build
 from models.train.methods import get_method
@@ -70,13 +72,21 @@ def write_served(
 
 
 def export_checkpoint(
-    source: str | Path, out: str | Path, name: str | None = None, dtype: str = "float16"
+    source: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    dtype: str = "float16",
+    field: str = "checkpoint",
 ) -> Path:
     """Write the served file for a training checkpoint (a run folder, or a step-*.json/.safetensors)."""
-    meta, tensors = ckpt.load(source)
+    meta, tensors = ckpt.load(source, field)
     cfg = build(meta["config"])
     ema = UNet(cfg.model_config_())
-    ema.load_state_dict(ckpt.section(tensors, "ema"))
+    try:
+        ema.load_state_dict(ckpt.section(tensors, "ema"))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise UserError(field, f"{source}: the EMA weights do not match the config ({first})") from err
     loop = ckpt.LoopState(**meta["state"])
     recent = loop.recent_losses
     header = served_header(
@@ -93,12 +103,13 @@ def export_checkpoint(
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("checkpoint", help="run folder (its latest checkpoint) or a checkpoints/step-*.json")
-    parser.add_argument("--out", required=True, help="served .safetensors file to write")
+    parser.add_argument("--out", type=Path, required=True, help="served .safetensors file to write")
     parser.add_argument("--name", default=None, help="model name in the header (default: the run's name)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = export_checkpoint(args.checkpoint, args.out, args.name, args.dtype)
+    out = output_file(args.out, "--out", [".safetensors"])  # before the checkpoint is read
+    path = export_checkpoint(args.checkpoint, out, args.name, args.dtype)
     print(f"wrote {path}")
     return 0

@@ -74,8 +74,11 @@ def save(
     opt_tensors, groups = optimizer_tensors(opt)
     tensors.update(opt_tensors)
     tmp = stem.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, stem.with_suffix(".safetensors"))
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, stem.with_suffix(".safetensors"))
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
     meta = {"config": config, "state": asdict(state), "optimizer_param_groups": groups, **(extra or {})}
     _write_json(stem.with_suffix(".json"), meta)
     _write_json(Path(out_dir) / "latest.json", {"checkpoint": str(stem.with_suffix(".json").resolve())})
@@ -88,30 +91,62 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def resolve(path: str | Path) -> Path:
+def _pointer(folder: Path, field: str) -> Path:
+    """The checkpoint ``<folder>/latest.json`` names; a malformed pointer is an error naming the file."""
+    pointer = folder / "latest.json"
+    if not pointer.is_file():
+        raise UserError(field, f"{folder} holds no training checkpoint (no latest.json)")
+    try:
+        data = json.loads(pointer.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(field, f"{pointer} is not readable JSON ({err})") from None
+    name = data.get("checkpoint") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name.endswith(".json"):
+        raise UserError(field, f'{pointer} is malformed: expected {{"checkpoint": "<path>/step-N.json"}}')
+    target = Path(name)
+    moved = folder / "checkpoints" / target.name  # the run folder was moved or copied since
+    return moved if not target.is_file() and moved.is_file() else target
+
+
+def resolve(path: str | Path, field: str = "resume") -> Path:
     """A run folder (its latest checkpoint), a checkpoint's .json or its .safetensors -> the .json."""
-    path = Path(path)
-    if path.is_dir():
-        pointer = path / "latest.json"
-        if not pointer.is_file():
-            raise UserError("resume", f"{path} holds no training checkpoint (no latest.json)")
-        path = Path(json.loads(pointer.read_text())["checkpoint"])
-    if path.suffix == ".safetensors":
-        path = path.with_suffix(".json")
-    if not path.is_file() or not path.with_suffix(".safetensors").is_file():
-        raise UserError("resume", f"no training checkpoint at {path}")
-    return path
+    given = Path(path)
+    if not given.exists():
+        raise UserError(field, f"no run folder or training checkpoint at {given}")
+    path = _pointer(given, field) if given.is_dir() else given
+    if path.suffix not in (".json", ".safetensors"):
+        raise UserError(
+            field, f"{given} is not a run folder or a training checkpoint (checkpoints/step-*.json)"
+        )
+    meta, tensors = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta.is_file():
+        raise UserError(
+            field,
+            f"{given} is not a run folder or a training checkpoint (no {meta.name} beside it; "
+            "a served model cannot be resumed or exported)"
+            if path == given
+            else f"{given} names {meta}, which does not exist",
+        )
+    if not tensors.is_file():
+        raise UserError(field, f"{tensors} is missing (the tensors of the training checkpoint {meta})")
+    return meta
 
 
-def load(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON meta, all tensors) of a training checkpoint."""
-    path = resolve(path)
+def load(path: str | Path, field: str = "resume") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON meta, all tensors) of a training checkpoint; anything unreadable is an error naming ``field``."""
+    path = resolve(path, field)
     try:
         meta = json.loads(path.read_text())
         with safe_open(str(path.with_suffix(".safetensors")), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-    except (OSError, json.JSONDecodeError, Exception) as err:
-        raise UserError("resume", f"{path}: unreadable training checkpoint ({err})") from err
+    except Exception as err:  # OSError, JSON and safetensors' own error types
+        raise UserError(field, f"{path}: unreadable training checkpoint ({err})") from err
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in ("config", "state")):
+        raise UserError(field, f"{path} is not a training checkpoint (no config and state objects)")
+    try:
+        LoopState(**meta["state"])
+    except TypeError as err:
+        raise UserError(field, f"{path}: malformed state ({err})") from err
     return meta, tensors
 
 

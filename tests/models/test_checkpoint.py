@@ -129,3 +129,13 @@ def test_consistency_needs_its_settings(good: Path, tmp_path: Path) -> None:
     _rewrite(p, load_file(str(good)), {HEADER_KEY: json.dumps(meta)})
     with pytest.raises(CheckpointError, match="consistency"):
         read_header(p)
+
+
+def test_a_failed_write_leaves_no_tmp_file(tmp_path: Path) -> None:
+    """Writing onto a folder fails in os.replace; the .tmp written just before must not stay behind."""
+    target = tmp_path / "exists.safetensors"
+    target.mkdir()
+    cfg = preset("tiny")
+    with pytest.raises(OSError):
+        save_checkpoint(target, UNet(cfg), CheckpointHeader(name="t", model=cfg))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.safetensors"]

@@ -71,8 +71,11 @@ def test_resume_refuses_changing_the_method(make_config: Callable[..., TrainConf
 def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "served.safetensors"
     run = tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text('name = "tiny"\n')
     argv = [
         "train",
+        str(config),
         "--preset",
         "tiny",
         "--dataset",
@@ -125,7 +128,9 @@ def test_cli_bad_config_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], field: str
 ) -> None:
     run = tmp_path / "never"
-    assert main(["train", "--out-dir", str(run), *argv]) == 2
+    config = tmp_path / "c.toml"
+    config.write_text('name = "tiny"\n')
+    assert main(["train", str(config), "--out-dir", str(run), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f": {field}:" in err
     assert not run.exists()
@@ -135,7 +140,20 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
     """DDP over gloo: both ranks finish (no collective left waiting), one checkpoint holds both RNG states."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "service.cli", "train", "--preset", "tiny", "--dataset", "digits", "--method", "dro-at"]
+    config = tmp_path / "c.toml"
+    config.write_text('name = "model"\n')
+    cmd += [
+        "-m",
+        "service.cli",
+        "train",
+        str(config),
+        "--preset",
+        "tiny",
+        "--dataset",
+        "digits",
+        "--method",
+        "dro-at",
+    ]
     cmd += ["--updates", "4", "--batch-size", "8", "--out-dir", str(run), "--threads", "1", "--device", "cpu"]
     cmd += ["--set", "checkpoint_every=3", "--set", "sample_count=0", "--set", "progress=false"]
     done = subprocess.run(
