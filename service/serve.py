@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 from typing import IO
 
@@ -32,7 +31,7 @@ from uvicorn.lifespan.on import LifespanOn
 
 from models.errors import UserError
 from service.redis_server import RedisServer
-from service.settings import Settings, load_settings
+from service.settings import load_settings
 
 WORKER_ERROR_PREFIX = "robustdiff worker: error: "
 LIFESPAN_SHUTDOWN_TIMEOUT_S = 10.0
@@ -197,18 +196,6 @@ def check_listen(host: str, port: int) -> None:
                 raise UserError("--host", f"cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
-def check_models(settings: Settings) -> None:
-    """The checkpoint files the workers will load exist: checked before anything starts, since a
-    worker failing on one would leave an API that answers only 503."""
-    if not settings.models:
-        raise UserError("ROBUSTDIFF_MODELS", "no checkpoints to serve (and none committed in models/weights)")
-    for entry in settings.models:
-        _name, sep, path = entry.partition("=")
-        path = path if sep else entry
-        if not Path(path).is_file():
-            raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
-
-
 def warn_if_unreachable(url: str) -> None:
     """One warning line when the external Redis does not answer at start (the API answers 503 until
     it does); before this, serve said nothing at all."""
@@ -232,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--workers", "must be >= 0")
     check_listen(args.host, args.port)
     if workers:
-        check_models(settings)
+        settings.model_files()  # a missing checkpoint would leave an API that answers only 503
     redis_server: RedisServer | None = None
     url = settings.redis_url
     if url:

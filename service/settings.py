@@ -167,6 +167,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    def model_files(self) -> list[tuple[str, Path]]:
+        """ROBUSTDIFF_MODELS as (name or "", path) pairs, every file there: what serve checks before
+        it starts anything and what each worker then loads."""
+        if not self.models:
+            raise UserError(
+                "ROBUSTDIFF_MODELS", "no checkpoints to serve (and none committed in models/weights)"
+            )
+        out = []
+        for entry in self.models:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = "", entry
+            if not Path(path).is_file():
+                raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
+            out.append((name, Path(path)))
+        return out
+
     @property
     def liveness_s(self) -> float:
         """A worker whose heartbeat is older than this is counted as dead."""

@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,15 +85,8 @@ def fault_hooks() -> tuple[int | None, float]:
 
 def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
     """Load every checkpoint once; entries are ``path`` or ``name=path``."""
-    if not settings.models:
-        raise UserError("ROBUSTDIFF_MODELS", "no checkpoints to serve (and none committed in models/weights)")
     out: dict[str, Pipeline] = {}
-    for entry in settings.models:
-        name, sep, path = entry.partition("=")
-        if not sep:
-            name, path = "", entry
-        if not Path(path).is_file():
-            raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
+    for name, path in settings.model_files():
         try:
             pipe = Pipeline.from_checkpoint(
                 path, device=settings.device, name=name or None, gpu_dtype=settings.gpu_dtype
