@@ -178,7 +178,15 @@ def _worker_env(**env: str) -> dict[str, str]:
     return {**base, **WORKER_ENV, "PYTHONPATH": str(ROOT), **env}
 
 
-def _assert_one_line_error(proc: subprocess.CompletedProcess[str], name: str) -> None:
+def _assert_worker_refuses_in_one_line(name: str, **env: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=_worker_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -191,31 +199,16 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess[str], name: str) ->
 )
 def test_bad_fault_hook_is_one_line_before_loading_models(var: str, value: str) -> None:
     """A typo in a fault hook once raised a ValueError traceback after the models had loaded."""
-    env = _worker_env(
-        ROBUSTDIFF_REDIS_URL="redis://127.0.0.1:1/0", ROBUSTDIFF_MODELS="/nonexistent", **{var: value}
+    # named, not ROBUSTDIFF_MODELS: checked before the models
+    _assert_worker_refuses_in_one_line(
+        var, ROBUSTDIFF_REDIS_URL="redis://127.0.0.1:1/0", ROBUSTDIFF_MODELS="/nonexistent", **{var: value}
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    _assert_one_line_error(proc, var)  # named, not ROBUSTDIFF_MODELS: checked before the models
 
 
 def test_worker_with_a_garbage_redis_url_is_one_line() -> None:
-    env = _worker_env(ROBUSTDIFF_REDIS_URL="garbage", ROBUSTDIFF_MODELS="/nonexistent")
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    _assert_worker_refuses_in_one_line(
+        "ROBUSTDIFF_REDIS_URL", ROBUSTDIFF_REDIS_URL="garbage", ROBUSTDIFF_MODELS="/nonexistent"
     )
-    _assert_one_line_error(proc, "ROBUSTDIFF_REDIS_URL")
 
 
 def test_worker_stopped_while_redis_is_unreachable_exits_cleanly(
