@@ -32,7 +32,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
-from service.queue import REDIS_ERRORS, TERMINAL, CompletionListener, JobQueue, QueueFull, connect
+from service.queue import (
+    REDIS_ERRORS,
+    TERMINAL,
+    CompletionListener,
+    JobQueue,
+    PoolBusy,
+    QueueFull,
+    connect,
+)
 from service.schemas import (
     MAX_SEED,
     STRENGTHS,
@@ -179,8 +187,13 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(
+            settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+        )
+        # Probes get connections of their own, so a burst that fills the pool never fails /readyz.
+        self.probe = connect(settings.redis_url, max_connections=4, pool_timeout_s=2.0)
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
+        self.probe_queue = JobQueue(self.probe, job_ttl_s=settings.job_ttl_s)
         self.listener = CompletionListener(self.redis)
 
     # ---- body reading --------------------------------------------------------------------------
@@ -485,6 +498,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await svc.listener.stop()
         await svc.redis.aclose()
+        await svc.probe.aclose()
 
     app = FastAPI(
         title="robustdiff",
@@ -630,8 +644,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def readyz() -> Response:
         try:
-            await svc.redis.ping()
-            beats = await svc.queue.heartbeats()
+            await svc.probe.ping()
+            beats = await svc.probe_queue.heartbeats()
         except REDIS_ERRORS:
             return JSONResponse({"ready": False, "redis": "unreachable", "workers": 0}, status_code=503)
         now = time.time()
@@ -714,6 +728,17 @@ def _install_handlers(app: FastAPI) -> None:
         field = "path" if exc.status_code in (404, 405) else "request"
         reason = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(exc.status_code, "http_error", [(field, reason)], dict(exc.headers or {}))
+
+    @handle(PoolBusy)
+    async def pool_busy(_: Request, exc: PoolBusy) -> Response:
+        m.API_FAILURES.labels(reason="busy").inc()
+        log.warning("busy: %s", exc)
+        return error_response(
+            503,
+            "busy",
+            [("server", f"every connection to the job queue is in use ({exc}); retry shortly")],
+            headers={"Retry-After": str(1 + secrets.randbelow(5))},
+        )
 
     for redis_exc in REDIS_ERRORS:
 

@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PREFIX = "robustdiff"
@@ -56,11 +56,38 @@ def idem_key(key: str) -> str:
     return f"{PREFIX}:idem:{key}"
 
 
-def connect(url: str) -> Redis:
-    """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging."""
-    return Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=30
+class PoolBusy(MaxConnectionsError):
+    """Every pooled connection stayed in use for the whole wait: the service is busy, Redis is fine."""
+
+
+class _QueueingPool(BlockingConnectionPool):
+    """A request beyond ``max_connections`` waits for a free connection (up to ``timeout``) instead
+    of failing at once; if none frees up it raises PoolBusy, never a plain connection error."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except RedisConnectionError as err:
+            if isinstance(err.__cause__, asyncio.TimeoutError):
+                raise PoolBusy(
+                    f"all {self.max_connections} Redis connections stayed busy for {self.timeout} s"
+                ) from None
+            raise
+
+
+def connect(url: str, max_connections: int = 100, pool_timeout_s: float = 10.0) -> Redis:
+    """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging,
+    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage)."""
+    pool = _QueueingPool.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
     )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 _SUBMIT = """

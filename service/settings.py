@@ -125,6 +125,18 @@ class Settings(BaseSettings):
         9400, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: disabled)."
     )
     log_level: str = Field("INFO", description="Log level: DEBUG | INFO | WARNING | ERROR | CRITICAL.")
+    redis_max_connections: int = Field(
+        200,
+        ge=2,
+        description="Redis connections per API or worker process; a request beyond them waits for a free "
+        "one (up to REDIS_POOL_TIMEOUT_S) instead of failing.",
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a request waits for a free Redis connection before a 503 that says the "
+        "service is busy (not that Redis is down).",
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

@@ -144,7 +144,9 @@ class Worker:
         self.models = sorted(pipelines)
         self.infos = {name: info_dict(p) for name, p in pipelines.items()}
         self.id = f"{socket.gethostname()}-{os.getpid()}"
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(
+            settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+        )
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.cap = settings.max_batch_images
         self.backlog: list[Delivery] = []
