@@ -56,6 +56,7 @@ from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+JOB_STATUSES = frozenset({"queued", "running", *TERMINAL})
 # A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
 DEAD_WORKER_RETENTION_S = 600.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -604,8 +605,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Job status")
     async def get_job(job_id: str) -> Response:
         record = await svc.queue.get(_job_id(job_id))
-        if record is None:
-            raise ApiError(404, "job_id", f"{job_id} expired or does not exist")
+        if record is None or record.get("id") != job_id or record.get("status") not in JOB_STATUSES:
+            raise ApiError(404, "job_id", f"{job_id} expired or does not exist")  # never a partial record
         return JSONResponse(svc.status(record))
 
     @app.delete("/jobs/{job_id}", responses=ERROR_RESPONSES, summary="Cancel a job")

@@ -5,9 +5,10 @@ Layout (all keys under ``robustdiff:``):
 - ``jobs:{model}``   stream of ``{id}`` entries, consumer group ``workers`` (at-least-once delivery);
   a worker acks *and deletes* an entry when the job ends, so XLEN - pending = jobs still waiting.
 - ``job:{id}``       hash: status, kind, model, request (JSON), created/started/finished, step/steps,
-  result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1).
+  result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1);
+  no expiry until the job is final, then JOB_TTL_S.
 - ``dead``           dead-letter stream for jobs whose worker died in each of MAX_DELIVERIES runs.
-- ``idem:{key}``     Idempotency-Key -> "job_id fingerprint".
+- ``idem:{key}``     Idempotency-Key -> "job_id fingerprint", kept as long as its job.
 - ``models``/``heartbeats``  what the workers serve and when each last said so.
 - ``events``         pub/sub channel carrying the id of each job that reached a final status.
 
@@ -99,19 +100,34 @@ redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[5])[1]
 if waiting >= tonumber(ARGV[4]) then return {'full', tostring(waiting)} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[3]) end
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[2])
+  redis.call('HSET', KEYS[1], 'idem', KEYS[3])
+end
 return {'created', ARGV[1]}
 """
 
-_START = """
+# A job (and its Idempotency-Key) lives until it is final and JOB_TTL_S after that: a job still
+# queued or running never expires, so its result is never lost to a clock that started at submission.
+_EXPIRE_FINAL = """
+local function expire_final(key, ttl)
+  redis.call('EXPIRE', key, ttl)
+  local idem = redis.call('HGET', key, 'idem')
+  if idem then redis.call('EXPIRE', idem, ttl) end
+end
+"""
+
+_START = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[2], 'error', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  expire_final(KEYS[1], ARGV[6])
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   return 'cancelled'
 end
@@ -119,8 +135,11 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', A
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return 'running'
 """
+)
 
-_FINISH = """
+_FINISH = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 local written = 0
 if ARGV[1] ~= '' and st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
@@ -129,7 +148,7 @@ if ARGV[1] ~= '' and st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
   if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[10], 'steps', ARGV[10]) end
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  expire_final(KEYS[1], ARGV[5])
   redis.call('PUBLISH', ARGV[8], ARGV[9])
   written = 1
 end
@@ -139,8 +158,11 @@ if ARGV[6] ~= '' then
 end
 return written
 """
+)
 
-_CANCEL = """
+_CANCEL = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
@@ -148,10 +170,21 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[1], 'error', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  expire_final(KEYS[1], ARGV[5])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   return 'cancelled'
 end
 return 'cancelling'
+"""
+)
+
+# Progress only on a job that still exists and runs: an HSET on an expired (or deleted) job would
+# recreate a record with no id, status or expiry.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'steps', ARGV[2])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
+return 0
 """
 
 _REQUEUE = """
@@ -224,6 +257,7 @@ class JobQueue:
             ("finish", _FINISH),
             ("cancel", _CANCEL),
             ("requeue", _REQUEUE),
+            ("progress", _PROGRESS),
         ):
             self._scripts[name] = self.redis.register_script(source)
 
@@ -277,7 +311,7 @@ class JobQueue:
 
     async def cancel(self, job_id: str) -> str:
         """Returns 'missing', a final status, 'cancelled' (was queued) or 'cancelling' (running)."""
-        args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id]
+        args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id, self.job_ttl_s]
         return str(await self._scripts["cancel"](keys=[job_key(job_id)], args=args))
 
     async def models(self) -> dict[str, dict[str, Any]]:
@@ -454,19 +488,17 @@ class JobQueue:
         for d in deliveries:
             await self._scripts["start"](
                 keys=[job_key(d.job_id)],
-                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id],
+                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id, self.job_ttl_s],
                 client=pipe,
             )
         return [str(s) for s in await pipe.execute()]
 
     async def progress(self, deliveries: list[Delivery], step: int, steps: int) -> list[bool]:
-        """Record step i of n for each job; returns each job's cancel flag."""
+        """Record step i of n for each job still running; returns each job's cancel flag."""
         pipe = self.redis.pipeline(transaction=False)
         for d in deliveries:
-            pipe.hset(job_key(d.job_id), mapping={"step": step, "steps": steps})
-            pipe.hget(job_key(d.job_id), "cancel")
-        replies = await pipe.execute()
-        return [replies[2 * i + 1] == "1" for i in range(len(deliveries))]
+            await self._scripts["progress"](keys=[job_key(d.job_id)], args=[step, steps], client=pipe)
+        return [int(reply) == 1 for reply in await pipe.execute()]
 
     async def finish(
         self,

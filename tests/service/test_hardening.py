@@ -13,7 +13,8 @@ import redis
 
 from service import metrics as m
 from service.api import create_app
-from service.queue import MODELS_KEY
+from service.queue import MODELS_KEY, Delivery, JobQueue, connect, job_key
+from service.worker import FAULT_STEP_DELAY_ENV
 from tests.service.conftest import api_settings
 
 # What a worker registers for a tiny unconditional diffusion model; tests that only need the API to
@@ -96,3 +97,55 @@ def test_a_pool_busy_past_its_wait_is_busy_not_unreachable(private_redis: Any) -
         "retry-after" in a.headers for a in refused
     )
     assert (failures("redis_unavailable"), failures("busy")) == (before[0], before[1] + len(refused))
+
+
+def test_a_job_lives_until_final_then_its_ttl(
+    private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    """With a 2 s TTL, a job running 3 s and one queued behind it both finish with their results, and
+    expire 2 s after finishing. The TTL once ran from submission: the running job's progress then
+    recreated a record without id, status or expiry (GET answered 200 with nulls), and the queued
+    one answered 404 and never ran."""
+    url = private_redis.url
+    env = {"ROBUSTDIFF_JOB_TTL_S": "2", FAULT_STEP_DELAY_ENV: "0.4", "ROBUSTDIFF_MAX_WAIT_MS": "0"}
+    spawn_worker(url, **env)
+    with make_client(url, default_model="tiny", job_ttl_s=2) as c:
+        long = c.post("/sample", json={"steps": 8, "seeds": 1, "async": True}).json()["id"]
+        behind = c.post("/sample", json={"steps": 3, "seeds": 2, "async": True}).json()["id"]
+        finished = {}
+        for job in (long, behind):
+            finished[job] = wait_for(
+                lambda j=job: (r := c.get(f"/jobs/{j}").json()).get("status") == "done" and r, 30
+            )
+            assert finished[job]["id"] == job and len(finished[job]["result"]["images"]) == 1
+        r = redis.Redis.from_url(url, decode_responses=True)
+        assert 0 < r.ttl(job_key(behind)) <= 2
+        r.close()
+        wait_for(
+            lambda: c.get(f"/jobs/{long}").status_code == 404 and c.get(f"/jobs/{behind}").status_code == 404,
+            10,
+        )
+
+
+def test_progress_never_recreates_an_expired_job(private_redis: Any) -> None:
+    async def main() -> tuple[list[bool], int]:
+        client = connect(private_redis.url)
+        queue = JobQueue(client)
+        sub = await queue.submit("sample", "tiny", {"seeds": [1]}, max_depth=10)
+        await client.delete(job_key(sub.job_id))  # as if it had expired
+        d = Delivery("0-1", "tiny", sub.job_id, "sample", {}, 0.0)
+        flags = await queue.progress([d], 1, 5)
+        exists = int(await client.exists(job_key(sub.job_id)))
+        await client.aclose()
+        return flags, exists
+
+    assert asyncio.run(main()) == ([False], 0)
+
+
+def test_a_partial_job_record_is_404_not_a_broken_schema(client: Any, redis_server: Any) -> None:
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    r.hset(job_key("abc123partial"), mapping={"step": 3, "steps": 9})
+    r.expire(job_key("abc123partial"), 60)
+    r.close()
+    answer = client.get("/jobs/abc123partial")
+    assert answer.status_code == 404 and answer.json()["errors"][0]["field"] == "job_id"
