@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.errors import UserError
@@ -56,6 +57,7 @@ from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+CLIENT_CLOSED_REQUEST = 499  # counted in robustdiff_requests_total{status="499"}
 JOB_STATUSES = frozenset({"queued", "running", *TERMINAL})
 # A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
 DEAD_WORKER_RETENTION_S = 600.0
@@ -204,11 +206,14 @@ class Service:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "body", f"{declared} bytes is over the limit of {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body", f"more than the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body", f"more than the limit of {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone(f"{request.method} {request.url.path} after {size} bytes of the body") from None
         body = b"".join(chunks)
         request._body = body  # let request.form() parse what was already read
         return body
@@ -478,6 +483,10 @@ class Service:
         return out
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its request was read: its doing, not a server error."""
+
+
 class _Invalid(Exception):
     def __init__(self, err: ValidationError) -> None:
         super().__init__(str(err))
@@ -708,6 +717,12 @@ def _install_handlers(app: FastAPI) -> None:
         if exc.status in (413, 415, 422):
             m.API_FAILURES.labels(reason="validation").inc()
         return error_response(exc.status, exc.code, [(exc.field, exc.reason)], exc.headers)
+
+    @handle(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        # Nobody reads this answer; 499 (nginx's "client closed request") keeps it out of the 5xx alert.
+        log.info("client disconnected during %s", exc)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @handle(imgs.ImageError)
     async def image_error(_: Request, exc: imgs.ImageError) -> Response:

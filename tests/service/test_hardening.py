@@ -149,3 +149,41 @@ def test_a_partial_job_record_is_404_not_a_broken_schema(client: Any, redis_serv
     r.close()
     answer = client.get("/jobs/abc123partial")
     assert answer.status_code == 404 and answer.json()["errors"][0]["field"] == "job_id"
+
+
+def drive(app: Any, path: str, messages: list[dict[str, Any]], hang: bool = False) -> list[dict[str, Any]]:
+    """One POST through the ASGI app with the given body messages; after them the client either
+    hangs (sends nothing more) or disconnects. Returns what the app sent."""
+    sent: list[dict[str, Any]] = []
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if queue:
+            return queue.pop(0)
+        if hang:
+            await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100"), (b"host", b"api")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    return sent
+
+
+def test_a_client_hanging_up_mid_upload_is_499_at_info(caplog: Any) -> None:
+    """Content-Length 100, 11 bytes, then the client closes: once an ERROR with two tracebacks and
+    a 500 in robustdiff_requests_total, which feeds the 5xx alert."""
+    app = create_app(api_settings("redis://127.0.0.1:1/0"))
+    before = requests_with(499), requests_with(500)
+    with caplog.at_level("INFO"):
+        drive(app, "/sample", [{"type": "http.request", "body": b'{"steps": 1', "more_body": True}])
+    assert (requests_with(499), requests_with(500)) == (before[0] + 1, before[1])
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
+    assert any("disconnected" in r.getMessage() and r.levelname == "INFO" for r in caplog.records)
