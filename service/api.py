@@ -7,6 +7,7 @@ write to Redis, and images are decoded with numpy and Pillow.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -79,6 +80,7 @@ class ApiError(Exception):
         self.code = code or {
             401: "unauthorized",
             404: "not_found",
+            408: "timeout",
             409: "conflict",
             413: "too_large",
             422: "invalid",
@@ -206,12 +208,23 @@ class Service:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "body", f"{declared} bytes is over the limit of {limit}")
         chunks, size = [], 0
+        timeout = self.settings.body_timeout_s
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "body", f"more than the limit of {limit} bytes")
-                chunks.append(chunk)
+            async with asyncio.timeout(timeout):  # a slow or lying client must not hold a connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "body", f"more than the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body",
+                f"{size} bytes of {declared or 'an unknown length'} arrived in {timeout} s "
+                "(ROBUSTDIFF_BODY_TIMEOUT_S)",
+                code="timeout",
+                headers={"Connection": "close"},  # the rest of the body may still come: never reuse it
+            ) from None
         except ClientDisconnect:
             raise ClientGone(f"{request.method} {request.url.path} after {size} bytes of the body") from None
         body = b"".join(chunks)

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         9400, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: disabled)."
     )
     log_level: str = Field("INFO", description="Log level: DEBUG | INFO | WARNING | ERROR | CRITICAL.")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest time to receive a request body; a slower (or shorter than announced) body "
+        "is answered 408 and the connection closed.",
+    )
     redis_max_connections: int = Field(
         200,
         ge=2,

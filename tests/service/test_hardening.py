@@ -187,3 +187,17 @@ def test_a_client_hanging_up_mid_upload_is_499_at_info(caplog: Any) -> None:
     assert (requests_with(499), requests_with(500)) == (before[0] + 1, before[1])
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
     assert any("disconnected" in r.getMessage() and r.levelname == "INFO" for r in caplog.records)
+
+
+def test_a_body_slower_than_the_limit_is_408() -> None:
+    """A Content-Length that promised more than was sent once held the connection for uvicorn's 70 s."""
+    app = create_app(api_settings("redis://127.0.0.1:1/0", body_timeout_s=0.3))
+    before = requests_with(408)
+    sent = drive(
+        app, "/sample", [{"type": "http.request", "body": b'{"steps": 1', "more_body": True}], hang=True
+    )
+    start = next(msg for msg in sent if msg["type"] == "http.response.start")
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    body = json.loads(b"".join(msg.get("body", b"") for msg in sent if msg["type"] == "http.response.body"))
+    assert body["errors"][0]["field"] == "body" and "0.3 s" in body["detail"]
+    assert requests_with(408) == before + 1
