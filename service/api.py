@@ -431,8 +431,69 @@ class Service:
                 status_code=202,
                 headers={"Location": location},
             )
-        record = await self.listener.wait(sub.job_id, self.settings.request_timeout_s, self.queue.get)
-        return self.answer(sub.job_id, record)
+        return await self.wait(request, sub.job_id, cancel_if_gone=sub.created)
+
+    async def wait(self, request: Request, job_id: str, *, cancel_if_gone: bool) -> Response:
+        """The accepted job's answer, within REQUEST_TIMEOUT_S. A Redis outage meanwhile is waited out
+        (the job is safe in Redis); if it outlasts the timeout the 503 names the job, so a retry polls
+        it instead of running it again. A client that hangs up cancels a job it created
+        (ROBUSTDIFF_CANCEL_ON_DISCONNECT)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        watch = cancel_if_gone and self.settings.cancel_on_disconnect
+        gone = asyncio.create_task(_disconnected(request)) if watch else None
+        backoff = 0.1
+        try:
+            while True:
+                waiting = asyncio.create_task(
+                    self.listener.wait(job_id, max(0.0, deadline - loop.time()), self.queue.get)
+                )
+                await asyncio.wait(
+                    [t for t in (waiting, gone) if t is not None], return_when="FIRST_COMPLETED"
+                )
+                if gone is not None and gone.done():
+                    waiting.cancel()
+                    await self.cancel_abandoned(job_id)
+                    raise ClientGone(f"the wait for job {job_id}, which was cancelled")
+                try:
+                    return self.answer(job_id, waiting.result())
+                except REDIS_ERRORS as err:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return self.unreachable_with_job(job_id, err)
+                    log.warning(
+                        "redis unavailable while job %s is waited for (%s); still waiting", job_id, err
+                    )
+                    await asyncio.sleep(min(backoff, remaining))
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            if gone is not None:
+                gone.cancel()
+
+    async def cancel_abandoned(self, job_id: str) -> None:
+        try:
+            outcome = await self.queue.cancel(job_id)
+        except REDIS_ERRORS as err:
+            log.warning("could not cancel job %s of a client that hung up (%s)", job_id, err)
+            return
+        log.info("client hung up waiting for job %s: %s", job_id, outcome)
+
+    def unreachable_with_job(self, job_id: str, err: Exception) -> Response:
+        m.API_FAILURES.labels(reason="redis_unavailable").inc()
+        location = f"/jobs/{job_id}"
+        log.warning("redis unavailable until the timeout while job %s was waited for: %s", job_id, err)
+        return JSONResponse(
+            {
+                "error": "unavailable",
+                "detail": f"job: accepted as {job_id} but the job queue is unreachable; poll {location}, "
+                "do not submit again",
+                "errors": [{"field": "job", "reason": f"accepted as {job_id}; poll {location}"}],
+                "id": job_id,
+                "location": location,
+            },
+            status_code=503,
+            headers={"Location": location, "Retry-After": "2"},
+        )
 
     def answer(self, job_id: str, record: dict[str, str] | None) -> Response:
         location = f"/jobs/{job_id}"
@@ -686,6 +747,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(m.API_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _job_id(job_id: str) -> str:

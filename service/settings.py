@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         description="Longest time to receive a request body; a slower (or shorter than announced) body "
         "is answered 408 and the connection closed.",
     )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="A synchronous request whose client hangs up cancels the job it created (a job found "
+        "by its Idempotency-Key is left running). false: the job runs on; poll /jobs/{id}.",
+    )
     redis_max_connections: int = Field(
         200,
         ge=2,

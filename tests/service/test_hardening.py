@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ import redis
 from service import metrics as m
 from service.api import create_app
 from service.queue import MODELS_KEY, Delivery, JobQueue, connect, job_key
+from service.redis_server import RedisServer
 from service.worker import FAULT_STEP_DELAY_ENV
 from tests.service.conftest import api_settings
 
@@ -201,3 +204,100 @@ def test_a_body_slower_than_the_limit_is_408() -> None:
     body = json.loads(b"".join(msg.get("body", b"") for msg in sent if msg["type"] == "http.response.body"))
     assert body["errors"][0]["field"] == "body" and "0.3 s" in body["detail"]
     assert requests_with(408) == before + 1
+
+
+def test_a_redis_blip_while_waiting_keeps_the_accepted_job(
+    spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    """A synchronous request whose job was queued once got a bare 503 'retry shortly' when Redis
+    blinked; the job still ran, so a retry ran it twice. Now: an outage shorter than the request
+    timeout is waited out, a longer one is a 503 that names the job (Location, id)."""
+    server = RedisServer(persistent=True).start()  # comes back with its jobs, as serve's private one
+    url = server.url
+    try:
+        register_tiny(url)
+        answers: dict[str, Any] = {}
+
+        def post(name: str, client: Any, seed: int) -> threading.Thread:
+            t = threading.Thread(
+                target=lambda: answers.update(
+                    {name: client.post("/sample", json={"steps": 1, "seeds": seed})}
+                )
+            )
+            t.start()
+            wait_for(lambda: queued_ids(url) and len(queued_ids(url)) >= seed, 10)
+            return t
+
+        with (
+            make_client(url, default_model="tiny", request_timeout_s=1.5) as short,
+            make_client(url, default_model="tiny", request_timeout_s=60) as patient,
+        ):
+            waiting_short = post("short", short, 1)
+            waiting_long = post("long", patient, 2)
+            server.stop()
+            waiting_short.join(10)
+            time.sleep(0.5)
+            server.start()
+            spawn_worker(url)
+            waiting_long.join(60)
+        refused, done = answers["short"], answers["long"]
+        assert refused.status_code == 503, refused.text
+        job = refused.json()["id"]
+        assert refused.headers["location"] == f"/jobs/{job}" and job in refused.json()["detail"]
+        assert done.status_code == 200, done.text
+        assert done.json()["seeds"] == [2]
+        r = redis.Redis.from_url(url, decode_responses=True)
+        wait_for(lambda: r.hget(job_key(job), "status") == "done", 30)  # the 503's job ran, once
+        assert r.hget(job_key(job), "finishes") == "1"
+        r.close()
+    finally:
+        server.close()
+
+
+def queued_ids(url: str) -> list[str]:
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [key.rsplit(":", 1)[1] for key in r.scan_iter("robustdiff:job:*")]
+    finally:
+        r.close()
+
+
+def test_a_synchronous_client_that_hangs_up_cancels_its_job(private_redis: Any) -> None:
+    url = private_redis.url
+    register_tiny(url)
+    body = json.dumps({"steps": 1, "seeds": 7}).encode()
+
+    async def main(cancel: bool) -> None:
+        app = create_app(
+            api_settings(url, default_model="tiny", request_timeout_s=3, cancel_on_disconnect=cancel)
+        )
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.5)  # the client waits a little, then gives up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/sample", "raw_path": b"/sample", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        }  # fmt: skip
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(main(cancel=True))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    statuses = {r.hget(job_key(j), "status") for j in queued_ids(url)}
+    assert statuses == {"cancelled"}
+    for j in queued_ids(url):
+        r.delete(job_key(j))
+    asyncio.run(main(cancel=False))  # the setting off: the job stays
+    statuses = {r.hget(job_key(j), "status") for j in queued_ids(url)}
+    r.close()
+    assert statuses == {"queued"}
