@@ -8,6 +8,7 @@ write to Redis, and images are decoded with numpy and Pillow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -22,13 +23,14 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.errors import UserError
@@ -47,6 +49,7 @@ from service.schemas import (
     MAX_SEED,
     STRENGTHS,
     ErrorBody,
+    JobAccepted,
     JobResult,
     JobStatus,
     ModelsResponse,
@@ -64,6 +67,47 @@ JOB_STATUSES = frozenset({"queued", "running", *TERMINAL})
 DEAD_WORKER_RETENTION_S = 600.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
+}
+# What a job submission may answer besides its result: each status with what it means.
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    202: {
+        "model": JobAccepted,
+        "description": "Accepted (async, or found by its Idempotency-Key): poll the Location",
+        "headers": {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}},
+        "links": {
+            "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}},
+            "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/id"}},
+        },
+    },
+    408: {"model": ErrorBody, "description": "The body did not arrive within ROBUSTDIFF_BODY_TIMEOUT_S"},
+    409: {"model": ErrorBody, "description": "Idempotency-Key reused for another request, or job cancelled"},
+    415: {"model": ErrorBody, "description": "Content-Type or Content-Encoding not supported"},
+    429: {
+        "model": ErrorBody,
+        "description": "The model's queue is full; retry after Retry-After seconds (spread per client)",
+        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+    },
+    500: {"model": ErrorBody, "description": "The job failed in the worker"},
+    503: {
+        "model": ErrorBody,
+        "description": "Redis unreachable or busy, or no model registered; when the job was already "
+        "accepted the body has its id and Location names it: poll it, do not resubmit",
+        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+    },
+    504: {
+        "model": ErrorBody,
+        "description": "Not finished within ROBUSTDIFF_REQUEST_TIMEOUT_S; poll the Location",
+        "headers": {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}},
+    },
+}
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Retry safely: a request repeated with the same key (and body) answers the job the "
+    "first one created instead of running it again, for as long as that job is kept.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
 
@@ -89,6 +133,14 @@ class ApiError(Exception):
             504: "timeout",
         }.get(status, "error")
         self.headers = headers
+
+
+def retry_after(waiting: int) -> int:
+    """Seconds a refused client should wait: about one per 50 jobs waiting, drawn at random over a
+    window at least 4 s wide, so a burst of refused clients does not come back all at once."""
+    low = max(1, min(60, waiting // 50))
+    high = max(low + 3, min(60, 2 * low))
+    return low + secrets.randbelow(high - low + 1)
 
 
 def error_response(
@@ -411,7 +463,7 @@ class Service:
             )
         except QueueFull as full:
             m.API_FAILURES.labels(reason="queue_full").inc()
-            retry = str(max(1, min(60, full.waiting // 50)))
+            retry = str(retry_after(full.waiting))
             raise ApiError(
                 429,
                 "queue",
@@ -424,8 +476,9 @@ class Service:
         if async_:
             status = "queued"
             if not sub.created:  # the Idempotency-Key's job: say where it is now
-                record = await self.queue.get(sub.job_id)
-                status = record.get("status", "queued") if record else "queued"
+                with contextlib.suppress(*REDIS_ERRORS):  # accepted: the answer must name it regardless
+                    record = await self.queue.get(sub.job_id)
+                    status = record.get("status", "queued") if record else "queued"
             return JSONResponse(
                 {"id": sub.job_id, "status": status, "created": sub.created, "location": location},
                 status_code=202,
@@ -598,12 +651,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/sample",
         summary="Generate images",
         response_model=JobResult,
-        responses={202: {"description": "Accepted (async)"}, **ERROR_RESPONSES},
+        responses=SUBMIT_RESPONSES,
         openapi_extra={
+            "parameters": [IDEMPOTENCY_HEADER],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": model_schema(SampleRequest)}},
-            }
+            },
         },
     )
     async def sample(request: Request) -> Response:
@@ -623,8 +677,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/purify",
         summary="Purify images (diffuse to t*, then denoise)",
         response_model=JobResult,
-        responses={202: {"description": "Accepted (async)"}, **ERROR_RESPONSES},
+        responses=SUBMIT_RESPONSES,
         openapi_extra={
+            "parameters": [IDEMPOTENCY_HEADER],
             "requestBody": {
                 "required": True,
                 "content": {
@@ -634,7 +689,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             "type": "object",
                             "required": ["files"],
                             "properties": {
-                                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "files": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                    "minItems": 1,
+                                },
                                 **{
                                     k: v
                                     for k, v in model_schema(PurifyRequest)["properties"].items()
@@ -644,7 +703,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         }
                     },
                 },
-            }
+            },
         },
     )
     async def purify(request: Request) -> Response:
@@ -685,14 +744,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return await svc.submit(request, "purify", job, req, files)
 
-    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Job status")
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobStatus,
+        responses=ERROR_RESPONSES,
+        summary="Job status",
+        operation_id="get_job",
+    )
     async def get_job(job_id: str) -> Response:
         record = await svc.queue.get(_job_id(job_id))
         if record is None or record.get("id") != job_id or record.get("status") not in JOB_STATUSES:
             raise ApiError(404, "job_id", f"{job_id} expired or does not exist")  # never a partial record
         return JSONResponse(svc.status(record))
 
-    @app.delete("/jobs/{job_id}", responses=ERROR_RESPONSES, summary="Cancel a job")
+    @app.delete(
+        "/jobs/{job_id}",
+        responses={**ERROR_RESPONSES, 202: {"description": "Running: it stops at its next step"}},
+        summary="Cancel a job",
+        operation_id="cancel_job",
+    )
     async def cancel_job(job_id: str) -> Response:
         outcome = await svc.queue.cancel(_job_id(job_id))
         if outcome == "missing":
@@ -702,7 +772,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = 200 if outcome == "cancelled" else 202
         return JSONResponse({"id": job_id, "status": outcome}, status_code=code)
 
-    @app.get("/models", response_model=ModelsResponse, summary="Models the workers serve")
+    @app.get(
+        "/models",
+        response_model=ModelsResponse,
+        responses={503: {"model": ErrorBody}},
+        summary="Models the workers serve",
+    )
     async def list_models() -> Response:
         served = await svc.queue.models()
         beats = await svc.queue.heartbeats()
@@ -719,13 +794,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"models": entries})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="The API process is up")
+    @app.get("/healthz", summary="The API process is up", operation_id="healthz")
+    @app.head("/healthz", summary="The API process is up", operation_id="healthz_head")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
-        "/readyz", methods=["GET", "HEAD"], summary="Redis reachable and a live worker with its models loaded"
-    )
+    ready_doc = "Redis reachable and a live worker with its models loaded"
+    ready_503: dict[int | str, dict[str, Any]] = {
+        503: {"description": "Not ready (Redis unreachable or no live worker)"}
+    }
+
+    @app.get("/readyz", summary=ready_doc, operation_id="readyz", responses=ready_503)
+    @app.head("/readyz", summary=ready_doc, operation_id="readyz_head", responses=ready_503)
     async def readyz() -> Response:
         try:
             await svc.probe.ping()
@@ -741,18 +821,66 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"ready": bool(live), "redis": "ok", "workers": len(live)}
         return JSONResponse(body, status_code=200 if live else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         await _refresh_gauges(svc)
         return Response(generate_latest(m.API_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    _describe_security(app, settings)
     return app
+
+
+def _describe_security(app: FastAPI, settings: Settings) -> None:
+    """Bearer auth in the OpenAPI document: required on every route but the public ones when API keys
+    are set, optional otherwise (the same routes answer 401 only when keys are set)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "ROBUSTDIFF_API_KEYS"}
+        }
+        security: list[dict[str, list[str]]] = [{"bearer": []}] if settings.api_keys else [{}, {"bearer": []}]
+        for path, item in schema["paths"].items():
+            if path in PUBLIC_PATHS:
+                continue
+            for operation in item.values():
+                operation["security"] = security
+                unauthorised = {"description": "Missing or wrong bearer token", "model": ErrorBody}
+                operation.setdefault("responses", {}).setdefault(
+                    "401",
+                    {
+                        "description": unauthorised["description"],
+                        "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+                    },
+                )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _disconnected(request: Request) -> None:
     """Returns once the client has closed the connection (the body has already been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of this path answers."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _job_id(job_id: str) -> str:
@@ -823,7 +951,10 @@ def _install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         field = "path" if exc.status_code in (404, 405) else "request"
         reason = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(exc.status_code, "http_error", [(field, reason)], dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route's methods only (GET, not DELETE)
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        return error_response(exc.status_code, "http_error", [(field, reason)], headers)
 
     @handle(PoolBusy)
     async def pool_busy(_: Request, exc: PoolBusy) -> Response:

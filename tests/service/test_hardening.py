@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import redis
+from fastapi.testclient import TestClient
 
 from service import metrics as m
 from service.api import create_app
@@ -301,3 +302,44 @@ def test_a_synchronous_client_that_hangs_up_cancels_its_job(private_redis: Any) 
     statuses = {r.hget(job_key(j), "status") for j in queued_ids(url)}
     r.close()
     assert statuses == {"queued"}
+
+
+def test_openapi_describes_the_service() -> None:
+    """What schemathesis found undescribed: /metrics as JSON, OPTIONS /jobs/{id} allowing GET only,
+    zero-file multipart, duplicate GET/HEAD operationIds, and 202/408/415/504/auth/Idempotency-Key."""
+    app = create_app(api_settings("redis://127.0.0.1:1/0", api_keys=["k"]))
+    with TestClient(app) as c:
+        spec = c.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
+        options = c.options("/jobs/abc", headers={"Authorization": "Bearer k"})
+    paths = spec["paths"]
+    ids = [op["operationId"] for item in paths.values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert options.status_code == 405 and set(options.headers["allow"].split(", ")) >= {"GET", "DELETE"}
+    multipart = paths["/purify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["required"] == ["files"] and multipart["properties"]["files"]["minItems"] == 1
+    for path in ("/sample", "/purify"):
+        op = paths[path]["post"]
+        assert {"200", "202", "408", "415", "422", "429", "503", "504"} <= set(op["responses"])
+        accepted = op["responses"]["202"]
+        assert accepted["links"]["GetJob"]["operationId"] == "get_job" and "Location" in accepted["headers"]
+        assert "Retry-After" in op["responses"]["429"]["headers"]
+        assert [p["name"] for p in op["parameters"]] == ["Idempotency-Key"]
+        assert op["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "security" not in paths["/healthz"]["get"]
+
+
+def test_retry_after_is_spread_under_a_burst(private_redis: Any) -> None:
+    """Every refused client was told 'Retry-After: 1', so they all came back together."""
+    url = private_redis.url
+    register_tiny(url)
+
+    async def burst(client: httpx.AsyncClient) -> list[httpx.Response]:
+        posts = [client.post("/sample", json={"steps": 1, "seeds": i, "async": True}) for i in range(60)]
+        return await asyncio.gather(*posts)
+
+    answers = run_app(url, burst, max_queue_depth=10)
+    waits = [int(a.headers["retry-after"]) for a in answers if a.status_code == 429]
+    assert len(waits) == 50 and all(1 <= w <= 60 for w in waits)
+    assert len(set(waits)) >= 3, waits
