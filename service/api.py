@@ -818,7 +818,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for w, b in beats.items()
             if now - float(b.get("ts", 0)) < settings.liveness_s and b.get("models")
         ]
-        body = {"ready": bool(live), "redis": "ok", "workers": len(live)}
+        body = {
+            "ready": bool(live),
+            "redis": "ok",
+            "workers": len(live),
+            "worker_metrics": sorted(beats[w]["metrics"] for w in live if beats[w].get("metrics")),
+        }
         return JSONResponse(body, status_code=200 if live else 503)
 
     @app.get(

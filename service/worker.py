@@ -55,15 +55,27 @@ def run(args: argparse.Namespace) -> int:
             "ROBUSTDIFF_REDIS_URL", "required by the worker (`robustdiff serve` sets it for its own)"
         )
     fault_hooks()  # before loading models: a typo must not cost their load time
+    metrics_url = start_metrics(settings)  # before the models load: a taken port must not cost their load
     pipelines = load_pipelines(settings)
-    if settings.worker_metrics_port:
-        try:
-            start_http_server(settings.worker_metrics_port, registry=m.WORKER_REGISTRY)
-        except OSError as err:
-            raise UserError(
-                "ROBUSTDIFF_WORKER_METRICS_PORT", f"{settings.worker_metrics_port}: {err}"
-            ) from None
-    return asyncio.run(Worker(settings, pipelines).run())
+    worker = Worker(settings, pipelines)
+    if metrics_url:
+        worker.meta["metrics"] = metrics_url  # in the heartbeat, so /readyz lists where to scrape
+    return asyncio.run(worker.run())
+
+
+def start_metrics(settings: Settings) -> str | None:
+    """Serve the worker's /metrics; 'auto' takes a free port. Returns its URL (None: disabled)."""
+    port = settings.worker_metrics_port
+    if port == 0:
+        return None
+    host = settings.worker_metrics_host
+    try:
+        server, _ = start_http_server(0 if port == "auto" else port, addr=host, registry=m.WORKER_REGISTRY)
+    except OSError as err:
+        raise UserError("ROBUSTDIFF_WORKER_METRICS_PORT", f"{host}:{port}: {err.strerror or err}") from None
+    url = f"http://{host}:{server.server_port}/metrics"
+    log.info("worker metrics at %s", url)
+    return url
 
 
 def fault_hooks() -> tuple[int | None, float]:

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,9 +22,9 @@ from fastapi.testclient import TestClient
 from service import metrics as m
 from service.api import create_app
 from service.queue import MODELS_KEY, Delivery, JobQueue, connect, job_key
-from service.redis_server import RedisServer
+from service.redis_server import RedisServer, free_port
 from service.worker import FAULT_STEP_DELAY_ENV
-from tests.service.conftest import api_settings
+from tests.service.conftest import ROOT, api_settings
 
 # What a worker registers for a tiny unconditional diffusion model; tests that only need the API to
 # accept jobs write it themselves instead of loading a model.
@@ -343,3 +348,48 @@ def test_retry_after_is_spread_under_a_burst(private_redis: Any) -> None:
     waits = [int(a.headers["retry-after"]) for a in answers if a.status_code == 429]
     assert len(waits) == 50 and all(1 <= w <= 60 for w in waits)
     assert len(set(waits)) >= 3, waits
+
+
+def test_two_serve_instances_share_a_host(
+    checkpoints: dict[str, Path], tmp_path: Path, wait_for: Any
+) -> None:
+    """The worker's metrics port was fixed at 9400: the second `robustdiff serve` loaded its models and
+    exited with 'Address already in use'. Now each worker takes a free port on loopback, and /readyz
+    says which."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    env.update({
+        "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ROBUSTDIFF_MODELS": str(checkpoints["tiny"]),
+        "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5",
+    })  # fmt: skip
+    procs, bases = [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            with (tmp_path / f"serve{i}.log").open("wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                    stdout=log, stderr=log,
+                ))  # fmt: skip
+            bases.append(f"http://127.0.0.1:{port}")
+
+        def ready(i: int) -> dict[str, Any] | None:
+            assert procs[i].poll() is None, (tmp_path / f"serve{i}.log").read_text()
+            try:
+                r = httpx.get(f"{bases[i]}/readyz", timeout=5)
+            except httpx.HTTPError:
+                return None
+            return r.json() if r.status_code == 200 else None
+
+        states = [wait_for(lambda i=i: ready(i), 90, 0.2) for i in range(2)]
+        for base in bases:
+            answer = httpx.post(f"{base}/sample", json={"steps": 1, "seeds": 3}, timeout=30)
+            assert answer.status_code == 200, answer.text
+        urls = [state["worker_metrics"][0] for state in states]
+        assert urls[0] != urls[1] and all(u.startswith("http://127.0.0.1:") for u in urls)
+        for url in urls:
+            assert "robustdiff_jobs_total" in httpx.get(url, timeout=5).text
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
