@@ -810,13 +810,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await svc.probe.ping()
             beats = await svc.probe_queue.heartbeats()
+            connected = await svc.probe_queue.connected_workers()
         except REDIS_ERRORS:
             return JSONResponse({"ready": False, "redis": "unreachable", "workers": 0}, status_code=503)
         now = time.time()
         live = [
             w
             for w, b in beats.items()
-            if now - float(b.get("ts", 0)) < settings.liveness_s and b.get("models")
+            if now - float(b.get("ts", 0)) < settings.liveness_s
+            and b.get("models")
+            and (connected is None or w in connected)
         ]
         body = {
             "ready": bool(live),

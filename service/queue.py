@@ -76,7 +76,12 @@ class _QueueingPool(BlockingConnectionPool):
             raise
 
 
-def connect(url: str, max_connections: int = 100, pool_timeout_s: float = 10.0) -> Redis:
+WORKER_CLIENT_PREFIX = "robustdiff-worker:"
+
+
+def connect(
+    url: str, max_connections: int = 100, pool_timeout_s: float = 10.0, client_name: str | None = None
+) -> Redis:
     """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging,
     and queues for a connection when all ``max_connections`` are in use (a burst, not an outage)."""
     pool = _QueueingPool.from_url(
@@ -87,6 +92,7 @@ def connect(url: str, max_connections: int = 100, pool_timeout_s: float = 10.0) 
         health_check_interval=30,
         max_connections=max_connections,
         timeout=pool_timeout_s,
+        client_name=client_name,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
@@ -317,6 +323,17 @@ class JobQueue:
     async def models(self) -> dict[str, dict[str, Any]]:
         raw: dict[str, str] = await self.redis.hgetall(MODELS_KEY)  # type: ignore[assignment]
         return {name: json.loads(info) for name, info in raw.items()}
+
+    async def connected_workers(self) -> set[str] | None:
+        """Workers with an open Redis connection (named by ``connect(client_name=...)``): a worker
+        killed with -9 drops its connections at once, seconds before its heartbeat goes stale.
+        None where CLIENT LIST is not allowed (e.g. an ACL): then only heartbeats tell."""
+        try:
+            clients = await self.redis.client_list()
+        except ResponseError:
+            return None
+        names = (str(c.get("name") or "") for c in clients)
+        return {n.removeprefix(WORKER_CLIENT_PREFIX) for n in names if n.startswith(WORKER_CLIENT_PREFIX)}
 
     async def heartbeats(self) -> dict[str, dict[str, Any]]:
         raw: dict[str, str] = await self.redis.hgetall(HEARTBEATS_KEY)  # type: ignore[assignment]

@@ -32,7 +32,7 @@ from models.errors import UserError
 from models.pipeline import Cancelled, Pipeline
 from service import images as imgs
 from service import metrics as m
-from service.queue import REDIS_ERRORS, Delivery, JobQueue, connect
+from service.queue import REDIS_ERRORS, WORKER_CLIENT_PREFIX, Delivery, JobQueue, connect
 from service.settings import Settings, load_settings
 
 FAULT_CRASH_SEED_ENV = "ROBUSTDIFF_FAULT_CRASH_SEED"
@@ -157,7 +157,10 @@ class Worker:
         self.infos = {name: info_dict(p) for name, p in pipelines.items()}
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         self.redis = connect(
-            settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+            settings.redis_url,
+            settings.redis_max_connections,
+            settings.redis_pool_timeout_s,
+            client_name=WORKER_CLIENT_PREFIX + self.id,  # /readyz sees a killed worker's connections go
         )
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.cap = settings.max_batch_images

@@ -75,9 +75,9 @@ def test_a_burst_beyond_the_redis_pool_queues_instead_of_503(private_redis: Any)
     redis-py's pool once failed the 101st concurrent command, which the API called an outage."""
     url = private_redis.url
     register_tiny(url)
-    r = redis.Redis.from_url(url, decode_responses=True)
+    # A worker as /readyz sees one: a fresh heartbeat and an open connection under its name.
+    r = redis.Redis.from_url(url, decode_responses=True, client_name="robustdiff-worker:w")
     r.hset("robustdiff:heartbeats", "w", json.dumps({"ts": 1e12, "models": ["tiny"]}))
-    r.close()
 
     async def burst(client: httpx.AsyncClient) -> tuple[list[int], list[int]]:
         posts = [client.post("/sample", json={"steps": 1, "seeds": i, "async": True}) for i in range(300)]
@@ -86,6 +86,7 @@ def test_a_burst_beyond_the_redis_pool_queues_instead_of_503(private_redis: Any)
         return [a.status_code for a in answers[:300]], [a.status_code for a in answers[300:]]
 
     posts, probes = run_app(url, burst, redis_max_connections=20, max_queue_depth=1000)
+    r.close()
     assert posts == [202] * 300, sorted(set(posts))
     assert probes == [200] * 20
 
@@ -393,3 +394,19 @@ def test_two_serve_instances_share_a_host(
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(60)
+
+
+def test_readyz_is_503_at_once_after_the_only_worker_is_killed(
+    private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    """/readyz said ready for ~5 s (the heartbeat's liveness) after a kill -9 of the only worker; a
+    killed worker's Redis connections close at once, and /readyz now looks for them."""
+    url = private_redis.url
+    worker = spawn_worker(url, ROBUSTDIFF_HEARTBEAT_S="2", ROBUSTDIFF_RECLAIM_IDLE_MS="6000")
+    with make_client(url, default_model="tiny", heartbeat_s=2, reclaim_idle_ms=6000) as c:
+        assert c.get("/readyz").status_code == 200
+        worker.kill()
+        killed = time.monotonic()
+        wait_for(lambda: c.get("/readyz").status_code == 503, 1.0, 0.02)
+        assert time.monotonic() - killed < 1.0  # the heartbeat alone would say ready for up to 6 s
+        assert c.get("/readyz").json()["workers"] == 0
