@@ -16,10 +16,19 @@ phase=${1:?usage: bench/gpu_train.sh diffusion MINUTES | consistency UPDATES}
 arg=${2:?usage: bench/gpu_train.sh diffusion MINUTES | consistency UPDATES}
 rd=${ROBUSTDIFF:-robustdiff}
 cfg=models/train/configs
-mkdir -p runs/logs
+mkdir -p runs/logs runs/experiments
 
 group_b=(fmnist-standard fmnist-dro-at fmnist-input-perturbation)
 group_a=(fmnist-equivariant-at fmnist-noisy-standard fmnist-noisy-equivariant-random fmnist-noisy-equivariant-adversarial)
+
+# Where each run's served file goes: a training run writes under runs/NAME only, so the served file
+# is named here with --export (and --force, since it replaces the committed one).
+served() {
+  case $1 in
+  fmnist-standard | fmnist-dro-at | fmnist-equivariant-at | fmnist-cd | fmnist-cd-at) echo "models/weights/$1.safetensors" ;;
+  *) echo "runs/experiments/$1.safetensors" ;;
+  esac
+}
 
 wait_all() {
   local failed=0
@@ -56,7 +65,7 @@ EOF
   for pair in $budgets; do
     name=${pair%%=*}
     $rd train --resume "runs/$name" --set "updates=${pair#*=}" --set progress=false \
-      --set "max_minutes=$backstop" >"runs/logs/$name.log" 2>&1 &
+      --set "max_minutes=$backstop" --export "$(served "$name")" --force >"runs/logs/$name.log" 2>&1 &
     pids+=($!)
   done
   wait_all "${pids[@]}"
@@ -64,7 +73,8 @@ EOF
 consistency)
   pids=()
   for name in fmnist-cd fmnist-cd-at; do
-    $rd train "$cfg/$name.toml" --set "updates=$arg" --set progress=false >"runs/logs/$name.log" 2>&1 &
+    $rd train "$cfg/$name.toml" --set "updates=$arg" --set progress=false --export "$(served "$name")" --force \
+      >"runs/logs/$name.log" 2>&1 &
     pids+=($!)
   done
   wait_all "${pids[@]}"

@@ -1,0 +1,76 @@
+"""Where `robustdiff train` and `export` write: the run folder, and a served file only when named.
+
+`robustdiff train models/train/configs/fmnist-dro-at.toml --out-dir /tmp/x` once replaced the
+committed models/weights/fmnist-dro-at.safetensors (mode 0600) because the config named it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from models.train.config import load_config
+from service.cli import main
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = sorted((ROOT / "models" / "train" / "configs").glob("*.toml"))
+TINY_TOML = """name = "tiny"
+preset = "tiny"
+batch_size = 8
+updates = 2
+device = "cpu"
+checkpoint_every = 1000
+sample_count = 0
+progress = false
+[data]
+name = "digits"
+[optim]
+lr = 1e-3
+warmup_updates = 1
+"""
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_committed_configs_write_under_their_run_folder_only(config: Path) -> None:
+    assert load_config(config, []).export_path is None
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_over_an_existing_file_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    served = tmp_path / "served.safetensors"
+    served.write_bytes(b"the committed weights")
+    before = digest(served)
+    argv = ["train", str(config), "--out-dir", str(tmp_path / "run"), "--export", str(served)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--export" in err and "--force" in err
+    assert digest(served) == before and not (tmp_path / "run").exists()  # refused before any work
+    old = os.umask(0o077)  # the umask that once left a served file unreadable by the container's user
+    try:
+        assert main([*argv, "--force"]) == 0
+    finally:
+        os.umask(old)
+    assert digest(served) != before and stat.S_IMODE(served.stat().st_mode) == 0o644
+    assert {p.name for p in tmp_path.iterdir()} == {"tiny.toml", "served.safetensors", "run"}
+    again = tmp_path / "again.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--out", str(served)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--out", str(again)]) == 0
+    assert stat.S_IMODE(again.stat().st_mode) == 0o644
+
+
+def test_a_run_without_export_writes_only_its_folder(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    assert main(["train", str(config), "--out-dir", str(tmp_path / "run")]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"tiny.toml", "run"}
+    assert (tmp_path / "run" / "tiny.safetensors").is_file()
