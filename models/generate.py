@@ -71,6 +71,25 @@ def sampler_grid(
     return torch.tensor([start, *ts, 0.0], dtype=torch.float64)
 
 
+def start_state(
+    denoiser: Denoiser,
+    noise: NoiseSource,
+    *,
+    images: torch.Tensor | None = None,
+    t_star: float | None = None,
+) -> torch.Tensor:
+    """Where a call starts (stream 0 of every image): pure noise to sample, or ``images`` diffused
+    to t* with per-image noise to purify. Shared by the library calls and the worker's engine."""
+    if images is None:
+        return noise.initial()
+    if images.shape[0] != len(noise):
+        raise UserError("images", "one seed per image is needed")
+    if t_star is None:
+        raise ValueError("purification needs t_star")
+    t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
+    return denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
+
+
 def generate(
     denoiser: Denoiser,
     noise: NoiseSource,
@@ -92,7 +111,7 @@ def generate(
     ``steps`` (default 10) steps on the sampler's own spacing; with it, ``steps`` may be omitted.
     """
     ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta)
-    x = noise.initial()
+    x = start_state(denoiser, noise)
     out = SAMPLERS[sampler](
         denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
     )
@@ -121,10 +140,7 @@ def purify(
     and denoises again.
     """
     ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
-    if images.shape[0] != len(noise):
-        raise UserError("images", "one seed per image is needed")
-    t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
-    x = denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
+    x = start_state(denoiser, noise, images=images, t_star=t_star)
     out = SAMPLERS[sampler](
         denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
     )

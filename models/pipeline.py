@@ -20,13 +20,22 @@ from models.checkpoint import CheckpointHeader, load_checkpoint
 from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
 from models.devices import resolve_device
 from models.errors import UserError
-from models.generate import generate, purify, sampler_grid
+from models.generate import generate, purify, sampler_grid, start_state
 from models.noise import NoiseSource
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
+from models.samplers import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    PLANS,
+    Callback,
+    Cancel,
+    Cancelled,
+    Group,
+    RunningBatch,
+)
 from models.schedules import Schedule
 from models.unet import UNet
 
-__all__ = ["GPU_DTYPES", "Cancelled", "ModelInfo", "Pipeline"]
+__all__ = ["GPU_DTYPES", "Cancelled", "Group", "ModelInfo", "Pipeline", "RunningBatch"]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -237,13 +246,7 @@ class Pipeline:
         ``steps`` (default 10) on the sampler's spacing, or the grid [t*, *times, 0] (see
         ``models.generate.purify``).
         """
-        if tuple(images.shape[1:]) != self.info.image_shape:
-            raise UserError(
-                "images",
-                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
-            )
-        if not torch.isfinite(images).all():
-            raise UserError("images", "contain NaN or infinity")
+        self._check_images(images)
         noise, den = self._prepare(sampler, seeds, labels)
         x = images.to(self.device, torch.float32)
         out = purify(
@@ -259,3 +262,47 @@ class Pipeline:
             cancel=cancel,
         )
         return out.float().cpu()
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if tuple(images.shape[1:]) != self.info.image_shape:
+            raise UserError(
+                "images",
+                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
+            )
+        if not torch.isfinite(images).all():
+            raise UserError("images", "contain NaN or infinity")
+
+    # ---- step-level batching: what the worker's engine calls ------------------------------------------
+    def running_batch(self) -> RunningBatch:
+        """An empty running batch on this model (clipped x0, as ``sample`` and ``purify``)."""
+        return RunningBatch(self.denoiser(), clip_x0=True)
+
+    @torch.inference_mode()
+    def request(
+        self,
+        key: object,
+        seeds: Sequence[int],
+        *,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
+        eta: float = 0.0,
+        labels: Sequence[int] | None = None,
+        images: torch.Tensor | None = None,
+        t_star: float | None = None,
+    ) -> tuple[Group, torch.Tensor]:
+        """A sample (``images`` None) or purify request as a running batch's rows: its group and
+        start state, checked exactly as ``sample`` / ``purify`` check them. The rows' images equal
+        those calls' bit for bit on the CPU, whatever else shares the batch."""
+        ts = self.grid(sampler, steps=steps, times=times, eta=eta, t_star=None if images is None else t_star)
+        if images is not None:
+            self._check_images(images)
+        noise, den = self._prepare(sampler, seeds, labels)
+        x = start_state(
+            den,
+            noise,
+            images=None if images is None else images.to(self.device, torch.float32),
+            t_star=t_star,
+        )
+        plan = PLANS.get(sampler, den, ts, eta, self.device)
+        return Group(key, plan, noise.seeds_device, den.labels), x
