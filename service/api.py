@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
+from service.jobs import Job
 from service.queue import REDIS_ERRORS, TERMINAL, CompletionListener, JobQueue, QueueFull, connect
 from service.schemas import (
     MAX_SEED,
@@ -370,9 +371,7 @@ class Service:
             fingerprint = digest.hexdigest()[:32]
         try:
             sub = await self.queue.submit(
-                kind,
-                job["model"],
-                job,
+                Job.model_validate({"kind": kind, **job}),
                 max_depth=self.settings.max_queue_depth,
                 idempotency_key=scoped,
                 fingerprint=fingerprint,
