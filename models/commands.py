@@ -20,6 +20,7 @@ from models.devices import device_option
 from models.errors import CheckpointError, UserError
 from models.grid import GRID_SUFFIXES, save_grid
 from models.paths import output_file
+from models.sampling_spec import default_sampler
 
 if TYPE_CHECKING:
     from models.pipeline import Pipeline
@@ -146,7 +147,7 @@ def _load(path: str, device: str) -> Pipeline:
 def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     pipe = _load(args.model, args.device)
-    sampler = args.sampler or pipe.info.samplers[0 if pipe.info.kind == "consistency" else 1]
+    sampler = args.sampler or default_sampler(pipe.info.kind)
     steps = pipe.info.default_steps if args.steps is None and args.times is None else args.steps
     if args.seed < 0:
         raise UserError("--seed", "must be >= 0")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -11,16 +9,18 @@ import torch
 from models.denoisers import Denoiser
 from models.errors import UserError
 from models.noise import NoiseSource
-from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
-from models.schedules import Schedule, Spacing, time_grid
+from models.samplers import SAMPLERS, Callback, Cancel
+from models.sampling_spec import (
+    DEFAULT_STEPS,
+    SPACING,
+    check_eta,
+    check_known_sampler,
+    check_t_star,
+    check_times,
+)
+from models.schedules import Schedule, time_grid
 
-SPACING: dict[str, Spacing] = {
-    "ddpm": "uniform",
-    "ddim": "uniform",
-    "dpm-solver++": "log-snr",
-    "consistency": "linear",
-}
-DEFAULT_STEPS = 10
+__all__ = ["DEFAULT_STEPS", "SPACING", "generate", "purify", "sampler_grid", "start_state"]
 
 
 def sampler_grid(
@@ -39,35 +39,16 @@ def sampler_grid(
     for sampling and t* for purification. Without ``times`` the grid is ``steps`` (default 10) steps
     on the sampler's own spacing; ``times`` replaces that spacing: the grid is [start, *times, 0].
     """
-    if sampler not in SAMPLERS:
-        raise UserError("sampler", f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    if not math.isfinite(eta) or eta < 0:
-        raise UserError("eta", f"must be a finite number >= 0, got {eta}")
-    if eta != 0 and sampler not in ETA_SAMPLERS:
-        raise UserError(
-            "eta", f"only the {', '.join(ETA_SAMPLERS)} sampler uses eta; {sampler} would ignore it"
-        )
-    t_min = 1.0 / schedule.T
+    check_known_sampler(sampler)
+    check_eta(sampler, eta)
     start = 1.0
     if t_star is not None:
-        if not t_min <= t_star <= 1.0:
-            raise UserError("t_star", f"must be in [{t_min}, 1], got {t_star}")
+        check_t_star(t_star, schedule.T)
         start = t_star
     if times is None:
         return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, SPACING[sampler], t_max=start)
+    check_times(times, start, schedule.T, steps)
     ts = [float(t) for t in times]
-    if not all(math.isfinite(t) for t in ts):
-        raise UserError("times", f"must be finite, got {ts}")
-    if any(later >= earlier for earlier, later in itertools.pairwise(ts)):
-        raise UserError("times", f"must be strictly decreasing, got {ts}")
-    if ts and not (t_min <= ts[-1] and ts[0] < start):
-        raise UserError(
-            "times", f"must be in [{t_min}, {start}) (at least 1/T, below the start time), got {ts}"
-        )
-    if steps is not None and steps != len(ts) + 1:
-        raise UserError(
-            "steps", f"{steps} does not match the {len(ts) + 1} network evaluations that times gives"
-        )
     return torch.tensor([start, *ts, 0.0], dtype=torch.float64)
 
 

@@ -23,8 +23,6 @@ from models.errors import UserError
 from models.generate import generate, purify, sampler_grid, start_state
 from models.noise import NoiseSource
 from models.samplers import (
-    CONSISTENCY_SAMPLERS,
-    DIFFUSION_SAMPLERS,
     PLANS,
     Callback,
     Cancel,
@@ -32,6 +30,7 @@ from models.samplers import (
     Group,
     RunningBatch,
 )
+from models.sampling_spec import default_sampler, default_steps, samplers_for
 from models.schedules import Schedule
 from models.unet import UNet
 
@@ -79,7 +78,6 @@ class Pipeline:
             raise ValueError(f"gpu_dtype: {gpu_dtype!r} is not one of {', '.join(GPU_DTYPES)}")
         self.dtype = GPU_DTYPES[gpu_dtype] if device.type == "cuda" else torch.float32
         self._forward = self._build_forward()
-        consistency = header.kind == "consistency"
         self.info = ModelInfo(
             name=name or header.name,
             kind=header.kind,
@@ -89,8 +87,8 @@ class Pipeline:
             timesteps=self.schedule.T,
             class_names=list(header.class_names),
             hash=header.content_hash or hashlib.sha256(header.model_dump_json().encode()).hexdigest(),
-            samplers=list(CONSISTENCY_SAMPLERS if consistency else DIFFUSION_SAMPLERS),
-            default_steps=1 if consistency else 10,
+            samplers=list(samplers_for(header.kind)),
+            default_steps=default_steps(header.kind),
             dataset=header.training.dataset,
         )
 
@@ -149,7 +147,7 @@ class Pipeline:
         from kernels.graphs import DEFAULT_BUCKETS
 
         sizes = [b for b in DEFAULT_BUCKETS if b <= max_batch] if self.device.type == "cuda" else [1]
-        sampler = self.info.samplers[0 if self.info.kind == "consistency" else 1]
+        sampler = default_sampler(self.info.kind)
         labels_for = (lambda n: [0] * n) if self.info.num_classes else (lambda n: None)
         for n in sizes:
             self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels_for(n))

@@ -30,6 +30,9 @@ import torch
 from kernels import sampler_update
 from models.denoisers import Denoiser
 from models.noise import NoiseSource
+from models.sampling_spec import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, ETA_SAMPLERS
+
+__all__ = ["CONSISTENCY_SAMPLERS", "DIFFUSION_SAMPLERS", "ETA_SAMPLERS", "RULES", "SAMPLERS", "RunningBatch"]
 
 Callback = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -103,10 +106,6 @@ RULES: dict[str, StepRule] = {
     "dpm-solver++": _dpmpp_2m,
     "consistency": _consistency,
 }
-DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-CONSISTENCY_SAMPLERS = ("consistency",)
-ETA_SAMPLERS = ("ddim",)
-"""The rules that read eta; the others would silently ignore it (DDPM's noise is fixed by its posterior)."""
 
 
 def run_sampler(

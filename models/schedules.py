@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import UserError
+from models.sampling_spec import Spacing
 
 ScheduleName = Literal["linear", "cosine"]
 
@@ -106,9 +107,6 @@ class Schedule:
         """Training times: uniform over the discrete steps k = 1..T, as t = k / T."""
         k = torch.randint(1, self.T + 1, (n,), generator=generator)
         return k.to(torch.float64) / self.T
-
-
-Spacing = Literal["uniform", "log-snr", "linear"]
 
 
 def time_grid(

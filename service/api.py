@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import secrets
@@ -29,6 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models import sampling_spec as spec
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
@@ -266,30 +266,18 @@ class Service:
         return served[name]
 
     def resolve_common(self, req: SampleRequest | PurifyRequest, info: dict[str, Any]) -> dict[str, Any]:
-        samplers = list(info["samplers"])
-        sampler = req.sampler or ("ddim" if "ddim" in samplers else samplers[0])
-        if sampler not in samplers:
-            if sampler == "consistency":
-                reason = (
-                    f"'consistency' needs a consistency model; {info['name']!r} is a {info['kind']} model"
-                )
-            elif info["kind"] == "consistency" and sampler in ("ddpm", "ddim", "dpm-solver++"):
-                reason = f"{info['name']!r} is a consistency model; use 'consistency'"
-            else:
-                reason = f"unknown sampler {sampler!r}; {info['name']!r} supports {samplers}"
-            raise ApiError(422, "sampler", reason)
-        if req.eta and sampler != "ddim":
-            raise ApiError(422, "eta", f"only the ddim sampler uses eta; {sampler} would ignore it")
-        if req.times is None:
-            steps = req.steps or int(info["default_steps"])
-        else:
-            steps = len(req.times) + 1
-            if any(later >= earlier for earlier, later in itertools.pairwise(req.times)):
-                raise ApiError(422, "times", "must be strictly decreasing")
-            if req.steps is not None and req.steps != steps:
-                raise ApiError(
-                    422, "steps", f"{req.steps} does not match the {steps} evaluations times gives"
-                )
+        kind, name = str(info["kind"]), str(info["name"])
+        sampler = req.sampler or spec.default_sampler(kind)
+        try:
+            spec.check_sampler(sampler, kind, name)
+            spec.check_eta(sampler, req.eta)
+            if req.times is None:
+                steps = req.steps or int(info["default_steps"])
+            else:  # below t* is checked by /purify once t* is known
+                timesteps = int(info.get("timesteps") or 10**9)  # registered by current workers
+                steps = spec.check_times(req.times, 1.0, timesteps, req.steps)
+        except UserError as err:
+            raise ApiError(422, err.field, err.reason) from None
         if steps > self.settings.max_steps:
             raise ApiError(422, "steps", f"{steps} is over the maximum of {self.settings.max_steps}")
         return {
