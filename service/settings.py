@@ -100,10 +100,16 @@ class Settings(BaseSettings):
         1000, ge=1, description="Jobs waiting per model before new ones are refused with 429 + Retry-After."
     )
     max_batch_images: int = Field(
-        256, ge=1, description="Most images a worker puts in one batch (must be >= MAX_IMAGES)."
+        256,
+        ge=1,
+        description="Most images in a worker's running batch of one model; jobs join and leave it at every "
+        "step (must be >= MAX_IMAGES).",
     )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+        5.0,
+        ge=0,
+        description="How long an idle worker waits for more jobs to start its running batch with (a busy "
+        "one admits new jobs at the next step).",
     )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(

@@ -159,6 +159,9 @@ class Worker:
         self.abort = False
         self._progress: list[tuple[Delivery, int, int]] = []
         self._progress_event = asyncio.Event()
+        self._arrived = asyncio.Event()  # new jobs reached the scheduler
+        self._room = asyncio.Event()  # fewer than a batch's worth of images wait here: read more
+        self._completing: set[asyncio.Task[None]] = set()
         self._crash_seed, self._step_delay = fault_hooks()
         devices = {p.device for p in pipelines.values()}
         self._cuda = next((d for d in devices if d.type == "cuda"), None)
@@ -177,10 +180,12 @@ class Worker:
             return 0
         log.info("worker %s serving %s", self.id, ", ".join(self.models))
         tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
+        reader = asyncio.create_task(self._reader_loop())
         try:
             while not self.abort and not (self.stopping and not self._running()):
                 try:
-                    await self._fill()
+                    if not self._running():
+                        await self._until_work()
                     await self._boundary()
                 except REDIS_ERRORS as err:
                     log.warning("redis unavailable (%s); retrying", err)
@@ -189,6 +194,10 @@ class Worker:
                     log.exception("unexpected error in the worker loop")
                     await asyncio.sleep(1.0)
         finally:
+            self.stopping = True
+            self._room.set()
+            # The reader's last blocking read (at most 1 s) may still deliver jobs: they are handed back.
+            await asyncio.gather(reader, *self._completing, return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await self._hand_back()
@@ -234,28 +243,34 @@ class Worker:
     def _running(self) -> bool:
         return any(self.scheduler.running.values())
 
-    async def _fill(self) -> None:
-        """Read new jobs while fewer than a batch's worth of images wait here: blocking (1 s) when the
-        engine is idle, then up to MAX_WAIT_MS for more to start with; at once between steps."""
-        if self.stopping or sum(t.rows for t in self.scheduler.waiting) >= self.cap:
-            return
-        if not self.scheduler.idle():
-            await self._accept(await self.queue.read(self.id, self.models, count=self.cap, block_ms=None))
-            return
-        new = await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000)
-        if not new:
-            return
-        await self._accept(new)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.max_wait_ms / 1000
-        while not self.stopping and sum(t.rows for t in self.scheduler.waiting) < self.cap:
-            remaining_ms = (deadline - loop.time()) * 1000
-            if remaining_ms < 1:
-                break
-            more = await self.queue.read(self.id, self.models, count=self.cap, block_ms=int(remaining_ms))
-            if not more:
-                break
-            await self._accept(more)
+    async def _reader_loop(self) -> None:
+        """Read new jobs while fewer than a batch's worth of images wait here, concurrently with the
+        steps, so no step waits on a Redis round trip to learn that nothing new arrived."""
+        while not self.stopping:
+            try:
+                if sum(t.rows for t in self.scheduler.waiting) >= self.cap:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                await self._accept(await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000))
+            except REDIS_ERRORS as err:
+                log.warning("redis unavailable (%s); retrying", err)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("unexpected error reading jobs")
+                await asyncio.sleep(1.0)
+
+    async def _until_work(self) -> None:
+        """Nothing runs: wait (at most 1 s) for jobs if none waits, then MAX_WAIT_MS for more to
+        start the running batch with."""
+        if self.scheduler.idle():
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 1.0)
+            except TimeoutError:
+                return
+        if self.settings.max_wait_ms > 0:
+            await asyncio.sleep(self.settings.max_wait_ms / 1000)
 
     async def _accept(self, deliveries: list[Delivery]) -> None:
         """Hand new (or reclaimed) jobs to the scheduler; a job the model cannot run fails at once."""
@@ -273,6 +288,7 @@ class Worker:
                 await self._refuse(d, err)
                 continue
             self.held[d.job_id] = Held(d, ticket)
+            self._arrived.set()
 
     async def _refuse(self, d: Delivery, err: ValueError) -> None:
         """A request the model cannot run (e.g. more DDIM steps than fit below t*)."""
@@ -293,6 +309,8 @@ class Worker:
                 self.batches[h.d.model].remove(job_id)
         if plan.admitted:
             await self._admit([self.held[t.job_id] for t in plan.admitted])
+            if sum(t.rows for t in self.scheduler.waiting) < self.cap:
+                self._room.set()
         models = [model for model, rows in self.scheduler.running.items() if rows]
         if not models:
             return
@@ -326,11 +344,16 @@ class Worker:
             if r.ticket.job_id not in self.cancelled
         ]
         self._progress_event.set()
-        if finished:
-            await self._complete(finished)
+        if finished:  # encoded and stored while the next step runs
+            task = asyncio.create_task(self._complete(finished))
+            self._completing.add(task)
+            task.add_done_callback(self._completing.discard)
 
     async def _admit(self, admitted: list[Held]) -> None:
         """Mark admitted jobs running in Redis and add their rows to their model's batch."""
+        if any(h.ticket.isolated for h in admitted) and self._completing:
+            # It may be what killed a worker: store the results already computed before it runs.
+            await asyncio.gather(*self._completing, return_exceptions=True)
         statuses = await self.queue.start(self.id, [h.d for h in admitted])
         run = []
         for h, status in zip(admitted, statuses, strict=True):
@@ -375,6 +398,14 @@ class Worker:
             self.batches[model] = self.pipelines[model].running_batch()
 
     async def _complete(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
+        try:
+            await self._store(finished)
+        except REDIS_ERRORS as err:  # unacknowledged: the jobs are reclaimed and run again
+            log.warning("results not stored (%s); the jobs will be reclaimed", err)
+        except Exception:
+            log.exception("results not stored; the jobs will be reclaimed")
+
+    async def _store(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
         results = await asyncio.to_thread(self._encode, finished)
         for (h, _), result in zip(finished, results, strict=True):
             d = h.d
