@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointHeader, load_checkpoint
-from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
+from models.denoisers import DIFFUSION_DENOISERS, ConsistencyDenoiser, Denoiser
 from models.devices import resolve_device
 from models.errors import UserError
 from models.generate import generate, purify, sampler_grid
@@ -141,9 +141,16 @@ class Pipeline:
             cm = self.header.consistency
             assert cm is not None
             return ConsistencyDenoiser(
-                self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
+                self._forward,
+                self.schedule,
+                labels,
+                cm.sigma_min,
+                cm.sigma_data,
+                cm.parameterization,
+                cm.c_in,
+                cm.renoise_subtract_sigma_min,
             )
-        return EpsDenoiser(self._forward, self.schedule, labels)
+        return DIFFUSION_DENOISERS[self.header.prediction](self._forward, self.schedule, labels)
 
     def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:
         classes = self.info.num_classes
@@ -172,11 +179,14 @@ class Pipeline:
         times: Sequence[float] | None = None,
         eta: float = 0.0,
         t_star: float | None = None,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """The time grid sample (``t_star=None``) or purify would run with these arguments (NFE is
         its length - 1), or their ValueError: lets a caller refuse a request before any work."""
         self._check_sampler(sampler)
-        return sampler_grid(self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
+        return sampler_grid(
+            self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star, spacing=spacing
+        )
 
     def _prepare(
         self, sampler: str, seeds: Sequence[int], labels: Sequence[int] | None
@@ -198,6 +208,7 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed.
 
@@ -214,6 +225,7 @@ class Pipeline:
             eta=eta,
             callback=callback,
             cancel=cancel,
+            spacing=spacing,
         )
         return out.float().cpu()
 

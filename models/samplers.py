@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from kernels import sampler_update
-from models.denoisers import Denoiser
+from models.denoisers import ConsistencyDenoiser, Denoiser
 from models.noise import NoiseSource
 
 Callback = Callable[[int, int], None]
@@ -90,7 +90,8 @@ def _consistency(
     """Multistep consistency sampling: denoise to x0, then re-noise to the next time."""
     sch = denoiser.schedule
     zero = torch.zeros_like(t)
-    return zero, sch.a(s), zero, sch.s(s)
+    std = denoiser.renoise_std(s) if isinstance(denoiser, ConsistencyDenoiser) else sch.s(s)
+    return zero, sch.a(s), zero, std
 
 
 RULES: dict[str, StepRule] = {
