@@ -11,7 +11,7 @@ import torch
 from models.denoisers import Denoiser
 from models.errors import UserError
 from models.noise import NoiseSource
-from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
+from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel, DdimEps
 from models.schedules import DIFFUSERS_SPACINGS, Schedule, Spacing, time_grid
 
 SPACING: dict[str, Spacing] = {
@@ -93,6 +93,7 @@ def generate(
     callback: Callback | None = None,
     cancel: Cancel | None = None,
     spacing: str | None = None,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
     """Images [B, C, H, W] in [-1, 1] from pure noise (one per seed of ``noise``).
 
@@ -108,7 +109,7 @@ def generate(
     if std != 1.0:
         x = x * std
     out = SAMPLERS[sampler](
-        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0, ddim_eps=ddim_eps
     )
     return out.clamp(-1.0, 1.0) if clip_x0 else out
 

@@ -22,7 +22,14 @@ from models.devices import resolve_device
 from models.errors import UserError
 from models.generate import generate, purify, sampler_grid
 from models.noise import NoiseSource
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
+from models.samplers import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    Callback,
+    Cancel,
+    Cancelled,
+    DdimEps,
+)
 from models.schedules import Schedule
 from models.unet import UNet
 
@@ -209,6 +216,7 @@ class Pipeline:
         callback: Callback | None = None,
         cancel: Cancel | None = None,
         spacing: str | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed.
 
@@ -226,6 +234,7 @@ class Pipeline:
             callback=callback,
             cancel=cancel,
             spacing=spacing,
+            ddim_eps=ddim_eps,
         )
         return out.float().cpu()
 
