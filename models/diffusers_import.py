@@ -19,7 +19,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from models.checkpoint import CheckpointHeader, ConsistencyConfig, TrainingInfo, save_checkpoint
+from models.checkpoint import (
+    CheckpointHeader,
+    ConsistencyConfig,
+    TrainingInfo,
+    content_hash,
+    save_checkpoint,
+)
 from models.errors import UserError
 from models.schedules import ScheduleConfig
 from models.unet import UNet, UNetConfig, count_parameters
@@ -69,7 +75,7 @@ class Imported:
     read: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"{k}: {v}" for k, v in self.read.items()]
+        lines = [f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in self.read.items()]
         lines.append(f"parameters: {count_parameters(self.net):,}")
         return "\n".join(lines)
 
@@ -397,6 +403,7 @@ def import_diffusers(
             model=net.cfg,
             schedule=sched,
             training=TrainingInfo(method="imported", dataset=f"diffusers:{folder.resolve().name}"),
+            content_hash=content_hash(net.state_dict()),
             **header_kw,
         )
     except ValidationError as err:

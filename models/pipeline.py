@@ -101,7 +101,13 @@ class Pipeline:
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
     ) -> Pipeline:
+        """A robustdiff checkpoint file, or a diffusers folder (``models.diffusers_import``)."""
         dev = resolve_device(device)
+        if Path(path).is_dir():  # a diffusers folder, converted in memory (safetensors weights only)
+            from models.diffusers_import import import_diffusers
+
+            imported = import_diffusers(path, name)
+            return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype)
         net, header = load_checkpoint(path, dev)
         return cls(net, header, dev, name, batch_invariant, gpu_dtype)
 

@@ -230,3 +230,21 @@ def test_refuses_non_model_folders(tmp_path: Path) -> None:
     folder = write_diffusers_folder(tmp_path / "q", diffusers_unet(SMALL_DDPM), DDPM_SCHEDULER)
     with pytest.raises(UserError, match="--schedule"):
         import_diffusers(folder, schedule="quadratic")
+
+
+def test_import_diffusers_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    folder = write_diffusers_folder(tmp_path / "cm", diffusers_unet(CD_IMAGENET64_REDUCED), CD_SCHEDULER)
+    out = tmp_path / "cm64.safetensors"
+    assert main(["import-diffusers", str(folder), "--out", str(out), "--name", "cm64"]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("kind: consistency", '"name": "edm"', '"head_channels": 16', "parameters: ", "wrote "):
+        assert expected in printed, printed
+    _, header = load_checkpoint(out)
+    assert header.name == "cm64" and header.consistency is not None and header.consistency.c_in
+    bad = main(["import-diffusers", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert bad == 2 and err.count("\n") == 1 and "not a folder" in err
+    refused = main(["import-diffusers", str(folder), "--out", str(tmp_path / "x.pt")])
+    assert refused == 2 and "--out" in capsys.readouterr().err
