@@ -91,7 +91,7 @@ def test_cifar_binary_batches_are_raw_bytes(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="label byte above 9"):
         load_cifar10(tmp_path, "test")
     (tmp_path / "data_batch_3.bin").unlink()
-    with pytest.raises(UserError, match="data_batch_3.bin not found"):
+    with pytest.raises(UserError, match=r"data_batch_3\.bin not found"):
         load_cifar10(tmp_path, "train")
 
 
