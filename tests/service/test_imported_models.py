@@ -48,7 +48,7 @@ def _rgb(text: str) -> np.ndarray:
 
 
 def test_diffusers_folders_served_over_http(
-    tmp_path: Path, private_redis: Any, spawn_worker: Any, make_client: Any
+    tmp_path: Path, private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
 ) -> None:
     ddpm = write_diffusers_folder(tmp_path / "ddpm", diffusers_unet(SMALL_DDPM, sharpen=1.0), DDPM_SCHEDULER)
     cm = write_diffusers_folder(
@@ -79,6 +79,18 @@ def test_diffusers_folders_served_over_http(
         assert _rgb(q.json()["images"][0][0]).shape == (64, 64, 3)
         unlabelled = c.post("/sample", json={"model": "cm64", "num_images": 1, "labels": [1000]})
         assert unlabelled.status_code == 422
+
+    # A synchronous request the worker's measured speed says cannot finish in time: 202 at once.
+    eval_s = models["ddpm16"]["eval_s"]
+    assert eval_s > 0
+    big = {"model": "ddpm16", "num_images": 8, "steps": 20, "seeds": 9}
+    with make_client(private_redis.url, default_model="ddpm16", request_timeout_s=8 * 20 * eval_s / 2) as c:
+        r = c.post("/sample", json=big)
+        assert r.status_code == 202, r.text
+        assert "exceeds" in r.json()["reason"] and r.headers["Location"] == r.json()["location"]
+        done = wait_for(lambda: (j := c.get(r.headers["Location"]).json())["status"] == "done" and j, 60)
+        assert len(done["result"]["images"]) == 8
+        assert c.post("/sample", json={**big, "num_images": 1, "steps": 1}).status_code == 200
 
 
 def test_a_pickle_only_folder_is_refused_before_serving(tmp_path: Path) -> None:
