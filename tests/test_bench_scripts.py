@@ -297,19 +297,3 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 100, 240, 240, 100, 100 s limits > 90 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
 
-
-def test_imported_layouts_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "imported.json"
-    cmd = [sys.executable, "bench/bench_imported.py", "--only", "ddpm-cifar10-32", "--batches", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*cmd, "--repeats", "1", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["parameters"] == 35_746_307 and row["s_per_image"] > 0
