@@ -296,4 +296,3 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     )
     assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 100, 240, 240, 100, 100 s limits > 90 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
-
