@@ -23,12 +23,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from kernels import sampler_update
-from models.denoisers import Denoiser
+from models.denoisers import ConsistencyDenoiser, Denoiser
+from models.errors import UserError
 from models.noise import NoiseSource
 from models.sampling_spec import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, ETA_SAMPLERS
 
@@ -58,6 +59,21 @@ def _ddim(
     c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
     zero = torch.zeros_like(t)
     return c / s_t, a_s - c * a_t / s_t, zero, sigma
+
+
+def _ddim_model_eps(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
+    """DDIM with the network's own eps even after x0 is clipped (diffusers' default,
+    ``use_clipped_model_output=False``): x_next = a_s x0_clipped + c eps_raw + sigma z with
+    eps_raw = ((1 - a_t kx) x - a_t km out) / s_t. The ``out`` term rides in the r slot (``OUTPUT_R_RULES``)."""
+    sch = denoiser.schedule
+    ab_t, ab_s = sch.alphabar(t), sch.alphabar(s)
+    a_t, s_t, a_s = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_s.sqrt()
+    sigma = eta * torch.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
+    kx, km = denoiser.x0_coefs(t)
+    return c * (1 - a_t * kx) / s_t, a_s, -c * a_t * km / s_t, sigma
 
 
 def _ddpm(
@@ -97,7 +113,8 @@ def _consistency(
     """Multistep consistency sampling: denoise to x0, then re-noise to the next time."""
     sch = denoiser.schedule
     zero = torch.zeros_like(t)
-    return zero, sch.a(s), zero, sch.s(s)
+    std = denoiser.renoise_std(s) if isinstance(denoiser, ConsistencyDenoiser) else sch.s(s)
+    return zero, sch.a(s), zero, std
 
 
 RULES: dict[str, StepRule] = {
@@ -105,7 +122,11 @@ RULES: dict[str, StepRule] = {
     "ddim": _ddim,
     "dpm-solver++": _dpmpp_2m,
     "consistency": _consistency,
+    "ddim-model-eps": _ddim_model_eps,  # ddim with ddim_eps="model", not a sampler name of its own
 }
+OUTPUT_R_RULES = ("ddim-model-eps",)
+"""Rules whose r coefficient multiplies the network's raw output instead of the previous x0."""
+DdimEps = Literal["from-x0", "model"]
 
 
 def run_sampler(
@@ -119,11 +140,23 @@ def run_sampler(
     cancel: Cancel | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
     """The whole-batch sampler loop: a running batch holding one group. Returns the final x0
-    estimate (the image)."""
+    estimate (the image).
+
+    ``ddim_eps`` (ddim only): ``from-x0`` steps along the eps implied by the (clipped) x0, DDIM's own
+    update (diffusers' ``use_clipped_model_output=True``); ``model`` keeps the network's eps
+    (diffusers' default). Without clipping the two are the same update.
+    """
     if eta < 0:
         raise ValueError("eta must be >= 0")
+    if ddim_eps not in ("from-x0", "model") or (ddim_eps == "model" and rule != "ddim"):
+        raise UserError(
+            "ddim_eps", f"'from-x0', or 'model' with the ddim sampler; got {ddim_eps!r} with {rule}"
+        )
+    if ddim_eps == "model":
+        rule = "ddim-model-eps"
     batch = RunningBatch(denoiser, clip_x0=clip_x0)
     group = Group(None, PLANS.get(rule, denoiser, ts, eta, x.device), noise.seeds_device, denoiser.labels)
     batch.add(group, x)
@@ -228,18 +261,25 @@ class RunningBatch:
         labels = None
         if groups[0].labels is not None:
             labels = torch.cat([g.labels for g in groups if g.labels is not None])
-        uses_prev = any(g.plan.uses_prev[g.step] for g in groups)
+        uses_prev = any(g.plan.uses_prev[g.step] or g.plan.r_on_output for g in groups)
         uses_noise = any(g.plan.uses_noise[g.step] for g in groups)
         streams = {NoiseSource.step_stream(g.step) for g in groups}
         stream: int | torch.Tensor = next(iter(streams))
         if len(streams) > 1:
             stream = torch.cat([torch.full((g.rows,), NoiseSource.step_stream(g.step)) for g in groups])
         out = self.denoiser.with_labels(labels).forward(self.x, timesteps)
+        prev = self.x0
+        if any(g.plan.r_on_output for g in groups):  # these rows' r term reads the network output
+            parts, start = [], 0
+            for g in groups:
+                parts.append((out if g.plan.r_on_output else self.x0)[start : start + g.rows])
+                start += g.rows
+            prev = torch.cat(parts)
         self.x, self.x0 = sampler_update(
             self.x,
             out,
             coefs,
-            x0_prev=self.x0 if uses_prev else None,
+            x0_prev=prev if uses_prev else None,
             seeds=torch.cat([g.seeds for g in groups]) if uses_noise else None,
             stream=stream,
             clip_x0=self.clip_x0,
@@ -269,6 +309,7 @@ class SamplerPlan:
     timesteps: torch.Tensor  # the network's timestep index of every step
     uses_prev: tuple[bool, ...]
     uses_noise: tuple[bool, ...]
+    r_on_output: bool = False  # r multiplies the network output, not x0_prev (OUTPUT_R_RULES)
 
 
 class PlanCache:
@@ -325,6 +366,7 @@ class PlanCache:
             timesteps=denoiser.schedule.net_time(ts[:-1]).to(device),
             uses_prev=tuple((table[:, 4] != 0).tolist()),
             uses_noise=tuple((table[:, 5] != 0).tolist()),
+            r_on_output=rule in OUTPUT_R_RULES,
         )
 
 
@@ -343,9 +385,19 @@ def _make(rule: str) -> Callable[..., torch.Tensor]:
         cancel: Cancel | None = None,
         eta: float = 0.0,
         clip_x0: bool = False,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         return run_sampler(
-            rule, denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+            rule,
+            denoiser,
+            x,
+            ts,
+            noise,
+            callback=callback,
+            cancel=cancel,
+            eta=eta,
+            clip_x0=clip_x0,
+            ddim_eps=ddim_eps,
         )
 
     sampler.__name__ = f"sample_{rule.replace('-', '_').replace('++', 'pp')}"
