@@ -18,12 +18,14 @@ $(BIN)/robustdiff: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models.
+# Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models;
+# shellcheck lints deploy/compose-check.sh.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
 		echo "installing$$missing with apt-get"; \
@@ -31,8 +33,8 @@ system-deps:
 	fi
 
 lint: $(BIN)/robustdiff
-	$(BIN)/ruff check $(CODE) tests bench
-	$(BIN)/ruff format --check $(CODE) tests bench
+	$(BIN)/ruff check $(CODE) tests bench deploy
+	$(BIN)/ruff format --check $(CODE) tests bench deploy
 	$(BIN)/mypy $(CODE)
 
 # Docker Compose v2 and podman-compose 1.6 check how the compose files merge, offline (no engine).
