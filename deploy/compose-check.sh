@@ -3,7 +3,7 @@
 # checks it: the image builds, every service comes up healthy, /readyz is ready, /sample and /purify
 # answer, every Prometheus target is up and every Grafana dashboard query returns data after traffic.
 #
-#   deploy/compose-check.sh            # as root on Debian 12; about 15-30 min on a fresh machine
+#   deploy/compose-check.sh            # as root on Debian 12; about 10 min on a fresh 2-core machine
 #
 # Then it kills every worker while jobs run: the restart policy must bring them back, they must
 # reclaim and finish every accepted job, and Prometheus must count the reclaimed jobs.
