@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."
     )
     heartbeat_s: float = Field(
-        2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."
+        2.0, gt=0, description="Worker heartbeat period; a worker quiet for 3 periods counts as dead."
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."

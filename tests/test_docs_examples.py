@@ -76,7 +76,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_marked_examples_run(doc: str, live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_marked_examples_run(
+    doc: str, live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocks = runnable_blocks(doc)
     assert len(blocks) >= 4, f"{doc}: the client examples are no longer marked <!-- run -->"
     monkeypatch.chdir(tmp_path)
