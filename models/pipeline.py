@@ -122,6 +122,16 @@ class Pipeline:
 
         return rowwise
 
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network eps_theta(x, t[, y]) as every sampler and the worker's running batch call it.
+
+        ``x`` [B, C, H, W] on this pipeline's device, ``t`` [B] DDPM timestep indices (float),
+        ``y`` [B] class labels for a class-conditional model. Returns float32 [B, C, H, W]. With
+        ``batch_invariant`` (the CPU default) each row's output is bitwise independent of the other
+        rows and of B, so a caller may batch any rows together without changing an image.
+        """
+        return self._forward(x, t) if y is None else self._forward(x, t, y)
+
     def warmup(self, max_batch: int = 256) -> list[int]:
         """Run one step at every CUDA-graph bucket up to ``max_batch`` so no request pays a capture.
 
@@ -141,9 +151,9 @@ class Pipeline:
             cm = self.header.consistency
             assert cm is not None
             return ConsistencyDenoiser(
-                self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
+                self.forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
             )
-        return EpsDenoiser(self._forward, self.schedule, labels)
+        return EpsDenoiser(self.forward, self.schedule, labels)
 
     def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:
         classes = self.info.num_classes
