@@ -80,10 +80,11 @@ def _decode_raster(data: bytes, field: str) -> Decoded:
             plain = img.convert("RGB")  # palette, RGBA, CMYK, YCbCr...: alpha is dropped
         arr = np.asarray(plain, dtype=np.float32) / 255.0
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    bands = len(img.getbands())
-    source = (
-        f"a {img.format} of mode {img.mode} ({bands} channel{'s' * (bands > 1)}), {img.width}x{img.height}"
-    )
+    bands, read = len(img.getbands()), arr.shape[0]
+    what = "palette" if img.mode in ("P", "PA") else f"{bands} channel{'s' * (bands > 1)}"
+    if img.mode in ("P", "PA") or read != bands:
+        what += f", read as {'grey' if read == 1 else 'RGB'}"
+    source = f"a {img.format} of mode {img.mode} ({what}), {img.width}x{img.height}"
     return Decoded(np.ascontiguousarray(arr * 2.0 - 1.0, dtype=np.float32), source)
 
 

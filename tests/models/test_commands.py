@@ -263,8 +263,8 @@ def _purify(ckpt: Path | str, tmp_path: Path, *inputs: Path, extra: tuple[str, .
     ("mode", "fmt", "size", "said"),
     [
         ("RGB", "PNG", 16, "a PNG of mode RGB (3 channels), 16x16"),
-        ("RGBA", "PNG", 16, "a PNG of mode RGBA (4 channels), 16x16"),
-        ("CMYK", "JPEG", 16, "a JPEG of mode CMYK (4 channels), 16x16"),
+        ("RGBA", "PNG", 16, "a PNG of mode RGBA (4 channels, read as RGB), 16x16"),
+        ("CMYK", "JPEG", 16, "a JPEG of mode CMYK (4 channels, read as RGB), 16x16"),
         ("L", "PNG", 14, "a PNG of mode L (1 channel), 14x14"),
     ],
 )

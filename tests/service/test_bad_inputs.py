@@ -422,8 +422,8 @@ def _encoded(mode: str, fmt: str) -> bytes:
 @pytest.mark.parametrize(
     ("mode", "fmt", "said"),
     [
-        ("RGBA", "PNG", "a PNG of mode RGBA (4 channels), 16x16"),
-        ("CMYK", "JPEG", "a JPEG of mode CMYK (4 channels)"),
+        ("RGBA", "PNG", "a PNG of mode RGBA (4 channels, read as RGB), 16x16"),
+        ("CMYK", "JPEG", "a JPEG of mode CMYK (4 channels, read as RGB), 16x16"),
     ],
 )
 def test_an_image_of_another_mode_is_named_by_its_mode(
