@@ -1,5 +1,5 @@
 # Two entry points do all set-up on a fresh machine (Debian/Ubuntu, Python 3.11):
-#   make serve   -> serve the default model at http://127.0.0.1:8000
+#   make serve   -> serve every committed model at http://127.0.0.1:8000 (default: fmnist-dro-at)
 #   make test    -> lint, type-check and run every test (what CI runs)
 VENV ?= .venv
 PYTHON ?= python3.11
