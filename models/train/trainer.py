@@ -106,6 +106,14 @@ def load_init(net: nn.Module, cfg: TrainConfig, path: str | Path) -> None:
         raise UserError("--init", f"{path}: its network does not match the config's ({diff})")
     if header.schedule != ours.schedule:
         raise UserError("--init", f"{path}: its noise schedule does not match the config's")
+    if header.prediction != ours.prediction:  # e.g. an imported v-prediction model: we train eps
+        raise UserError(
+            "--init", f"{path} predicts {header.prediction}; training fits epsilon-prediction models"
+        )
+    if header.consistency is not None and header.consistency.c_in:
+        raise UserError(
+            "--init", f"{path}: fine-tuning an imported EDM (c_in) consistency model is not supported"
+        )
     if header.kind != ours.kind:
         raise UserError(
             "--init",
