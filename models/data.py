@@ -55,7 +55,12 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-pad with the background value (-1) to size x size (28 -> 32 for Fashion-MNIST)."""
     h, w = images.shape[-2:]
     if h > size or w > size:
-        raise UserError("image_size", f"images are {h}x{w}, larger than {size}")
+        fits = 1 << (max(h, w) - 1).bit_length()  # the next power of two: every preset divides it
+        raise UserError(
+            "image_size",
+            f"images are {h}x{w}, larger than the model's {size}x{size}; "
+            f"train at --set model.image_size={fits} (they are centre-padded)",
+        )
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
 DEAD_WORKER_RETENTION_S = 600.0
+_MAX_FORM_FIELDS = 64  # non-file multipart fields: far more than PurifyRequest has
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
 }
@@ -210,9 +211,9 @@ class Service:
         if ctype.startswith("multipart/form-data") and schema is PurifyRequest:
             data: dict[str, Any] = {}
             try:
-                form = await request.form(max_files=self.settings.max_images, max_fields=64)
+                form = await request.form(max_files=self.settings.max_images, max_fields=_MAX_FORM_FIELDS)
             except Exception as err:  # python-multipart / starlette raise several types for bad bodies
-                raise ApiError(422, "body", f"malformed multipart body ({err})") from None
+                raise _multipart_error(err, self.settings.max_images) from None
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     if key not in ("files", "images"):
@@ -480,8 +481,21 @@ class Service:
             decoded = imgs.decode(data, field, req.npy_range)
             if len(out) + len(decoded) > self.settings.max_images:
                 raise ApiError(422, "images", f"more than the maximum of {self.settings.max_images} images")
-            out += [imgs.fit(a, shape, field, req.resize) for a in decoded]  # type: ignore[arg-type]
+            out += [imgs.fit(d, shape, field, req.resize) for d in decoded]  # type: ignore[arg-type]
         return out
+
+
+def _multipart_error(err: Exception, max_files: int) -> ApiError:
+    """Starlette's parser stops at its limits with a 400 ("Too many files. Maximum number of files
+    is 64."); say which field is over which limit, as for every other refusal."""
+    detail = str(getattr(err, "detail", "") or err)
+    if detail.startswith("Too many files"):
+        return ApiError(
+            422, "files", f"more than the maximum of {max_files} files (ROBUSTDIFF_MAX_IMAGES) in one request"
+        )
+    if detail.startswith("Too many fields"):
+        return ApiError(422, "body", f"more than the maximum of {_MAX_FORM_FIELDS} form fields")
+    return ApiError(422, "body", f"malformed multipart body ({detail})")
 
 
 class _Invalid(Exception):

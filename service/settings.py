@@ -26,8 +26,9 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 SERVABLE_KINDS = ("diffusion", "consistency")
 
 
-def checkpoint_kind(path: Path) -> str | None:
-    """The ``kind`` in a robustdiff safetensors header, read as plain JSON (no torch in the API).
+def checkpoint_field(path: Path, key: str) -> str | None:
+    """A string field (``kind``, ``name``) of a robustdiff safetensors header, read as plain JSON
+    (no torch in the API).
 
     A safetensors file starts with an 8-byte little-endian header length and the JSON header,
     whose ``__metadata__`` holds our JSON under the key ``robustdiff``.
@@ -38,10 +39,14 @@ def checkpoint_kind(path: Path) -> str | None:
             if not 0 < size <= 100_000_000:
                 return None
             meta = json.loads(f.read(size)).get("__metadata__") or {}
-        kind = json.loads(meta.get("robustdiff", "{}")).get("kind")
+        value = json.loads(meta.get("robustdiff", "{}")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return kind if isinstance(kind, str) else None
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    return checkpoint_field(path, "kind")
 
 
 def _diffusers_folder_problem(folder: Path) -> str | None:
@@ -135,7 +140,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."
     )
     heartbeat_s: float = Field(
-        2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."
+        2.0, gt=0, description="Worker heartbeat period; a worker quiet for 3 periods counts as dead."
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."
@@ -204,6 +209,14 @@ class Settings(BaseSettings):
             if not Path(path).exists():
                 raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file or diffusers folder")
             out.append((name, Path(path)))
+        return out
+
+    def served_paths(self) -> dict[str, Path]:
+        """Served model name -> checkpoint file, named as the worker names them (``name=`` or the
+        checkpoint's own name), for ``robustdiff sample/purify --model NAME``."""
+        out: dict[str, Path] = {}
+        for name, path in self.model_files():
+            out.setdefault(name or checkpoint_field(path, "name") or path.stem, path)
         return out
 
     @property

@@ -1,4 +1,4 @@
-"""End to end through HTTP: the API app, the session's real Redis and a real worker process."""
+"""End to end through HTTP: the API app, the test run's real Redis and a real worker process."""
 
 from __future__ import annotations
 
