@@ -15,6 +15,7 @@ FAILURE_REASONS = (
     "validation",
     "queue_full",
     "redis_unavailable",
+    "busy",
     "timeout",
     "worker_error",
     "dead_letter",

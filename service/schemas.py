@@ -166,3 +166,12 @@ class ModelsResponse(BaseModel):
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """JSON schema of a flat request model, inlined into OpenAPI by the routes that parse bodies by hand."""
     return model.model_json_schema(by_alias=True)
+
+
+class JobAccepted(BaseModel):
+    """The 202 answer of an asynchronous request (or of one whose Idempotency-Key found its job)."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: bool = Field(description="False when the Idempotency-Key named a job submitted before.")
+    location: str = Field(description="/jobs/{id}: poll it for the status and result.")

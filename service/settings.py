@@ -151,10 +151,41 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."
     )
-    worker_metrics_port: int = Field(
-        9400, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: disabled)."
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] | Literal["auto"] = Field(
+        "auto",
+        description="Port of the worker's Prometheus /metrics: auto (a free port, logged and listed by "
+        "/readyz, so several workers and `robustdiff serve` instances share a host), a number, or 0 "
+        "(disabled).",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the worker's /metrics listens on; 0.0.0.0 where Prometheus scrapes it from "
+        "another host or container (the compose file and Kubernetes manifests set it).",
     )
     log_level: str = Field("INFO", description="Log level: DEBUG | INFO | WARNING | ERROR | CRITICAL.")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest time to receive a request body; a slower (or shorter than announced) body "
+        "is answered 408 and the connection closed.",
+    )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="A synchronous request whose client hangs up cancels the job it created (a job found "
+        "by its Idempotency-Key is left running). false: the job runs on; poll /jobs/{id}.",
+    )
+    redis_max_connections: int = Field(
+        200,
+        ge=2,
+        description="Redis connections per API or worker process; a request beyond them waits for a free "
+        "one (up to REDIS_POOL_TIMEOUT_S) instead of failing.",
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a request waits for a free Redis connection before a 503 that says the "
+        "service is busy (not that Redis is down).",
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
@@ -237,6 +268,6 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as err:
         first = err.errors()[0]
-        loc = "_".join(str(part) for part in first["loc"]) or "settings"
+        loc = str(first["loc"][0]) if first["loc"] else "settings"  # later parts: a union member's tag
         field = f"{ENV_PREFIX}{loc.upper()}" if first["loc"] else "settings"
         raise UserError(field, first["msg"]) from None

@@ -37,7 +37,7 @@ from models.errors import UserError
 from models.pipeline import Pipeline, RunningBatch
 from service import images as imgs
 from service import metrics as m
-from service.queue import REDIS_ERRORS, Delivery, JobQueue, connect
+from service.queue import REDIS_ERRORS, WORKER_CLIENT_PREFIX, Delivery, JobQueue, connect
 from service.scheduler import Scheduler, Ticket
 from service.schemas import JobResult, Timings
 from service.settings import Settings, load_settings
@@ -62,15 +62,27 @@ def run(args: argparse.Namespace) -> int:
             "ROBUSTDIFF_REDIS_URL", "required by the worker (`robustdiff serve` sets it for its own)"
         )
     fault_hooks()  # before loading models: a typo must not cost their load time
+    metrics_url = start_metrics(settings)  # before the models load: a taken port must not cost their load
     pipelines = load_pipelines(settings)
-    if settings.worker_metrics_port:
-        try:
-            start_http_server(settings.worker_metrics_port, registry=m.WORKER_REGISTRY)
-        except OSError as err:
-            raise UserError(
-                "ROBUSTDIFF_WORKER_METRICS_PORT", f"{settings.worker_metrics_port}: {err}"
-            ) from None
-    return asyncio.run(Worker(settings, pipelines).run())
+    worker = Worker(settings, pipelines)
+    if metrics_url:
+        worker.meta["metrics"] = metrics_url  # in the heartbeat, so /readyz lists where to scrape
+    return asyncio.run(worker.run())
+
+
+def start_metrics(settings: Settings) -> str | None:
+    """Serve the worker's /metrics; 'auto' takes a free port. Returns its URL (None: disabled)."""
+    port = settings.worker_metrics_port
+    if port == 0:
+        return None
+    host = settings.worker_metrics_host
+    try:
+        server, _ = start_http_server(0 if port == "auto" else port, addr=host, registry=m.WORKER_REGISTRY)
+    except OSError as err:
+        raise UserError("ROBUSTDIFF_WORKER_METRICS_PORT", f"{host}:{port}: {err.strerror or err}") from None
+    url = f"http://{host}:{server.server_port}/metrics"
+    log.info("worker metrics at %s", url)
+    return url
 
 
 def fault_hooks() -> tuple[int | None, float]:
@@ -148,7 +160,12 @@ class Worker:
         self.models = sorted(pipelines)
         self.infos = {name: info_dict(p) for name, p in pipelines.items()}
         self.id = f"{socket.gethostname()}-{os.getpid()}"
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(
+            settings.redis_url,
+            settings.redis_max_connections,
+            settings.redis_pool_timeout_s,
+            client_name=WORKER_CLIENT_PREFIX + self.id,  # /readyz sees a killed worker's connections go
+        )
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.cap = settings.max_batch_images
         self.scheduler = Scheduler(self.cap)
