@@ -24,11 +24,20 @@ from models.generate import generate, purify, sampler_grid
 from models.noise import NoiseSource
 from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
 from models.schedules import Schedule
-from models.unet import UNet
+from models.unet import UNet, set_batch_invariant
 
 __all__ = ["GPU_DTYPES", "Cancelled", "ModelInfo", "Pipeline"]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Rows per network call on the batch-invariant (CPU) path: where the served fmnist network's CPU time
+# per image stops falling on one thread (16 and 32 within 1%, 8 is 11% slower; docs/BENCHMARKS.md).
+DEFAULT_MICRO_BATCH = 16
+
+
+def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``rows`` extended to ``size`` rows with copies of its last one (padding that is a real input,
+    so no norm sees an all-zero image)."""
+    return torch.cat([rows, rows[-1:].expand(size - rows.shape[0], *rows.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,19 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        pad_micro_batch: bool = False,
     ) -> None:
         self.net = net
-        # On the CPU, BLAS and oneDNN pick different reduction orders for different batch sizes, so an
-        # image would differ in its last bits with its batch. Evaluating row by row makes it bitwise
-        # independent of batching at a small cost there; CUDA batches for speed (same to bf16 rounding).
+        # On the CPU, PyTorch picks convolution and GEMM kernels (and so reduction orders) by batch
+        # size, so an image would differ in its last bits with its batch. Batch-invariant mode pins
+        # the kernels (models.unet.Conv2d / Linear) and runs fixed-size micro-batches; CUDA batches
+        # freely for speed (same to half-precision rounding).
         self.batch_invariant = device.type != "cuda" if batch_invariant is None else batch_invariant
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch: {micro_batch} must be >= 1")
+        self.micro_batch = micro_batch
+        self.pad_micro_batch = pad_micro_batch
         self.header = header
         self.device = device
         self.schedule = Schedule(header.schedule)
@@ -93,10 +109,12 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        pad_micro_batch: bool = False,
     ) -> Pipeline:
         dev = resolve_device(device)
         net, header = load_checkpoint(path, dev)
-        return cls(net, header, dev, name, batch_invariant, gpu_dtype)
+        return cls(net, header, dev, name, batch_invariant, gpu_dtype, micro_batch, pad_micro_batch)
 
     def _build_forward(self) -> Callable[..., torch.Tensor]:
         """The network call the samplers see: graphed half precision on CUDA, plain float32 elsewhere."""
@@ -112,15 +130,27 @@ class Pipeline:
 
         if not self.batch_invariant:
             return net
+        if self.device.type == "cpu":
+            set_batch_invariant(self.net)
+        size, pad = self.micro_batch, self.pad_micro_batch
 
-        def rowwise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            rows = [
-                net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1])
-                for i in range(x.shape[0])
-            ]
-            return torch.cat(rows)
+        def microbatched(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            """``net`` on consecutive slices of at most ``size`` rows; with ``pad`` the last slice is
+            filled up with copies of its last row so every call has exactly ``size`` rows."""
+            n = x.shape[0]
+            if t.ndim == 0:
+                t = t.expand(n)
+            outs = []
+            for i in range(0, n, size):
+                xs, ts, ys = x[i : i + size], t[i : i + size], None if y is None else y[i : i + size]
+                rows = xs.shape[0]
+                if pad and rows < size:
+                    xs, ts = _fill(xs, size), _fill(ts, size)
+                    ys = None if ys is None else _fill(ys, size)
+                outs.append(net(xs, ts, ys)[:rows])
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        return rowwise
+        return microbatched
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network eps_theta(x, t[, y]) as every sampler and the worker's running batch call it.

@@ -86,6 +86,17 @@ class Settings(BaseSettings):
         description="Network precision on a GPU (the CPU always runs float32). float16 keeps a DDIM-10 "
         "run within 0.1% of float32 on the served models; bfloat16 drifts by ~4%, at the same speed.",
     )
+    cpu_micro_batch: int = Field(
+        16,
+        ge=1,
+        description="Rows per network call on the CPU: a batch runs as micro-batches of this many "
+        "images (kernels pinned so each image's bytes never depend on its batch).",
+    )
+    cpu_pad_micro_batch: bool = Field(
+        False,
+        description="Pad the last CPU micro-batch to CPU_MICRO_BATCH rows, so every call has one shape "
+        "(a belt on top of the pinned kernels; a 1-image request then costs a full micro-batch).",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens; when set, every route but /healthz, /readyz and "

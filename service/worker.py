@@ -89,7 +89,12 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
     for name, path in settings.model_files():
         try:
             pipe = Pipeline.from_checkpoint(
-                path, device=settings.device, name=name or None, gpu_dtype=settings.gpu_dtype
+                path,
+                device=settings.device,
+                name=name or None,
+                gpu_dtype=settings.gpu_dtype,
+                micro_batch=settings.cpu_micro_batch,
+                pad_micro_batch=settings.cpu_pad_micro_batch,
             )
         except ValueError as err:  # UserError/CheckpointError and device errors
             raise UserError("ROBUSTDIFF_MODELS", f"{path}: {err}") from None
