@@ -26,12 +26,52 @@ from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, 
 from models.schedules import Schedule
 from models.unet import UNet, set_batch_invariant
 
-__all__ = ["GPU_DTYPES", "Cancelled", "ModelInfo", "Pipeline"]
+__all__ = ["CPU_DTYPES", "GPU_DTYPES", "Cancelled", "CpuOptions", "ModelInfo", "Pipeline", "cpu_bf16_support"]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DTYPES = ("float32", "bfloat16")
 # Rows per network call on the batch-invariant (CPU) path: where the served fmnist network's CPU time
 # per image stops falling on one thread (16 and 32 within 1%, 8 is 11% slower; docs/BENCHMARKS.md).
 DEFAULT_MICRO_BATCH = 16
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that makes bfloat16 worth running ("amx_bf16" or "avx512_bf16"), or None;
+    without one of them oneDNN emulates bf16 and it is slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """How the CPU runs the network (the service's ROBUSTDIFF_CPU_* settings).
+
+    ``micro_batch`` rows per network call; ``pad`` fills the last micro-batch up to that shape;
+    ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
+    the micro-batch shape (and so pads: one shape, one compiled graph); ``channels_last`` stores
+    activations NHWC.
+    """
+
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    pad: bool = False
+    dtype: str = "float32"
+    compile: bool = False
+    channels_last: bool = False
+
+    @property
+    def padded(self) -> bool:
+        return self.pad or self.compile
+
+    def check(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: {self.micro_batch} must be >= 1")
+        if self.dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
+        if self.dtype == "bfloat16" and cpu_bf16_support() is None:
+            raise ValueError("cpu dtype: bfloat16 needs a CPU with avx512_bf16 or AMX; this one has neither")
 
 
 def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
@@ -66,8 +106,7 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
-        micro_batch: int = DEFAULT_MICRO_BATCH,
-        pad_micro_batch: bool = False,
+        cpu: CpuOptions | None = None,
     ) -> None:
         self.net = net
         # On the CPU, PyTorch picks convolution and GEMM kernels (and so reduction orders) by batch
@@ -75,10 +114,9 @@ class Pipeline:
         # the kernels (models.unet.Conv2d / Linear) and runs fixed-size micro-batches; CUDA batches
         # freely for speed (same to half-precision rounding).
         self.batch_invariant = device.type != "cuda" if batch_invariant is None else batch_invariant
-        if micro_batch < 1:
-            raise ValueError(f"micro_batch: {micro_batch} must be >= 1")
-        self.micro_batch = micro_batch
-        self.pad_micro_batch = pad_micro_batch
+        self.cpu = cpu or CpuOptions()
+        if device.type == "cpu":
+            self.cpu.check()
         self.header = header
         self.device = device
         self.schedule = Schedule(header.schedule)
@@ -109,12 +147,11 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
-        micro_batch: int = DEFAULT_MICRO_BATCH,
-        pad_micro_batch: bool = False,
+        cpu: CpuOptions | None = None,
     ) -> Pipeline:
         dev = resolve_device(device)
         net, header = load_checkpoint(path, dev)
-        return cls(net, header, dev, name, batch_invariant, gpu_dtype, micro_batch, pad_micro_batch)
+        return cls(net, header, dev, name, batch_invariant, gpu_dtype, cpu)
 
     def _build_forward(self) -> Callable[..., torch.Tensor]:
         """The network call the samplers see: graphed half precision on CUDA, plain float32 elsewhere."""
@@ -128,11 +165,13 @@ class Pipeline:
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
                 return graphed(x.to(self.dtype).contiguous(memory_format=torch.channels_last), t, y).float()
 
+        if self.device.type == "cpu":
+            net = self._cpu_net()
         if not self.batch_invariant:
             return net
         if self.device.type == "cpu":
             set_batch_invariant(self.net)
-        size, pad = self.micro_batch, self.pad_micro_batch
+        size, pad = self.cpu.micro_batch, self.cpu.padded
 
         def microbatched(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             """``net`` on consecutive slices of at most ``size`` rows; with ``pad`` the last slice is
@@ -151,6 +190,22 @@ class Pipeline:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         return microbatched
+
+    def _cpu_net(self) -> Callable[..., torch.Tensor]:
+        """The network with the CPU options applied: memory layout, bf16 autocast, torch.compile."""
+        opts = self.cpu
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
+        body: Callable[..., torch.Tensor] = (
+            torch.compile(self.net, dynamic=False) if opts.compile else self.net
+        )
+        autocast = opts.dtype == "bfloat16"
+
+        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
+
+        return net
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network eps_theta(x, t[, y]) as every sampler and the worker's running batch call it.

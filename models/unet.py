@@ -149,7 +149,10 @@ class Conv2d(nn.Conv2d):
     batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.batch_invariant and x.device.type == "cpu" and self.padding_mode == "zeros"):
+        pinned = self.batch_invariant and x.device.type == "cpu" and self.padding_mode == "zeros"
+        # Under torch.compile the shape is fixed (the pipeline pads every micro-batch) and Inductor
+        # lowers the convolution to oneDNN itself; mkldnn_convolution has no meta kernel to trace.
+        if not pinned or torch.compiler.is_compiling():
             return super().forward(x)
         w, b = self.weight, self.bias
         if torch.is_autocast_enabled("cpu"):  # mkldnn_convolution is not on autocast's list

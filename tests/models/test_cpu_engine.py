@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.pipeline import Pipeline
+from models.pipeline import CpuOptions, Pipeline, cpu_bf16_support
 from models.testing import tiny_checkpoint
 from models.unet import Conv2d, Linear
 from service.settings import _committed_weights
@@ -50,28 +50,28 @@ def _check_compositions(pipe: Pipeline) -> None:
 @pytest.mark.parametrize("name", ["fmnist-dro-at", "fmnist-cd-at"])
 @pytest.mark.parametrize("pad", [False, True])
 def test_served_models_are_bitwise_batch_invariant(name: str, pad: bool) -> None:
-    pipe = Pipeline.from_checkpoint(SERVED[name], micro_batch=4, pad_micro_batch=pad)
+    pipe = Pipeline.from_checkpoint(SERVED[name], cpu=CpuOptions(micro_batch=4, pad=pad))
     _check_compositions(pipe)
 
 
 def test_default_micro_batch_is_invariant_past_one_micro_batch() -> None:
     """The served default: one row alone vs the same row inside a batch larger than a micro-batch."""
     pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"])
-    n = pipe.micro_batch + 3
+    n = pipe.cpu.micro_batch + 3
     x, t, _ = _rows(pipe, n, seed=3)
     with torch.inference_mode():
         out = pipe.forward(x, t)
-        for i in (0, pipe.micro_batch - 1, pipe.micro_batch, n - 1):
+        for i in (0, pipe.cpu.micro_batch - 1, pipe.cpu.micro_batch, n - 1):
             assert torch.equal(out[i : i + 1], pipe.forward(x[i : i + 1], t[i : i + 1])), f"row {i}"
 
 
 def test_conditional_scale_shift_network_is_bitwise_batch_invariant(tmp_path: Path) -> None:
     path = tiny_checkpoint(tmp_path / "cond.safetensors", num_classes=3, scale_shift_norm=True)
-    _check_compositions(Pipeline.from_checkpoint(path, micro_batch=4))
+    _check_compositions(Pipeline.from_checkpoint(path, cpu=CpuOptions(micro_batch=4)))
 
 
 def test_sampling_a_seed_gives_the_same_bytes_in_any_request() -> None:
-    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], micro_batch=4)
+    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=CpuOptions(micro_batch=4))
     alone = pipe.sample([42], sampler="ddim", steps=2)
     crowd = pipe.sample([7, 8, 9, 10, 11, 42, 12], sampler="ddim", steps=2)
     assert torch.equal(crowd[5], alone[0])
@@ -96,4 +96,18 @@ def test_invariant_kernels_compute_the_plain_layers(tmp_path: Path) -> None:
 
 def test_micro_batch_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="micro_batch: 0 must be >= 1"):
-        Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "t.safetensors"), micro_batch=0)
+        Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "t.safetensors"), cpu=CpuOptions(micro_batch=0))
+
+
+def test_bf16_is_batch_invariant_where_the_cpu_has_it_and_refused_elsewhere() -> None:
+    """bfloat16 autocast keeps the bitwise guarantee and stays near float32 (4% at DDIM 3, 1.0% at DDIM 10)."""
+    opts = CpuOptions(micro_batch=4, dtype="bfloat16")
+    if cpu_bf16_support() is None:
+        with pytest.raises(ValueError, match="needs a CPU with avx512_bf16 or AMX"):
+            Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=opts)
+        return
+    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=opts)
+    _check_compositions(pipe)
+    ref = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"]).sample([1, 2], steps=3)
+    out = pipe.sample([1, 2], steps=3)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.08
