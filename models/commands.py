@@ -57,6 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--labels", type=int, nargs="*", default=None, help="class labels (conditional models)"
         )
+        parser.add_argument(
+            "--spacing",
+            choices=("leading", "trailing", "linspace"),
+            default=None,
+            help="diffusers' timestep spacing instead of ours, to reproduce a diffusers run (docs/IMPORTING.md)",
+        )
+        parser.add_argument(
+            "--ddim-eps",
+            choices=("from-x0", "model"),
+            default="from-x0",
+            help="ddim after x0 clipping: step along the eps of the clipped x0 (ours, diffusers' "
+            "use_clipped_model_output=True) or the network's eps (diffusers' default)",
+        )
     else:
         parser.add_argument(
             "inputs", nargs="+", type=Path, help="PNG/JPEG files, or .npy arrays [N, C, H, W] in [-1, 1]"
@@ -159,7 +172,15 @@ def run(args: argparse.Namespace) -> int:
         seeds = [args.seed + i for i in range(inputs.shape[0])]
     t_star = args.t_star if args.command == "purify" else None
     with _as_user_error():  # refuse before the progress bar appears
-        nfe = len(pipe.grid(sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star)) - 1
+        spacing = getattr(args, "spacing", None)
+        nfe = (
+            len(
+                pipe.grid(
+                    sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star, spacing=spacing
+                )
+            )
+            - 1
+        )
     bar = tqdm(total=nfe, desc=f"{args.command} ({sampler}, {nfe} steps)", unit="step")
 
     def progress(i: int, n: int) -> None:
@@ -169,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _as_user_error():
             if args.command == "sample":
-                images = pipe.sample(seeds, labels=args.labels, **common)
+                images = pipe.sample(
+                    seeds, labels=args.labels, spacing=args.spacing, ddim_eps=args.ddim_eps, **common
+                )
             else:
                 images = pipe.purify(inputs, seeds, t_star=args.t_star, **common)
     finally:

@@ -1,4 +1,4 @@
-"""Data readers (IDX, CIFAR-10 python batches, image folders, scikit-learn digits) and corruptions.
+"""Data readers (IDX, CIFAR-10 binary or python batches, image folders, scikit-learn digits) and corruptions.
 
 Every reader returns ``Dataset(images, labels, class_names, name)`` with images as float32
 [N, C, H, W] in [-1, 1]. Bad paths and malformed files raise ``UserError`` naming what is wrong.
@@ -146,9 +146,38 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+"""One record of CIFAR-10's binary version: a label byte, then 1024 red, 1024 green, 1024 blue bytes."""
+
+
+def load_cifar10_bin(folder: Path, split: str = "train") -> Dataset:
+    """CIFAR-10 'binary version' (cifar-10-batches-bin: data_batch_1..5.bin, test_batch.bin): raw
+    bytes, nothing unpickled. Labels must be 0..9 and every file whole records."""
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    xs, ys = [], []
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            raise UserError("data_path", f"{f} not found (expected CIFAR-10 binary batches)")
+        raw = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise UserError("data_path", f"{f} is not whole {CIFAR10_RECORD}-byte CIFAR-10 records")
+        records = raw.reshape(-1, CIFAR10_RECORD)
+        if int(records[:, 0].max()) > 9:
+            raise UserError("data_path", f"{f} has a label byte above 9: not a CIFAR-10 batch")
+        ys.append(records[:, 0].astype(np.int64))
+        xs.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    return Dataset(
+        to_unit(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), CIFAR10_CLASSES, "cifar10"
+    )
+
+
 def load_cifar10(folder: str | Path, split: str = "train") -> Dataset:
-    """CIFAR-10 'python version' batches (data_batch_1..5, test_batch); user-provided data only."""
+    """CIFAR-10 from the binary batches (preferred: raw bytes) or the 'python version' batches
+    (data_batch_1..5, test_batch, read with a restricted unpickler); user-provided data only."""
     folder = Path(folder)
+    if (folder / "data_batch_1.bin").is_file() or (folder / "test_batch.bin").is_file():
+        return load_cifar10_bin(folder, split)
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
     xs, ys = [], []
     for f in files:
@@ -219,7 +248,9 @@ def load_dataset(
         return load_idx_folder(path, split, image_size, name=name)
     if name == "cifar10":
         if not path:
-            raise UserError("data_path", "dataset 'cifar10' needs the folder of python batches")
+            raise UserError(
+                "data_path", "dataset 'cifar10' needs the folder of its batches (binary or python)"
+            )
         return load_cifar10(path, split)
     if name == "folder":
         if not path:

@@ -11,8 +11,8 @@ import torch
 from models.denoisers import Denoiser
 from models.errors import UserError
 from models.noise import NoiseSource
-from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
-from models.schedules import Schedule, Spacing, time_grid
+from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel, DdimEps
+from models.schedules import DIFFUSERS_SPACINGS, Schedule, Spacing, time_grid
 
 SPACING: dict[str, Spacing] = {
     "ddpm": "uniform",
@@ -31,13 +31,15 @@ def sampler_grid(
     times: Sequence[float] | None = None,
     eta: float = 0.0,
     t_star: float | None = None,
+    spacing: str | None = None,
 ) -> torch.Tensor:
     """The time grid [start, ..., 0] a call runs (NFE = len - 1), or the ValueError it would raise.
 
     The one place that checks sampler, steps, times, eta and t* and picks the grid, so generate,
     purify and the CLI (before its progress bar) accept and refuse the same arguments. start is 1
     for sampling and t* for purification. Without ``times`` the grid is ``steps`` (default 10) steps
-    on the sampler's own spacing; ``times`` replaces that spacing: the grid is [start, *times, 0].
+    on the sampler's own spacing, or on diffusers' ``spacing`` (leading, trailing, linspace: sampling
+    only); ``times`` replaces that spacing: the grid is [start, *times, 0].
     """
     if sampler not in SAMPLERS:
         raise UserError("sampler", f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -53,8 +55,16 @@ def sampler_grid(
         if not t_min <= t_star <= 1.0:
             raise UserError("t_star", f"must be in [{t_min}, 1], got {t_star}")
         start = t_star
+    if spacing is not None:
+        if spacing not in DIFFUSERS_SPACINGS:
+            raise UserError("spacing", f"unknown spacing {spacing!r}; known: {', '.join(DIFFUSERS_SPACINGS)}")
+        if sampler not in ("ddpm", "ddim", "dpm-solver++"):
+            raise UserError("spacing", f"diffusers' spacings are for diffusion samplers, not {sampler}")
+        if times is not None:
+            raise UserError("spacing", "give either times or a spacing, not both")
     if times is None:
-        return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, SPACING[sampler], t_max=start)
+        grid_spacing: Spacing = SPACING[sampler] if spacing is None else spacing  # type: ignore[assignment]
+        return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, grid_spacing, t_max=start)
     ts = [float(t) for t in times]
     if not all(math.isfinite(t) for t in ts):
         raise UserError("times", f"must be finite, got {ts}")
@@ -82,6 +92,8 @@ def generate(
     clip_x0: bool = True,
     callback: Callback | None = None,
     cancel: Cancel | None = None,
+    spacing: str | None = None,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
     """Images [B, C, H, W] in [-1, 1] from pure noise (one per seed of ``noise``).
 
@@ -91,10 +103,13 @@ def generate(
     The grid is [1, *times, 0], so NFE = len(times) + 1 and ``times=[]`` is one step. Without it,
     ``steps`` (default 10) steps on the sampler's own spacing; with it, ``steps`` may be omitted.
     """
-    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta)
+    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, spacing=spacing)
     x = noise.initial()
+    std = denoiser.schedule.initial_std(float(ts[0]))
+    if std != 1.0:
+        x = x * std
     out = SAMPLERS[sampler](
-        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0, ddim_eps=ddim_eps
     )
     return out.clamp(-1.0, 1.0) if clip_x0 else out
 

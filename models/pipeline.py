@@ -9,7 +9,9 @@ where bfloat16 drifts by ~4% (docs/BENCHMARKS.md); the tensor cores run both at 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,19 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointHeader, load_checkpoint
-from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
+from models.denoisers import DIFFUSION_DENOISERS, ConsistencyDenoiser, Denoiser
 from models.devices import resolve_device
 from models.errors import UserError
 from models.generate import generate, purify, sampler_grid
 from models.noise import NoiseSource
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
+from models.samplers import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    Callback,
+    Cancel,
+    Cancelled,
+    DdimEps,
+)
 from models.schedules import Schedule
 from models.unet import UNet, set_batch_invariant
 
@@ -95,6 +104,7 @@ class ModelInfo:
     samplers: list[str] = field(default_factory=list)
     default_steps: int = 10
     dataset: str = "unknown"
+    eval_s: float = 0.0  # measured at warm-up: seconds per image per network evaluation (0: not measured)
 
 
 class Pipeline:
@@ -149,7 +159,13 @@ class Pipeline:
         gpu_dtype: str = "float16",
         cpu: CpuOptions | None = None,
     ) -> Pipeline:
+        """A robustdiff checkpoint file, or a diffusers folder (``models.diffusers_import``)."""
         dev = resolve_device(device)
+        if Path(path).is_dir():  # a diffusers folder, converted in memory (safetensors weights only)
+            from models.diffusers_import import import_diffusers
+
+            imported = import_diffusers(path, name)
+            return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype)
         net, header = load_checkpoint(path, dev)
         return cls(net, header, dev, name, batch_invariant, gpu_dtype, cpu)
 
@@ -227,18 +243,37 @@ class Pipeline:
         sizes = [b for b in DEFAULT_BUCKETS if b <= max_batch] if self.device.type == "cuda" else [1]
         sampler = self.info.samplers[0 if self.info.kind == "consistency" else 1]
         labels_for = (lambda n: [0] * n) if self.info.num_classes else (lambda n: None)
+        if not sizes:
+            return sizes
         for n in sizes:
-            self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels_for(n))
+            elapsed = self._timed_step(sampler, n, labels_for(n))
+        # The API turns a synchronous request it estimates past its timeout into a 202 from this figure.
+        n = sizes[-1]
+        if self.device.type == "cuda" or elapsed < 1.0:  # the first call paid the capture / page-in
+            elapsed = self._timed_step(sampler, n, labels_for(n))
+        self.info = dataclasses.replace(self.info, eval_s=elapsed / n)
         return sizes
+
+    def _timed_step(self, sampler: str, n: int, labels: list[int] | None) -> float:
+        start = time.perf_counter()
+        self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels)
+        return time.perf_counter() - start
 
     def denoiser(self, labels: torch.Tensor | None = None) -> Denoiser:
         if self.header.kind == "consistency":
             cm = self.header.consistency
             assert cm is not None
             return ConsistencyDenoiser(
-                self.forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
+                self.forward,
+                self.schedule,
+                labels,
+                cm.sigma_min,
+                cm.sigma_data,
+                cm.parameterization,
+                cm.c_in,
+                cm.renoise_subtract_sigma_min,
             )
-        return EpsDenoiser(self.forward, self.schedule, labels)
+        return DIFFUSION_DENOISERS[self.header.prediction](self.forward, self.schedule, labels)
 
     def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:
         classes = self.info.num_classes
@@ -267,11 +302,14 @@ class Pipeline:
         times: Sequence[float] | None = None,
         eta: float = 0.0,
         t_star: float | None = None,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """The time grid sample (``t_star=None``) or purify would run with these arguments (NFE is
         its length - 1), or their ValueError: lets a caller refuse a request before any work."""
         self._check_sampler(sampler)
-        return sampler_grid(self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
+        return sampler_grid(
+            self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star, spacing=spacing
+        )
 
     def _prepare(
         self, sampler: str, seeds: Sequence[int], labels: Sequence[int] | None
@@ -293,6 +331,8 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
+        spacing: str | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed.
 
@@ -309,6 +349,8 @@ class Pipeline:
             eta=eta,
             callback=callback,
             cancel=cancel,
+            spacing=spacing,
+            ddim_eps=ddim_eps,
         )
         return out.float().cpu()
 

@@ -19,12 +19,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from kernels import sampler_update
-from models.denoisers import Denoiser
+from models.denoisers import ConsistencyDenoiser, Denoiser
+from models.errors import UserError
 from models.noise import NoiseSource
 
 Callback = Callable[[int, int], None]
@@ -51,6 +52,21 @@ def _ddim(
     c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
     zero = torch.zeros_like(t)
     return c / s_t, a_s - c * a_t / s_t, zero, sigma
+
+
+def _ddim_model_eps(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
+    """DDIM with the network's own eps even after x0 is clipped (diffusers' default,
+    ``use_clipped_model_output=False``): x_next = a_s x0_clipped + c eps_raw + sigma z with
+    eps_raw = ((1 - a_t kx) x - a_t km out) / s_t. The ``out`` term rides in the r slot (``OUTPUT_R_RULES``)."""
+    sch = denoiser.schedule
+    ab_t, ab_s = sch.alphabar(t), sch.alphabar(s)
+    a_t, s_t, a_s = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_s.sqrt()
+    sigma = eta * torch.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
+    kx, km = denoiser.x0_coefs(t)
+    return c * (1 - a_t * kx) / s_t, a_s, -c * a_t * km / s_t, sigma
 
 
 def _ddpm(
@@ -90,7 +106,8 @@ def _consistency(
     """Multistep consistency sampling: denoise to x0, then re-noise to the next time."""
     sch = denoiser.schedule
     zero = torch.zeros_like(t)
-    return zero, sch.a(s), zero, sch.s(s)
+    std = denoiser.renoise_std(s) if isinstance(denoiser, ConsistencyDenoiser) else sch.s(s)
+    return zero, sch.a(s), zero, std
 
 
 RULES: dict[str, StepRule] = {
@@ -98,7 +115,11 @@ RULES: dict[str, StepRule] = {
     "ddim": _ddim,
     "dpm-solver++": _dpmpp_2m,
     "consistency": _consistency,
+    "ddim-model-eps": _ddim_model_eps,  # ddim with ddim_eps="model", not a sampler name of its own
 }
+OUTPUT_R_RULES = ("ddim-model-eps",)
+"""Rules whose r coefficient multiplies the network's raw output instead of the previous x0."""
+DdimEps = Literal["from-x0", "model"]
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 CONSISTENCY_SAMPLERS = ("consistency",)
 ETA_SAMPLERS = ("ddim",)
@@ -116,10 +137,22 @@ def run_sampler(
     cancel: Cancel | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
-    """The one sampler loop. Returns the final x0 estimate (the image)."""
+    """The one sampler loop. Returns the final x0 estimate (the image).
+
+    ``ddim_eps`` (ddim only): ``from-x0`` steps along the eps implied by the (clipped) x0, DDIM's own
+    update (diffusers' ``use_clipped_model_output=True``); ``model`` keeps the network's eps
+    (diffusers' default). Without clipping the two are the same update.
+    """
     if eta < 0:
         raise ValueError("eta must be >= 0")
+    if ddim_eps not in ("from-x0", "model") or (ddim_eps == "model" and rule != "ddim"):
+        raise UserError(
+            "ddim_eps", f"'from-x0', or 'model' with the ddim sampler; got {ddim_eps!r} with {rule}"
+        )
+    if ddim_eps == "model":
+        rule = "ddim-model-eps"
     plan = PLANS.get(rule, denoiser, ts, eta, x.device)
     coefs, timesteps = plan.coefs, plan.timesteps
     batch = x.shape[0]
@@ -133,7 +166,7 @@ def run_sampler(
             x,
             out,
             coefs[i].expand(batch, 6).contiguous(),
-            x0_prev=x0_prev if plan.uses_prev[i] else None,
+            x0_prev=out if plan.r_on_output else x0_prev if plan.uses_prev[i] else None,
             seeds=noise.seeds_device if plan.uses_noise[i] else None,
             stream=noise.step_stream(i),
             clip_x0=clip_x0,
@@ -164,6 +197,7 @@ class SamplerPlan:
     timesteps: torch.Tensor  # the network's timestep index of every step
     uses_prev: tuple[bool, ...]
     uses_noise: tuple[bool, ...]
+    r_on_output: bool = False  # r multiplies the network output, not x0_prev (OUTPUT_R_RULES)
 
 
 class PlanCache:
@@ -220,6 +254,7 @@ class PlanCache:
             timesteps=denoiser.schedule.net_time(ts[:-1]).to(device),
             uses_prev=tuple((table[:, 4] != 0).tolist()),
             uses_noise=tuple((table[:, 5] != 0).tolist()),
+            r_on_output=rule in OUTPUT_R_RULES,
         )
 
 
@@ -238,9 +273,19 @@ def _make(rule: str) -> Callable[..., torch.Tensor]:
         cancel: Cancel | None = None,
         eta: float = 0.0,
         clip_x0: bool = False,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         return run_sampler(
-            rule, denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+            rule,
+            denoiser,
+            x,
+            ts,
+            noise,
+            callback=callback,
+            cancel=cancel,
+            eta=eta,
+            clip_x0=clip_x0,
+            ddim_eps=ddim_eps,
         )
 
     sampler.__name__ = f"sample_{rule.replace('-', '_').replace('++', 'pp')}"

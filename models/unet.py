@@ -8,6 +8,7 @@ through ``kernels.groupnorm_silu``: fused Triton on CUDA, PyTorch elsewhere, one
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,30 @@ class UNetConfig(BaseModel):
     time_flip_sin_to_cos: bool = Field(False, description="sinusoid order [cos, sin] instead of [sin, cos]")
     time_freq_shift: float = Field(1.0, description="DDPM's frequency denominator shift (half_dim - shift)")
     mid_attention: bool = True
+    head_channels: int | None = Field(
+        None,
+        ge=1,
+        description="channels per attention head, heads = channels // this at every level "
+        "(diffusers' attention_head_dim, ADM's num_head_channels); None: num_heads heads everywhere",
+    )
+    downsample_padding: Literal[0, 1] = Field(
+        1,
+        description="1: the stride-2 conv pads 1 on every side; 0: pad (0, 1, 0, 1) first, then an "
+        "unpadded conv (DDPM's TensorFlow 'SAME' padding, diffusers' downsample_padding=0)",
+    )
+    resample: Literal["conv", "resnet"] = Field(
+        "conv",
+        description="conv: strided conv down, nearest + conv up (DDPM); resnet: a residual block "
+        "that average-pools / nearest-upsamples inside (ADM, OpenAI's consistency models)",
+    )
+    act: Literal["silu", "mish"] = Field(
+        "silu", description="residual blocks' nonlinearity (the time MLP and the output stay SiLU)"
+    )
+    mid_scale: float = Field(
+        1.0, gt=0.0, description="the middle blocks' outputs are divided by this (mid_block_scale_factor)"
+    )
+    mid_attn_norm: bool = Field(True, description="GroupNorm before the middle attention")
+    mid_attn_groups: int | None = Field(None, ge=1, description="its groups; None: groups")
 
     @field_validator("attention_resolutions")
     @classmethod
@@ -49,12 +74,20 @@ class UNetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _divisible(self) -> UNetConfig:
-        for m in self.channel_mult:
+        levels = len(self.channel_mult)
+        for i, m in enumerate(self.channel_mult):
             ch = self.base_channels * m
             if ch % self.groups:
                 raise ValueError(f"channels {ch} are not divisible by groups={self.groups}")
-            if ch % self.num_heads:
-                raise ValueError(f"channels {ch} are not divisible by num_heads={self.num_heads}")
+            attends = self.image_size // 2**i in self.attention_resolutions or (
+                i == levels - 1 and self.mid_attention
+            )
+            per_head = self.head_channels or ch // self.num_heads
+            if attends and (ch % self.num_heads if self.head_channels is None else ch % per_head):
+                raise ValueError(f"attention channels {ch} do not split into heads ({per_head} per head)")
+        last = self.base_channels * self.channel_mult[-1]
+        if self.mid_attn_groups is not None and last % self.mid_attn_groups:
+            raise ValueError(f"channels {last} are not divisible by mid_attn_groups={self.mid_attn_groups}")
         if self.image_size % (2 ** (len(self.channel_mult) - 1)):
             raise ValueError("image_size must be divisible by 2**(levels - 1)")
         return self
@@ -195,9 +228,22 @@ class Norm(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, cfg: UNetConfig) -> None:
+    """Pre-norm residual block; ``updown`` makes it ADM's resampling block (pool / upsample inside)."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        emb_dim: int,
+        cfg: UNetConfig,
+        updown: Literal["up", "down"] | None = None,
+        out_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.scale_shift = cfg.scale_shift_norm
+        self.mish = cfg.act == "mish"
+        self.updown = updown
+        self.out_scale = out_scale
         self.norm1 = Norm(cfg.groups, cin, eps=cfg.norm_eps)
         self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.emb_proj = Linear(emb_dim, 2 * cout if cfg.scale_shift_norm else cout)
@@ -206,24 +252,55 @@ class ResBlock(nn.Module):
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
         self.skip: nn.Module = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x) if self.mish else F.silu(x)
+
+    def _norm_act(
+        self,
+        norm: Norm,
+        x: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.mish:
+            return F.mish(norm(x, scale=scale, shift=shift, silu=False))
+        return norm(x, scale=scale, shift=shift)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.updown == "down":
+            return F.avg_pool2d(x, 2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        e = self.emb_proj(F.silu(emb))
+        h = self._norm_act(self.norm1, x)
+        if self.updown is not None:
+            x, h = self._resample(x), self._resample(h)
+        h = self.conv1(h)
+        e = self.emb_proj(self._act(emb))
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h, scale=scale, shift=shift)
+            h = self._norm_act(self.norm2, h, scale, shift)
         else:
-            h = self.norm2(h + e[:, :, None, None])
-        return self.skip(x) + self.conv2(self.dropout(h))
+            h = self._norm_act(self.norm2, h + e[:, :, None, None])
+        out = self.skip(x) + self.conv2(self.dropout(h))
+        return out if self.out_scale == 1.0 else out / self.out_scale
 
 
 class Attention(nn.Module):
     """Spatial self-attention through torch's scaled_dot_product_attention (flash/cuDNN on GPU)."""
 
-    def __init__(self, ch: int, cfg: UNetConfig) -> None:
+    def __init__(
+        self,
+        ch: int,
+        cfg: UNetConfig,
+        norm: bool = True,
+        groups: int | None = None,
+        out_scale: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.heads = cfg.num_heads
-        self.norm = Norm(cfg.groups, ch, eps=cfg.norm_eps)
+        self.heads = cfg.num_heads if cfg.head_channels is None else ch // cfg.head_channels
+        self.norm = Norm(groups or cfg.groups, ch, eps=cfg.norm_eps) if norm else None
+        self.out_scale = out_scale
         self.q = Linear(ch, ch)
         self.k = Linear(ch, ch)
         self.v = Linear(ch, ch)
@@ -231,23 +308,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        h = self.norm(x, silu=False).flatten(2).transpose(1, 2)  # [B, HW, C]
+        h = (x if self.norm is None else self.norm(x, silu=False)).flatten(2).transpose(1, 2)  # [B, HW, C]
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
 
         a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
         a = self.out(a.transpose(1, 2).reshape(b, -1, c))
-        return x + a.transpose(1, 2).reshape(b, c, hgt, wid)
+        out = x + a.transpose(1, 2).reshape(b, c, hgt, wid)
+        return out if self.out_scale == 1.0 else out / self.out_scale
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = padding == 0
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):
@@ -291,7 +370,7 @@ class UNet(nn.Module):
             blocks, attn = [], []
             for _ in range(cfg.num_res_blocks):
                 blocks.append(ResBlock(cin, cout, emb_dim, cfg))
-                attn.append(Attention(cout, cfg))
+                attn.append(Attention(cout, cfg))  # built even where unused: keeps seeded inits unchanged
                 cin = cout
                 skips.append(cout)
             last = i == levels - 1
@@ -299,16 +378,20 @@ class UNet(nn.Module):
                 Level(
                     blocks,
                     attn if res in cfg.attention_resolutions else None,
-                    None if last else Downsample(cout),
+                    None if last else self._resampler(cout, emb_dim, "down"),
                 )
             )
             if not last:
                 skips.append(cout)
                 res //= 2
 
-        self.mid1 = ResBlock(cin, cin, emb_dim, cfg)
-        self.mid_attn = Attention(cin, cfg) if cfg.mid_attention else None
-        self.mid2 = ResBlock(cin, cin, emb_dim, cfg)
+        self.mid1 = ResBlock(cin, cin, emb_dim, cfg, out_scale=cfg.mid_scale)
+        self.mid_attn = (
+            Attention(cin, cfg, cfg.mid_attn_norm, cfg.mid_attn_groups, cfg.mid_scale)
+            if cfg.mid_attention
+            else None
+        )
+        self.mid2 = ResBlock(cin, cin, emb_dim, cfg, out_scale=cfg.mid_scale)
 
         self.up = nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):
@@ -319,7 +402,9 @@ class UNet(nn.Module):
                 cin = cout
             self.up.append(
                 Level(
-                    blocks, attn if res in cfg.attention_resolutions else None, Upsample(cout) if i else None
+                    blocks,
+                    attn if res in cfg.attention_resolutions else None,
+                    self._resampler(cout, emb_dim, "up") if i else None,
                 )
             )
             if i:
@@ -327,6 +412,18 @@ class UNet(nn.Module):
 
         self.norm_out = Norm(cfg.groups, cin, eps=cfg.norm_eps)
         self.conv_out = Conv2d(cin, cfg.out_channels, 3, padding=1)
+
+    def _resampler(self, ch: int, emb_dim: int, direction: Literal["up", "down"]) -> nn.Module:
+        cfg = self.cfg
+        if cfg.resample == "resnet":
+            return ResBlock(ch, ch, emb_dim, cfg, updown=direction)
+        return Downsample(ch, cfg.downsample_padding) if direction == "down" else Upsample(ch)
+
+    @staticmethod
+    def _resample(level: Level, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if level.resample is None:
+            return h
+        return level.resample(h, emb) if isinstance(level.resample, ResBlock) else level.resample(h)
 
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None
@@ -354,7 +451,7 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
                 hs.append(h)
             if level.resample is not None:
-                h = level.resample(h)
+                h = self._resample(level, h, emb)
                 hs.append(h)
 
         h = self.mid1(h, emb)
@@ -368,8 +465,7 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
                 if level.attn is not None:
                     h = level.attn[j](h)
-            if level.resample is not None:
-                h = level.resample(h)
+            h = self._resample(level, h, emb)
         return self.conv_out(self.norm_out(h))
 
 

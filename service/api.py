@@ -351,10 +351,23 @@ class Service:
 
     # ---- job submission and answers -----------------------------------------------------------------
     async def submit(
-        self, request: Request, kind: str, job: dict[str, Any], req: BaseModel, files: list[bytes]
+        self,
+        request: Request,
+        kind: str,
+        job: dict[str, Any],
+        req: BaseModel,
+        files: list[bytes],
+        info: dict[str, Any] | None = None,
     ) -> Response:
-        """Enqueue (or find by Idempotency-Key) the job; answer 202 at once or its result when done."""
+        """Enqueue (or find by Idempotency-Key) the job; answer 202 at once or its result when done.
+
+        A synchronous request whose estimated run time (outputs x steps x the worker's measured
+        seconds per evaluation) exceeds the request timeout is answered 202 at once too, with the
+        reason, instead of waiting the timeout out for a 504."""
         async_ = bool(getattr(req, "async_", False))
+        estimate = len(job["seeds"]) * int(job["steps"]) * float((info or {}).get("eval_s") or 0.0)
+        too_long = not async_ and estimate > self.settings.request_timeout_s
+        async_ = async_ or too_long
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise ApiError(422, "Idempotency-Key", "must be 1 to 255 characters")
@@ -394,11 +407,18 @@ class Service:
             if not sub.created:  # the Idempotency-Key's job: say where it is now
                 record = await self.queue.get(sub.job_id)
                 status = record.get("status", "queued") if record else "queued"
-            return JSONResponse(
-                {"id": sub.job_id, "status": status, "created": sub.created, "location": location},
-                status_code=202,
-                headers={"Location": location},
-            )
+            body: dict[str, Any] = {
+                "id": sub.job_id,
+                "status": status,
+                "created": sub.created,
+                "location": location,
+            }
+            if too_long:
+                body["reason"] = (
+                    f"estimated {estimate:.0f} s of work exceeds the {self.settings.request_timeout_s:.0f} s "
+                    f"request timeout: running as an async job, poll {location}"
+                )
+            return JSONResponse(body, status_code=202, headers={"Location": location})
         record = await self.listener.wait(sub.job_id, self.settings.request_timeout_s, self.queue.get)
         return self.answer(sub.job_id, record)
 
@@ -519,7 +539,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = svc.resolve_common(req, info)
         seeds = svc.seeds(req.seeds, req.num_images)
         job.update(seeds=seeds, labels=svc.labels(req.labels, req.num_images, info, seeds, "sample"))
-        return await svc.submit(request, "sample", job, req, [])
+        return await svc.submit(request, "sample", job, req, [], info)
 
     @app.post(
         "/purify",
@@ -585,7 +605,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             labels=labels,
             images=imgs.npy_b64(np.stack(inputs).astype(np.float32)),
         )
-        return await svc.submit(request, "purify", job, req, files)
+        return await svc.submit(request, "purify", job, req, files, info)
 
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Job status")
     async def get_job(job_id: str) -> Response:

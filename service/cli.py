@@ -19,6 +19,10 @@ from models.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("models.train.cli", "train a diffusion or consistency model"),
     "export": ("models.train.export", "write the served safetensors file from a training checkpoint"),
+    "import-diffusers": (
+        "models.import_command",
+        "convert a diffusers DDPM or consistency-model folder into a served checkpoint",
+    ),
     "serve": ("service.serve", "run the HTTP API (and, by default, a private Redis and one worker)"),
     "worker": ("service.worker", "run a worker process that executes queued jobs"),
     "sample": ("models.commands", "sample a PNG grid or .npy from a checkpoint, without the server"),

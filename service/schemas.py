@@ -150,6 +150,9 @@ class ModelEntry(BaseModel):
     hash: str
     samplers: list[str]
     default_steps: int
+    eval_s: float = Field(
+        0.0, description="Seconds per image per network evaluation, measured by the worker at warm-up."
+    )
     workers: int = Field(description="Live workers serving it.")
     default: bool
 

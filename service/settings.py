@@ -44,6 +44,24 @@ def checkpoint_kind(path: Path) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def _diffusers_folder_problem(folder: Path) -> str | None:
+    """Why a folder in ROBUSTDIFF_MODELS cannot be served as a diffusers model (None: it can be tried).
+
+    Plain file checks, so serve refuses before starting anything; the worker converts the folder in
+    memory. Only safetensors weights: the server never unpickles a .bin."""
+    mdir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (mdir / "config.json").is_file():
+        return "a folder, but not a diffusers model (no config.json nor unet/config.json)"
+    if not (mdir / "diffusion_pytorch_model.safetensors").is_file():
+        if (mdir / "diffusion_pytorch_model.bin").is_file():
+            return (
+                "has only .bin (pickle) weights, which the server never reads: convert it once with "
+                f"`robustdiff import-diffusers {folder} --out NAME.safetensors` and serve that file"
+            )
+        return "no diffusion_pytorch_model.safetensors in it"
+    return None
+
+
 def _committed_weights() -> list[str]:
     """The servable checkpoints shipped in models/weights (not the evaluation classifier), the
     default model first so it is served first."""
@@ -70,7 +88,8 @@ class Settings(BaseSettings):
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=_committed_weights,
-        description="Comma-separated checkpoint paths the worker serves, each optionally `name=path`. "
+        description="Comma-separated checkpoint paths the worker serves, each optionally `name=path`; a "
+        "path may be a diffusers folder (converted on load, safetensors weights only). "
         "Default: the committed models/weights/*.safetensors.",
     )
     default_model: str = Field(
@@ -219,8 +238,11 @@ class Settings(BaseSettings):
             name, sep, path = entry.partition("=")
             if not sep:
                 name, path = "", entry
-            if not Path(path).is_file():
-                raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
+            problem = _diffusers_folder_problem(Path(path)) if Path(path).is_dir() else None
+            if problem:
+                raise UserError("ROBUSTDIFF_MODELS", f"{path}: {problem}")
+            if not Path(path).exists():
+                raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file or diffusers folder")
             out.append((name, Path(path)))
         return out
 

@@ -64,6 +64,37 @@ def test_cifar_batches(tmp_path: Path) -> None:
     assert len(load_cifar10(tmp_path, "test")) == 3
 
 
+def write_cifar10_bin(folder: Path, per_file: int = 3, seed: int = 0) -> np.ndarray:
+    """CIFAR-10's binary layout (label byte + R, G, B planes); returns the test batch's pixels [N, 3, 32, 32]."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, (per_file, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+    return pixels.reshape(-1, 3, 32, 32)
+
+
+def test_cifar_binary_batches_are_raw_bytes(tmp_path: Path) -> None:
+    pixels = write_cifar10_bin(tmp_path)
+    assert len(load_cifar10(tmp_path, "train")) == 15
+    test = load_cifar10(tmp_path, "test")
+    # Channel planes in R, G, B order, exactly the bytes (x / 127.5 - 1).
+    assert torch.equal(test.images, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0))
+    raw = (tmp_path / "test_batch.bin").read_bytes()
+    assert test.labels.tolist() == [raw[i * 3073] for i in range(3)]
+    (tmp_path / "test_batch.bin").write_bytes(raw[:-1])
+    with pytest.raises(UserError, match="whole 3073-byte"):
+        load_cifar10(tmp_path, "test")
+    (tmp_path / "test_batch.bin").write_bytes(b"\x0a" + raw[1:])
+    with pytest.raises(UserError, match="label byte above 9"):
+        load_cifar10(tmp_path, "test")
+    (tmp_path / "data_batch_3.bin").unlink()
+    with pytest.raises(UserError, match=r"data_batch_3\.bin not found"):
+        load_cifar10(tmp_path, "train")
+
+
 def test_cifar_refuses_foreign_pickles(tmp_path: Path) -> None:
     with (tmp_path / "test_batch").open("wb") as f:
         pickle.dump({b"data": Path("/"), b"labels": []}, f)
