@@ -35,11 +35,70 @@ from models.samplers import (
 )
 from models.sampling_spec import default_sampler, default_steps, samplers_for
 from models.schedules import Schedule
-from models.unet import UNet
+from models.unet import UNet, set_batch_invariant
 
-__all__ = ["GPU_DTYPES", "Cancelled", "Group", "ModelInfo", "Pipeline", "RunningBatch"]
+__all__ = [
+    "CPU_DTYPES",
+    "GPU_DTYPES",
+    "Cancelled",
+    "CpuOptions",
+    "Group",
+    "ModelInfo",
+    "Pipeline",
+    "RunningBatch",
+    "cpu_bf16_support",
+]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DTYPES = ("float32", "bfloat16")
+# Rows per network call on the batch-invariant (CPU) path: where the served fmnist network's CPU time
+# per image stops falling on one thread (16 and 32 within 1%, 8 is 11% slower; docs/BENCHMARKS.md).
+DEFAULT_MICRO_BATCH = 16
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that makes bfloat16 worth running ("amx_bf16" or "avx512_bf16"), or None;
+    without one of them oneDNN emulates bf16 and it is slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """How the CPU runs the network (the service's ROBUSTDIFF_CPU_* settings).
+
+    ``micro_batch`` rows per network call; ``pad`` fills the last micro-batch up to that shape;
+    ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
+    the micro-batch shape (and so pads: one shape, one compiled graph); ``channels_last`` stores
+    activations NHWC.
+    """
+
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    pad: bool = False
+    dtype: str = "float32"
+    compile: bool = False
+    channels_last: bool = False
+
+    @property
+    def padded(self) -> bool:
+        return self.pad or self.compile
+
+    def check(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: {self.micro_batch} must be >= 1")
+        if self.dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
+        if self.dtype == "bfloat16" and cpu_bf16_support() is None:
+            raise ValueError("cpu dtype: bfloat16 needs a CPU with avx512_bf16 or AMX; this one has neither")
+
+
+def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``rows`` extended to ``size`` rows with copies of its last one (padding that is a real input,
+    so no norm sees an all-zero image)."""
+    return torch.cat([rows, rows[-1:].expand(size - rows.shape[0], *rows.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -69,12 +128,17 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        cpu: CpuOptions | None = None,
     ) -> None:
         self.net = net
-        # On the CPU, BLAS and oneDNN pick different reduction orders for different batch sizes, so an
-        # image would differ in its last bits with its batch. Evaluating row by row makes it bitwise
-        # independent of batching at a small cost there; CUDA batches for speed (same to bf16 rounding).
+        # On the CPU, PyTorch picks convolution and GEMM kernels (and so reduction orders) by batch
+        # size, so an image would differ in its last bits with its batch. Batch-invariant mode pins
+        # the kernels (models.unet.Conv2d / Linear) and runs fixed-size micro-batches; CUDA batches
+        # freely for speed (same to half-precision rounding).
         self.batch_invariant = device.type != "cuda" if batch_invariant is None else batch_invariant
+        self.cpu = cpu or CpuOptions()
+        if device.type == "cpu":
+            self.cpu.check()
         self.header = header
         self.device = device
         self.schedule = Schedule(header.schedule)
@@ -104,6 +168,7 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        cpu: CpuOptions | None = None,
     ) -> Pipeline:
         """A robustdiff checkpoint file, or a diffusers folder (``models.diffusers_import``)."""
         dev = resolve_device(device)
@@ -113,7 +178,7 @@ class Pipeline:
             imported = import_diffusers(path, name)
             return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype)
         net, header = load_checkpoint(path, dev)
-        return cls(net, header, dev, name, batch_invariant, gpu_dtype)
+        return cls(net, header, dev, name, batch_invariant, gpu_dtype, cpu)
 
     def _build_forward(self) -> Callable[..., torch.Tensor]:
         """The network call the samplers see: graphed half precision on CUDA, plain float32 elsewhere."""
@@ -127,17 +192,47 @@ class Pipeline:
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
                 return graphed(x.to(self.dtype).contiguous(memory_format=torch.channels_last), t, y).float()
 
+        if self.device.type == "cpu":
+            net = self._cpu_net()
         if not self.batch_invariant:
             return net
+        if self.device.type == "cpu":
+            set_batch_invariant(self.net)
+        size, pad = self.cpu.micro_batch, self.cpu.padded
 
-        def rowwise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            rows = [
-                net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1])
-                for i in range(x.shape[0])
-            ]
-            return torch.cat(rows)
+        def microbatched(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            """``net`` on consecutive slices of at most ``size`` rows; with ``pad`` the last slice is
+            filled up with copies of its last row so every call has exactly ``size`` rows."""
+            n = x.shape[0]
+            if t.ndim == 0:
+                t = t.expand(n)
+            outs = []
+            for i in range(0, n, size):
+                xs, ts, ys = x[i : i + size], t[i : i + size], None if y is None else y[i : i + size]
+                rows = xs.shape[0]
+                if pad and rows < size:
+                    xs, ts = _fill(xs, size), _fill(ts, size)
+                    ys = None if ys is None else _fill(ys, size)
+                outs.append(net(xs, ts, ys)[:rows])
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        return rowwise
+        return microbatched
+
+    def _cpu_net(self) -> Callable[..., torch.Tensor]:
+        """The network with the CPU options applied: memory layout, bf16 autocast, torch.compile."""
+        opts = self.cpu
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
+        body: Callable[..., torch.Tensor] = (
+            torch.compile(self.net, dynamic=False) if opts.compile else self.net
+        )
+        autocast = opts.dtype == "bfloat16"
+
+        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
+
+        return net
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network eps_theta(x, t[, y]) as every sampler and the worker's running batch call it.

@@ -181,6 +181,49 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, once ``batch_invariant`` is set, runs every CPU call through oneDNN.
+
+    PyTorch picks its CPU convolution by shape: a 1x1 kernel below batch 16 on one thread, and a
+    small input at batch 1, go to its im2col + GEMM path, everything else to oneDNN, and the two
+    round differently, so an image's result changed in its last bits with the batch it was in.
+    oneDNN computes each image in the same order at every batch size (tests/models/test_pipeline.py
+    checks this bitwise on the served models), and is faster at batch 1 besides.
+    """
+
+    batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pinned = self.batch_invariant and x.device.type == "cpu" and self.padding_mode == "zeros"
+        # Under torch.compile the shape is fixed (the pipeline pads every micro-batch) and Inductor
+        # lowers the convolution to oneDNN itself; mkldnn_convolution has no meta kernel to trace.
+        if not pinned or torch.compiler.is_compiling():
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled("cpu"):  # mkldnn_convolution is not on autocast's list
+            dtype = torch.get_autocast_dtype("cpu")
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        assert isinstance(self.padding, tuple)
+        return torch.mkldnn_convolution(x, w, b, self.padding, self.stride, self.dilation, self.groups)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, once ``batch_invariant`` is set, maps a [B, K] input one row at a time.
+
+    The BLAS picks its GEMM kernel (and so its reduction order) by the number of rows, so the time
+    and class embeddings of an image differed with its batch. One matrix-vector product per row is
+    the same call at every batch size; these layers are a negligible share of the network's work.
+    Token inputs [B, L, K] (attention) keep one GEMM: their rows are B x L and tested invariant.
+    """
+
+    batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.dim() == 2 and x.shape[0] > 1 and x.device.type == "cpu":
+            return torch.cat([super(Linear, self).forward(row) for row in x.split(1)])
+        return super().forward(x)
+
+
 class Norm(nn.GroupNorm):
     """GroupNorm whose forward is the fused norm(+scale/shift)+SiLU op."""
 
@@ -214,12 +257,12 @@ class ResBlock(nn.Module):
         self.updown = updown
         self.out_scale = out_scale
         self.norm1 = Norm(cfg.groups, cin, eps=cfg.norm_eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * cout if cfg.scale_shift_norm else cout)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.emb_proj = Linear(emb_dim, 2 * cout if cfg.scale_shift_norm else cout)
         self.norm2 = Norm(cfg.groups, cout, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip: nn.Module = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.skip: nn.Module = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return F.mish(x) if self.mish else F.silu(x)
@@ -270,10 +313,10 @@ class Attention(nn.Module):
         self.heads = cfg.num_heads if cfg.head_channels is None else ch // cfg.head_channels
         self.norm = Norm(groups or cfg.groups, ch, eps=cfg.norm_eps) if norm else None
         self.out_scale = out_scale
-        self.q = nn.Linear(ch, ch)
-        self.k = nn.Linear(ch, ch)
-        self.v = nn.Linear(ch, ch)
-        self.out = nn.Linear(ch, ch)
+        self.q = Linear(ch, ch)
+        self.k = Linear(ch, ch)
+        self.v = Linear(ch, ch)
+        self.out = Linear(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
@@ -292,7 +335,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, padding: int = 1) -> None:
         super().__init__()
         self.asymmetric = padding == 0
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
@@ -301,7 +344,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -327,9 +370,9 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch0 = cfg.base_channels
         emb_dim = ch0 * cfg.time_embed_mult
-        self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(Linear(ch0, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         chans = [ch0 * m for m in cfg.channel_mult]
         levels = len(chans)
@@ -380,7 +423,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = Norm(cfg.groups, cin, eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(cin, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, cfg.out_channels, 3, padding=1)
 
     def _resampler(self, ch: int, emb_dim: int, direction: Literal["up", "down"]) -> nn.Module:
         cfg = self.cfg
@@ -436,6 +479,13 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             h = self._resample(level, h, emb)
         return self.conv_out(self.norm_out(h))
+
+
+def set_batch_invariant(net: nn.Module, on: bool = True) -> None:
+    """Switch every ``Conv2d`` / ``Linear`` of ``net`` to (or from) its batch-invariant CPU path."""
+    for module in net.modules():
+        if isinstance(module, Conv2d | Linear):
+            module.batch_invariant = on
 
 
 def count_parameters(module: nn.Module) -> int:

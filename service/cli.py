@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name, rest = args[0], args[1:]
     module_name, text = COMMANDS[name]
+    if name == "worker":  # before the module imports torch: OpenMP reads these once
+        from service.threads import set_thread_env
+
+        set_thread_env()
     module = importlib.import_module(module_name)
     parser = _Parser(prog=f"robustdiff {name}", description=text)
     module.add_arguments(parser, name)

@@ -110,6 +110,42 @@ class Settings(BaseSettings):
         description="Network precision on a GPU (the CPU always runs float32). float16 keeps a DDIM-10 "
         "run within 0.1% of float32 on the served models; bfloat16 drifts by ~4%, at the same speed.",
     )
+    cpu_micro_batch: int = Field(
+        16,
+        ge=1,
+        description="Rows per network call on the CPU: a batch runs as micro-batches of this many "
+        "images (kernels pinned so each image's bytes never depend on its batch).",
+    )
+    cpu_pad_micro_batch: bool = Field(
+        False,
+        description="Pad the last CPU micro-batch to CPU_MICRO_BATCH rows, so every call has one shape "
+        "(a belt on top of the pinned kernels; a 1-image request then costs a full micro-batch).",
+    )
+    cpu_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Network precision on the CPU. bfloat16 (autocast; needs avx512_bf16 or AMX, refused "
+        "at start otherwise) changes a DDIM-10 image by about 1% relative L2 (docs/BENCHMARKS.md).",
+    )
+    cpu_compile: bool = Field(
+        False,
+        description="torch.compile the network on the CPU for the micro-batch shape (pads every "
+        "micro-batch); compiled while the worker starts, before it reports ready.",
+    )
+    cpu_channels_last: bool = Field(
+        False, description="Store CPU activations channels-last (NHWC); measured slower on the served models."
+    )
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Torch threads per worker process (0: torch's default, one per core). One thread per "
+        "worker and one worker per core is the measured best on a CPU.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="Workers `robustdiff serve` starts beside the API (--workers wins). Default: with the "
+        "private Redis, one per CPU core / TORCH_THREADS on a CPU-only machine, else 1; with REDIS_URL, 0.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens; when set, every route but /healthz, /readyz and "

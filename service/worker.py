@@ -34,7 +34,7 @@ import torch
 from prometheus_client import start_http_server
 
 from models.errors import UserError
-from models.pipeline import Pipeline, RunningBatch
+from models.pipeline import CpuOptions, Pipeline, RunningBatch
 from service import images as imgs
 from service import metrics as m
 from service.queue import REDIS_ERRORS, WORKER_CLIENT_PREFIX, Delivery, JobQueue, connect
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         )
     fault_hooks()  # before loading models: a typo must not cost their load time
     metrics_url = start_metrics(settings)  # before the models load: a taken port must not cost their load
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     pipelines = load_pipelines(settings)
     worker = Worker(settings, pipelines)
     if metrics_url:
@@ -108,7 +110,17 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
     for name, path in settings.model_files():
         try:
             pipe = Pipeline.from_checkpoint(
-                path, device=settings.device, name=name or None, gpu_dtype=settings.gpu_dtype
+                path,
+                device=settings.device,
+                name=name or None,
+                gpu_dtype=settings.gpu_dtype,
+                cpu=CpuOptions(
+                    micro_batch=settings.cpu_micro_batch,
+                    pad=settings.cpu_pad_micro_batch,
+                    dtype=settings.cpu_dtype,
+                    compile=settings.cpu_compile,
+                    channels_last=settings.cpu_channels_last,
+                ),
             )
         except ValueError as err:  # UserError/CheckpointError and device errors
             raise UserError("ROBUSTDIFF_MODELS", f"{path}: {err}") from None
@@ -119,17 +131,20 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
             )
         if model in out:
             raise UserError("ROBUSTDIFF_MODELS", f"two checkpoints named {model!r}; use name=path for one")
-        # Before the first heartbeat, so no request ever pays a CUDA-graph capture or a cold start.
+        # Before the first heartbeat, so no request ever pays a CUDA-graph capture, a CPU compile or a
+        # cold start, and /readyz stays 503 until then.
+        started = time.perf_counter()
         warmed = pipe.warmup(settings.max_batch_images)
         out[model] = pipe
         log.info(
-            "loaded %s (%s, %s) from %s on %s, warmed batch sizes %s",
+            "loaded %s (%s, %s) from %s on %s, warmed batch sizes %s in %.1f s",
             model,
             pipe.info.kind,
             pipe.info.hash[:12],
             path,
             pipe.device,
             warmed,
+            time.perf_counter() - started,
         )
     return out
 
