@@ -19,13 +19,14 @@ $(BIN)/robustdiff: pyproject.toml
 	touch $@
 
 # Redis and Prometheus are real servers in the tests; Fashion-MNIST trains the served models;
-# shellcheck lints deploy/compose-check.sh.
+# shellcheck lints deploy/compose-check.sh; headless chromium checks that /docs renders offline.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
 		echo "installing$$missing with apt-get"; \

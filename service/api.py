@@ -36,6 +36,7 @@ from models import sampling_spec as spec
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
+from service.docs_ui import install_docs
 from service.jobs import Job
 from service.queue import (
     REDIS_ERRORS,
@@ -663,10 +664,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Sampling and adversarial purification with robust diffusion and consistency models.",
         lifespan=lifespan,
+        docs_url=None,  # served from the installed package by install_docs: the default uses a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     app.add_middleware(_Observe, api_keys=settings.api_keys)
     _install_handlers(app)
+    install_docs(app)
 
     @app.post(
         "/sample",
