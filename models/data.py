@@ -55,7 +55,12 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-pad with the background value (-1) to size x size (28 -> 32 for Fashion-MNIST)."""
     h, w = images.shape[-2:]
     if h > size or w > size:
-        raise UserError("image_size", f"images are {h}x{w}, larger than {size}")
+        fits = 1 << (max(h, w) - 1).bit_length()  # the next power of two: every preset divides it
+        raise UserError(
+            "image_size",
+            f"images are {h}x{w}, larger than the model's {size}x{size}; "
+            f"train at --set model.image_size={fits} (they are centre-padded)",
+        )
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)
 
@@ -267,16 +272,26 @@ def load_dataset(
 
 
 def gaussian_noise(
-    x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator
+    x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator, clamp: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add N(0, sigma^2) (sigma on the [0, 1] scale, so 2*sigma in [-1, 1] units) to a fraction of images."""
+    """Add N(0, sigma^2) (sigma on the [0, 1] scale, so 2*sigma in [-1, 1] units) to a fraction of images.
+
+    ``clamp`` keeps the result in [-1, 1]; on a background of -1 that half-rectifies the noise (a
+    +0.8 sigma mean shift no denoiser can undo). ``clamp=False`` keeps the noise zero-mean (values may
+    leave [-1, 1]): the seed-A experiments use it.
+    """
     _check_fraction(fraction)
     if sigma < 0:
         raise UserError("sigma", "must be >= 0")
     mask = torch.rand(x.shape[0], generator=generator) < fraction
     noise = torch.randn(x.shape, generator=generator) * (2.0 * sigma)
     out = torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), x + noise, x)
-    return out.clamp(-1.0, 1.0), mask
+    return (out.clamp(-1.0, 1.0) if clamp else out), mask
+
+
+def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool by ``factor`` (32x32 padded Fashion-MNIST -> 16x16 with factor 2); 1 is a no-op."""
+    return images if factor == 1 else F.avg_pool2d(images, factor)
 
 
 def uniform_outliers(

@@ -7,6 +7,7 @@ parameterisation: eps-prediction and consistency models share every sampler step
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Literal
@@ -25,6 +26,12 @@ class Denoiser(ABC):
         self.net = net
         self.schedule = schedule
         self.labels = labels
+
+    def with_labels(self, labels: torch.Tensor | None) -> Denoiser:
+        """The same denoiser for other rows' class labels (a running batch's rows change every step)."""
+        out = copy.copy(self)
+        out.labels = labels
+        return out
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The raw network output at per-row times t (float64 [B])."""

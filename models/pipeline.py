@@ -22,20 +22,32 @@ from models.checkpoint import CheckpointHeader, load_checkpoint
 from models.denoisers import DIFFUSION_DENOISERS, ConsistencyDenoiser, Denoiser
 from models.devices import resolve_device
 from models.errors import UserError
-from models.generate import generate, purify, sampler_grid
+from models.generate import generate, purify, sampler_grid, start_state
 from models.noise import NoiseSource
 from models.samplers import (
-    CONSISTENCY_SAMPLERS,
-    DIFFUSION_SAMPLERS,
+    PLANS,
     Callback,
     Cancel,
     Cancelled,
     DdimEps,
+    Group,
+    RunningBatch,
 )
+from models.sampling_spec import default_sampler, default_steps, samplers_for
 from models.schedules import Schedule
 from models.unet import UNet, set_batch_invariant
 
-__all__ = ["CPU_DTYPES", "GPU_DTYPES", "Cancelled", "CpuOptions", "ModelInfo", "Pipeline", "cpu_bf16_support"]
+__all__ = [
+    "CPU_DTYPES",
+    "GPU_DTYPES",
+    "Cancelled",
+    "CpuOptions",
+    "Group",
+    "ModelInfo",
+    "Pipeline",
+    "RunningBatch",
+    "cpu_bf16_support",
+]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DTYPES = ("float32", "bfloat16")
@@ -134,7 +146,6 @@ class Pipeline:
             raise ValueError(f"gpu_dtype: {gpu_dtype!r} is not one of {', '.join(GPU_DTYPES)}")
         self.dtype = GPU_DTYPES[gpu_dtype] if device.type == "cuda" else torch.float32
         self._forward = self._build_forward()
-        consistency = header.kind == "consistency"
         self.info = ModelInfo(
             name=name or header.name,
             kind=header.kind,
@@ -144,8 +155,8 @@ class Pipeline:
             timesteps=self.schedule.T,
             class_names=list(header.class_names),
             hash=header.content_hash or hashlib.sha256(header.model_dump_json().encode()).hexdigest(),
-            samplers=list(CONSISTENCY_SAMPLERS if consistency else DIFFUSION_SAMPLERS),
-            default_steps=1 if consistency else 10,
+            samplers=list(samplers_for(header.kind)),
+            default_steps=default_steps(header.kind),
             dataset=header.training.dataset,
         )
 
@@ -241,7 +252,7 @@ class Pipeline:
         from kernels.graphs import DEFAULT_BUCKETS
 
         sizes = [b for b in DEFAULT_BUCKETS if b <= max_batch] if self.device.type == "cuda" else [1]
-        sampler = self.info.samplers[0 if self.info.kind == "consistency" else 1]
+        sampler = default_sampler(self.info.kind)
         labels_for = (lambda n: [0] * n) if self.info.num_classes else (lambda n: None)
         if not sizes:
             return sizes
@@ -374,13 +385,7 @@ class Pipeline:
         ``steps`` (default 10) on the sampler's spacing, or the grid [t*, *times, 0] (see
         ``models.generate.purify``).
         """
-        if tuple(images.shape[1:]) != self.info.image_shape:
-            raise UserError(
-                "images",
-                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
-            )
-        if not torch.isfinite(images).all():
-            raise UserError("images", "contain NaN or infinity")
+        self._check_images(images)
         noise, den = self._prepare(sampler, seeds, labels)
         x = images.to(self.device, torch.float32)
         out = purify(
@@ -396,3 +401,48 @@ class Pipeline:
             cancel=cancel,
         )
         return out.float().cpu()
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if tuple(images.shape[1:]) != self.info.image_shape:
+            raise UserError(
+                "images",
+                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
+            )
+        if not torch.isfinite(images).all():
+            raise UserError("images", "contain NaN or infinity")
+
+    # ---- step-level batching: what the worker's engine calls ------------------------------------------
+    def running_batch(self) -> RunningBatch:
+        """An empty running batch on this model (clipped x0, as ``sample`` and ``purify``)."""
+        return RunningBatch(self.denoiser(), clip_x0=True)
+
+    @torch.inference_mode()
+    def request(
+        self,
+        key: object,
+        seeds: Sequence[int],
+        *,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
+        eta: float = 0.0,
+        labels: Sequence[int] | None = None,
+        images: torch.Tensor | None = None,
+        t_star: float | None = None,
+    ) -> tuple[Group, torch.Tensor]:
+        """A sample (``images`` None) or purify request as a running batch's rows: its group and
+        start state, checked exactly as ``sample`` / ``purify`` check them. The rows' images equal
+        those calls' bit for bit on the CPU, whatever else shares the batch."""
+        ts = self.grid(sampler, steps=steps, times=times, eta=eta, t_star=None if images is None else t_star)
+        if images is not None:
+            self._check_images(images)
+        noise, den = self._prepare(sampler, seeds, labels)
+        x = start_state(
+            den,
+            noise,
+            images=None if images is None else images.to(self.device, torch.float32),
+            t_start=float(ts[0]),
+            t_star=t_star,
+        )
+        plan = PLANS.get(sampler, den, ts, eta, self.device)
+        return Group(key, plan, noise.seeds_device, den.labels), x

@@ -103,6 +103,14 @@ DDPM_256_REDUCED: dict[str, object] = {  # google/ddpm-celebahq-256, ddpm-ema-ch
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
     "sample_size": 256,
 }
+SMALL_DDPM: dict[str, object] = {  # ddpm-cifar10-32's blocks and padding at reduced widths, 16x16
+    **DDPM_CIFAR10_32,
+    "block_out_channels": [32, 64, 64],
+    "norm_num_groups": 16,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "sample_size": 16,
+}
 CD_IMAGENET64_REDUCED: dict[str, object] = {  # openai/diffusers-cd_imagenet64_l2 (and _lpips, ct_imagenet64)
     "sample_size": 64,
     "in_channels": 3,

@@ -7,9 +7,10 @@ write to Redis, and images are decoded with numpy and Pillow.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import secrets
@@ -21,22 +22,36 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models import sampling_spec as spec
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
-from service.queue import REDIS_ERRORS, TERMINAL, CompletionListener, JobQueue, QueueFull, connect
+from service.docs_ui import install_docs
+from service.jobs import Job
+from service.queue import (
+    REDIS_ERRORS,
+    TERMINAL,
+    CompletionListener,
+    JobQueue,
+    PoolBusy,
+    QueueFull,
+    connect,
+)
 from service.schemas import (
     MAX_SEED,
     STRENGTHS,
     ErrorBody,
+    JobAccepted,
     JobResult,
     JobStatus,
     ModelsResponse,
@@ -48,10 +63,54 @@ from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+CLIENT_CLOSED_REQUEST = 499  # counted in robustdiff_requests_total{status="499"}
+JOB_STATUSES = frozenset({"queued", "running", *TERMINAL})
 # A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
 DEAD_WORKER_RETENTION_S = 600.0
+_MAX_FORM_FIELDS = 64  # non-file multipart fields: far more than PurifyRequest has
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
+}
+# What a job submission may answer besides its result: each status with what it means.
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    202: {
+        "model": JobAccepted,
+        "description": "Accepted (async, or found by its Idempotency-Key): poll the Location",
+        "headers": {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}},
+        "links": {
+            "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}},
+            "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/id"}},
+        },
+    },
+    408: {"model": ErrorBody, "description": "The body did not arrive within ROBUSTDIFF_BODY_TIMEOUT_S"},
+    409: {"model": ErrorBody, "description": "Idempotency-Key reused for another request, or job cancelled"},
+    415: {"model": ErrorBody, "description": "Content-Type or Content-Encoding not supported"},
+    429: {
+        "model": ErrorBody,
+        "description": "The model's queue is full; retry after Retry-After seconds (spread per client)",
+        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+    },
+    500: {"model": ErrorBody, "description": "The job failed in the worker"},
+    503: {
+        "model": ErrorBody,
+        "description": "Redis unreachable or busy, or no model registered; when the job was already "
+        "accepted the body has its id and Location names it: poll it, do not resubmit",
+        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+    },
+    504: {
+        "model": ErrorBody,
+        "description": "Not finished within ROBUSTDIFF_REQUEST_TIMEOUT_S; poll the Location",
+        "headers": {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}},
+    },
+}
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Retry safely: a request repeated with the same key (and body) answers the job the "
+    "first one created instead of running it again, for as long as that job is kept.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
 
@@ -68,6 +127,7 @@ class ApiError(Exception):
         self.code = code or {
             401: "unauthorized",
             404: "not_found",
+            408: "timeout",
             409: "conflict",
             413: "too_large",
             422: "invalid",
@@ -76,6 +136,14 @@ class ApiError(Exception):
             504: "timeout",
         }.get(status, "error")
         self.headers = headers
+
+
+def retry_after(waiting: int) -> int:
+    """Seconds a refused client should wait: about one per 50 jobs waiting, drawn at random over a
+    window at least 4 s wide, so a burst of refused clients does not come back all at once."""
+    low = max(1, min(60, waiting // 50))
+    high = max(low + 3, min(60, 2 * low))
+    return low + secrets.randbelow(high - low + 1)
 
 
 def error_response(
@@ -179,8 +247,13 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(
+            settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+        )
+        # Probes get connections of their own, so a burst that fills the pool never fails /readyz.
+        self.probe = connect(settings.redis_url, max_connections=4, pool_timeout_s=2.0)
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
+        self.probe_queue = JobQueue(self.probe, job_ttl_s=settings.job_ttl_s)
         self.listener = CompletionListener(self.redis)
 
     # ---- body reading --------------------------------------------------------------------------
@@ -190,11 +263,25 @@ class Service:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "body", f"{declared} bytes is over the limit of {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body", f"more than the limit of {limit} bytes")
-            chunks.append(chunk)
+        timeout = self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):  # a slow or lying client must not hold a connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "body", f"more than the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body",
+                f"{size} bytes of {declared or 'an unknown length'} arrived in {timeout} s "
+                "(ROBUSTDIFF_BODY_TIMEOUT_S)",
+                code="timeout",
+                headers={"Connection": "close"},  # the rest of the body may still come: never reuse it
+            ) from None
+        except ClientDisconnect:
+            raise ClientGone(f"{request.method} {request.url.path} after {size} bytes of the body") from None
         body = b"".join(chunks)
         request._body = body  # let request.form() parse what was already read
         return body
@@ -210,9 +297,9 @@ class Service:
         if ctype.startswith("multipart/form-data") and schema is PurifyRequest:
             data: dict[str, Any] = {}
             try:
-                form = await request.form(max_files=self.settings.max_images, max_fields=64)
+                form = await request.form(max_files=self.settings.max_images, max_fields=_MAX_FORM_FIELDS)
             except Exception as err:  # python-multipart / starlette raise several types for bad bodies
-                raise ApiError(422, "body", f"malformed multipart body ({err})") from None
+                raise _multipart_error(err, self.settings.max_images) from None
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     if key not in ("files", "images"):
@@ -265,30 +352,18 @@ class Service:
         return served[name]
 
     def resolve_common(self, req: SampleRequest | PurifyRequest, info: dict[str, Any]) -> dict[str, Any]:
-        samplers = list(info["samplers"])
-        sampler = req.sampler or ("ddim" if "ddim" in samplers else samplers[0])
-        if sampler not in samplers:
-            if sampler == "consistency":
-                reason = (
-                    f"'consistency' needs a consistency model; {info['name']!r} is a {info['kind']} model"
-                )
-            elif info["kind"] == "consistency" and sampler in ("ddpm", "ddim", "dpm-solver++"):
-                reason = f"{info['name']!r} is a consistency model; use 'consistency'"
-            else:
-                reason = f"unknown sampler {sampler!r}; {info['name']!r} supports {samplers}"
-            raise ApiError(422, "sampler", reason)
-        if req.eta and sampler != "ddim":
-            raise ApiError(422, "eta", f"only the ddim sampler uses eta; {sampler} would ignore it")
-        if req.times is None:
-            steps = req.steps or int(info["default_steps"])
-        else:
-            steps = len(req.times) + 1
-            if any(later >= earlier for earlier, later in itertools.pairwise(req.times)):
-                raise ApiError(422, "times", "must be strictly decreasing")
-            if req.steps is not None and req.steps != steps:
-                raise ApiError(
-                    422, "steps", f"{req.steps} does not match the {steps} evaluations times gives"
-                )
+        kind, name = str(info["kind"]), str(info["name"])
+        sampler = req.sampler or spec.default_sampler(kind)
+        try:
+            spec.check_sampler(sampler, kind, name)
+            spec.check_eta(sampler, req.eta)
+            if req.times is None:
+                steps = req.steps or int(info["default_steps"])
+            else:  # below t* is checked by /purify once t* is known
+                timesteps = int(info.get("timesteps") or 10**9)  # registered by current workers
+                steps = spec.check_times(req.times, 1.0, timesteps, req.steps)
+        except UserError as err:
+            raise ApiError(422, err.field, err.reason) from None
         if steps > self.settings.max_steps:
             raise ApiError(422, "steps", f"{steps} is over the maximum of {self.settings.max_steps}")
         return {
@@ -383,16 +458,14 @@ class Service:
             fingerprint = digest.hexdigest()[:32]
         try:
             sub = await self.queue.submit(
-                kind,
-                job["model"],
-                job,
+                Job.model_validate({"kind": kind, **job}),
                 max_depth=self.settings.max_queue_depth,
                 idempotency_key=scoped,
                 fingerprint=fingerprint,
             )
         except QueueFull as full:
             m.API_FAILURES.labels(reason="queue_full").inc()
-            retry = str(max(1, min(60, full.waiting // 50)))
+            retry = str(retry_after(full.waiting))
             raise ApiError(
                 429,
                 "queue",
@@ -405,8 +478,9 @@ class Service:
         if async_:
             status = "queued"
             if not sub.created:  # the Idempotency-Key's job: say where it is now
-                record = await self.queue.get(sub.job_id)
-                status = record.get("status", "queued") if record else "queued"
+                with contextlib.suppress(*REDIS_ERRORS):  # accepted: the answer must name it regardless
+                    record = await self.queue.get(sub.job_id)
+                    status = record.get("status", "queued") if record else "queued"
             body: dict[str, Any] = {
                 "id": sub.job_id,
                 "status": status,
@@ -419,8 +493,69 @@ class Service:
                     f"request timeout: running as an async job, poll {location}"
                 )
             return JSONResponse(body, status_code=202, headers={"Location": location})
-        record = await self.listener.wait(sub.job_id, self.settings.request_timeout_s, self.queue.get)
-        return self.answer(sub.job_id, record)
+        return await self.wait(request, sub.job_id, cancel_if_gone=sub.created)
+
+    async def wait(self, request: Request, job_id: str, *, cancel_if_gone: bool) -> Response:
+        """The accepted job's answer, within REQUEST_TIMEOUT_S. A Redis outage meanwhile is waited out
+        (the job is safe in Redis); if it outlasts the timeout the 503 names the job, so a retry polls
+        it instead of running it again. A client that hangs up cancels a job it created
+        (ROBUSTDIFF_CANCEL_ON_DISCONNECT)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        watch = cancel_if_gone and self.settings.cancel_on_disconnect
+        gone = asyncio.create_task(_disconnected(request)) if watch else None
+        backoff = 0.1
+        try:
+            while True:
+                waiting = asyncio.create_task(
+                    self.listener.wait(job_id, max(0.0, deadline - loop.time()), self.queue.get)
+                )
+                await asyncio.wait(
+                    [t for t in (waiting, gone) if t is not None], return_when="FIRST_COMPLETED"
+                )
+                if gone is not None and gone.done():
+                    waiting.cancel()
+                    await self.cancel_abandoned(job_id)
+                    raise ClientGone(f"the wait for job {job_id}, which was cancelled")
+                try:
+                    return self.answer(job_id, waiting.result())
+                except REDIS_ERRORS as err:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return self.unreachable_with_job(job_id, err)
+                    log.warning(
+                        "redis unavailable while job %s is waited for (%s); still waiting", job_id, err
+                    )
+                    await asyncio.sleep(min(backoff, remaining))
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            if gone is not None:
+                gone.cancel()
+
+    async def cancel_abandoned(self, job_id: str) -> None:
+        try:
+            outcome = await self.queue.cancel(job_id)
+        except REDIS_ERRORS as err:
+            log.warning("could not cancel job %s of a client that hung up (%s)", job_id, err)
+            return
+        log.info("client hung up waiting for job %s: %s", job_id, outcome)
+
+    def unreachable_with_job(self, job_id: str, err: Exception) -> Response:
+        m.API_FAILURES.labels(reason="redis_unavailable").inc()
+        location = f"/jobs/{job_id}"
+        log.warning("redis unavailable until the timeout while job %s was waited for: %s", job_id, err)
+        return JSONResponse(
+            {
+                "error": "unavailable",
+                "detail": f"job: accepted as {job_id} but the job queue is unreachable; poll {location}, "
+                "do not submit again",
+                "errors": [{"field": "job", "reason": f"accepted as {job_id}; poll {location}"}],
+                "id": job_id,
+                "location": location,
+            },
+            status_code=503,
+            headers={"Location": location, "Retry-After": "2"},
+        )
 
     def answer(self, job_id: str, record: dict[str, str] | None) -> Response:
         location = f"/jobs/{job_id}"
@@ -480,8 +615,25 @@ class Service:
             decoded = imgs.decode(data, field, req.npy_range)
             if len(out) + len(decoded) > self.settings.max_images:
                 raise ApiError(422, "images", f"more than the maximum of {self.settings.max_images} images")
-            out += [imgs.fit(a, shape, field, req.resize) for a in decoded]  # type: ignore[arg-type]
+            out += [imgs.fit(d, shape, field, req.resize) for d in decoded]  # type: ignore[arg-type]
         return out
+
+
+def _multipart_error(err: Exception, max_files: int) -> ApiError:
+    """Starlette's parser stops at its limits with a 400 ("Too many files. Maximum number of files
+    is 64."); say which field is over which limit, as for every other refusal."""
+    detail = str(getattr(err, "detail", "") or err)
+    if detail.startswith("Too many files"):
+        return ApiError(
+            422, "files", f"more than the maximum of {max_files} files (ROBUSTDIFF_MAX_IMAGES) in one request"
+        )
+    if detail.startswith("Too many fields"):
+        return ApiError(422, "body", f"more than the maximum of {_MAX_FORM_FIELDS} form fields")
+    return ApiError(422, "body", f"malformed multipart body ({detail})")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read: its doing, not a server error."""
 
 
 class _Invalid(Exception):
@@ -505,27 +657,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await svc.listener.stop()
         await svc.redis.aclose()
+        await svc.probe.aclose()
 
     app = FastAPI(
         title="robustdiff",
         version="0.1.0",
         summary="Sampling and adversarial purification with robust diffusion and consistency models.",
         lifespan=lifespan,
+        docs_url=None,  # served from the installed package by install_docs: the default uses a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     app.add_middleware(_Observe, api_keys=settings.api_keys)
     _install_handlers(app)
+    install_docs(app)
 
     @app.post(
         "/sample",
         summary="Generate images",
         response_model=JobResult,
-        responses={202: {"description": "Accepted (async)"}, **ERROR_RESPONSES},
+        responses=SUBMIT_RESPONSES,
         openapi_extra={
+            "parameters": [IDEMPOTENCY_HEADER],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": model_schema(SampleRequest)}},
-            }
+            },
         },
     )
     async def sample(request: Request) -> Response:
@@ -545,8 +702,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/purify",
         summary="Purify images (diffuse to t*, then denoise)",
         response_model=JobResult,
-        responses={202: {"description": "Accepted (async)"}, **ERROR_RESPONSES},
+        responses=SUBMIT_RESPONSES,
         openapi_extra={
+            "parameters": [IDEMPOTENCY_HEADER],
             "requestBody": {
                 "required": True,
                 "content": {
@@ -556,7 +714,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             "type": "object",
                             "required": ["files"],
                             "properties": {
-                                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "files": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                    "minItems": 1,
+                                },
                                 **{
                                     k: v
                                     for k, v in model_schema(PurifyRequest)["properties"].items()
@@ -566,7 +728,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         }
                     },
                 },
-            }
+            },
         },
     )
     async def purify(request: Request) -> Response:
@@ -607,14 +769,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return await svc.submit(request, "purify", job, req, files, info)
 
-    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Job status")
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobStatus,
+        responses=ERROR_RESPONSES,
+        summary="Job status",
+        operation_id="get_job",
+    )
     async def get_job(job_id: str) -> Response:
         record = await svc.queue.get(_job_id(job_id))
-        if record is None:
-            raise ApiError(404, "job_id", f"{job_id} expired or does not exist")
+        if record is None or record.get("id") != job_id or record.get("status") not in JOB_STATUSES:
+            raise ApiError(404, "job_id", f"{job_id} expired or does not exist")  # never a partial record
         return JSONResponse(svc.status(record))
 
-    @app.delete("/jobs/{job_id}", responses=ERROR_RESPONSES, summary="Cancel a job")
+    @app.delete(
+        "/jobs/{job_id}",
+        responses={**ERROR_RESPONSES, 202: {"description": "Running: it stops at its next step"}},
+        summary="Cancel a job",
+        operation_id="cancel_job",
+    )
     async def cancel_job(job_id: str) -> Response:
         outcome = await svc.queue.cancel(_job_id(job_id))
         if outcome == "missing":
@@ -624,7 +797,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = 200 if outcome == "cancelled" else 202
         return JSONResponse({"id": job_id, "status": outcome}, status_code=code)
 
-    @app.get("/models", response_model=ModelsResponse, summary="Models the workers serve")
+    @app.get(
+        "/models",
+        response_model=ModelsResponse,
+        responses={503: {"model": ErrorBody}},
+        summary="Models the workers serve",
+    )
     async def list_models() -> Response:
         served = await svc.queue.models()
         beats = await svc.queue.heartbeats()
@@ -641,34 +819,101 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"models": entries})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="The API process is up")
+    @app.get("/healthz", summary="The API process is up", operation_id="healthz")
+    @app.head("/healthz", summary="The API process is up", operation_id="healthz_head")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
-        "/readyz", methods=["GET", "HEAD"], summary="Redis reachable and a live worker with its models loaded"
-    )
+    ready_doc = "Redis reachable and a live worker with its models loaded"
+    ready_503: dict[int | str, dict[str, Any]] = {
+        503: {"description": "Not ready (Redis unreachable or no live worker)"}
+    }
+
+    @app.get("/readyz", summary=ready_doc, operation_id="readyz", responses=ready_503)
+    @app.head("/readyz", summary=ready_doc, operation_id="readyz_head", responses=ready_503)
     async def readyz() -> Response:
         try:
-            await svc.redis.ping()
-            beats = await svc.queue.heartbeats()
+            await svc.probe.ping()
+            beats = await svc.probe_queue.heartbeats()
+            connected = await svc.probe_queue.connected_workers()
         except REDIS_ERRORS:
             return JSONResponse({"ready": False, "redis": "unreachable", "workers": 0}, status_code=503)
         now = time.time()
         live = [
             w
             for w, b in beats.items()
-            if now - float(b.get("ts", 0)) < settings.liveness_s and b.get("models")
+            if now - float(b.get("ts", 0)) < settings.liveness_s
+            and b.get("models")
+            and (connected is None or w in connected)
         ]
-        body = {"ready": bool(live), "redis": "ok", "workers": len(live)}
+        body = {
+            "ready": bool(live),
+            "redis": "ok",
+            "workers": len(live),
+            "worker_metrics": sorted(beats[w]["metrics"] for w in live if beats[w].get("metrics")),
+        }
         return JSONResponse(body, status_code=200 if live else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         await _refresh_gauges(svc)
         return Response(generate_latest(m.API_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    _describe_security(app, settings)
     return app
+
+
+def _describe_security(app: FastAPI, settings: Settings) -> None:
+    """Bearer auth in the OpenAPI document: required on every route but the public ones when API keys
+    are set, optional otherwise (the same routes answer 401 only when keys are set)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "ROBUSTDIFF_API_KEYS"}
+        }
+        security: list[dict[str, list[str]]] = [{"bearer": []}] if settings.api_keys else [{}, {"bearer": []}]
+        for path, item in schema["paths"].items():
+            if path in PUBLIC_PATHS:
+                continue
+            for operation in item.values():
+                operation["security"] = security
+                unauthorised = {"description": "Missing or wrong bearer token", "model": ErrorBody}
+                operation.setdefault("responses", {}).setdefault(
+                    "401",
+                    {
+                        "description": unauthorised["description"],
+                        "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+                    },
+                )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of this path answers."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _job_id(job_id: str) -> str:
@@ -714,6 +959,12 @@ def _install_handlers(app: FastAPI) -> None:
             m.API_FAILURES.labels(reason="validation").inc()
         return error_response(exc.status, exc.code, [(exc.field, exc.reason)], exc.headers)
 
+    @handle(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        # Nobody reads this answer; 499 (nginx's "client closed request") keeps it out of the 5xx alert.
+        log.info("client disconnected during %s", exc)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @handle(imgs.ImageError)
     async def image_error(_: Request, exc: imgs.ImageError) -> Response:
         m.API_FAILURES.labels(reason="validation").inc()
@@ -733,7 +984,21 @@ def _install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         field = "path" if exc.status_code in (404, 405) else "request"
         reason = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(exc.status_code, "http_error", [(field, reason)], dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route's methods only (GET, not DELETE)
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        return error_response(exc.status_code, "http_error", [(field, reason)], headers)
+
+    @handle(PoolBusy)
+    async def pool_busy(_: Request, exc: PoolBusy) -> Response:
+        m.API_FAILURES.labels(reason="busy").inc()
+        log.warning("busy: %s", exc)
+        return error_response(
+            503,
+            "busy",
+            [("server", f"every connection to the job queue is in use ({exc}); retry shortly")],
+            headers={"Retry-After": str(1 + secrets.randbelow(5))},
+        )
 
     for redis_exc in REDIS_ERRORS:
 

@@ -5,9 +5,10 @@ Layout (all keys under ``robustdiff:``):
 - ``jobs:{model}``   stream of ``{id}`` entries, consumer group ``workers`` (at-least-once delivery);
   a worker acks *and deletes* an entry when the job ends, so XLEN - pending = jobs still waiting.
 - ``job:{id}``       hash: status, kind, model, request (JSON), created/started/finished, step/steps,
-  result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1).
+  result (JSON), error (JSON), cancel flag, finishes (times a final status was written: always 1);
+  no expiry until the job is final, then JOB_TTL_S.
 - ``dead``           dead-letter stream for jobs whose worker died in each of MAX_DELIVERIES runs.
-- ``idem:{key}``     Idempotency-Key -> "job_id fingerprint".
+- ``idem:{key}``     Idempotency-Key -> "job_id fingerprint", kept as long as its job.
 - ``models``/``heartbeats``  what the workers serve and when each last said so.
 - ``events``         pub/sub channel carrying the id of each job that reached a final status.
 
@@ -27,10 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from pydantic import ValidationError
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.jobs import Job
 
 PREFIX = "robustdiff"
 GROUP = "workers"
@@ -56,11 +60,44 @@ def idem_key(key: str) -> str:
     return f"{PREFIX}:idem:{key}"
 
 
-def connect(url: str) -> Redis:
-    """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging."""
-    return Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=30
+class PoolBusy(MaxConnectionsError):
+    """Every pooled connection stayed in use for the whole wait: the service is busy, Redis is fine."""
+
+
+class _QueueingPool(BlockingConnectionPool):
+    """A request beyond ``max_connections`` waits for a free connection (up to ``timeout``) instead
+    of failing at once; if none frees up it raises PoolBusy, never a plain connection error."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except RedisConnectionError as err:
+            if isinstance(err.__cause__, asyncio.TimeoutError):
+                raise PoolBusy(
+                    f"all {self.max_connections} Redis connections stayed busy for {self.timeout} s"
+                ) from None
+            raise
+
+
+WORKER_CLIENT_PREFIX = "robustdiff-worker:"
+
+
+def connect(
+    url: str, max_connections: int = 100, pool_timeout_s: float = 10.0, client_name: str | None = None
+) -> Redis:
+    """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging,
+    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage)."""
+    pool = _QueueingPool.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        client_name=client_name,
     )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 _SUBMIT = """
@@ -72,19 +109,34 @@ redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[5])[1]
 if waiting >= tonumber(ARGV[4]) then return {'full', tostring(waiting)} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[3]) end
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[2])
+  redis.call('HSET', KEYS[1], 'idem', KEYS[3])
+end
 return {'created', ARGV[1]}
 """
 
-_START = """
+# A job (and its Idempotency-Key) lives until it is final and JOB_TTL_S after that: a job still
+# queued or running never expires, so its result is never lost to a clock that started at submission.
+_EXPIRE_FINAL = """
+local function expire_final(key, ttl)
+  redis.call('EXPIRE', key, ttl)
+  local idem = redis.call('HGET', key, 'idem')
+  if idem then redis.call('EXPIRE', idem, ttl) end
+end
+"""
+
+_START = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[2], 'error', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  expire_final(KEYS[1], ARGV[6])
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   return 'cancelled'
 end
@@ -92,8 +144,11 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', A
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return 'running'
 """
+)
 
-_FINISH = """
+_FINISH = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 local written = 0
 if ARGV[1] ~= '' and st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
@@ -102,7 +157,7 @@ if ARGV[1] ~= '' and st and st ~= 'done' and st ~= 'failed' and st ~= 'cancelled
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
   if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[10], 'steps', ARGV[10]) end
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  expire_final(KEYS[1], ARGV[5])
   redis.call('PUBLISH', ARGV[8], ARGV[9])
   written = 1
 end
@@ -112,8 +167,11 @@ if ARGV[6] ~= '' then
 end
 return written
 """
+)
 
-_CANCEL = """
+_CANCEL = (
+    _EXPIRE_FINAL
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
@@ -121,10 +179,21 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[1], 'error', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'finishes', 1)
+  expire_final(KEYS[1], ARGV[5])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   return 'cancelled'
 end
 return 'cancelling'
+"""
+)
+
+# Progress only on a job that still exists and runs: an HSET on an expired (or deleted) job would
+# recreate a record with no id, status or expiry.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'steps', ARGV[2])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
+return 0
 """
 
 _REQUEUE = """
@@ -144,15 +213,21 @@ CANCELLED_ERROR = json.dumps({"field": "job", "reason": "cancelled by DELETE /jo
 
 @dataclass
 class Delivery:
-    """One stream entry handed to this worker, with its job's stored request."""
+    """One stream entry handed to this worker, with its job as the API wrote it."""
 
     entry_id: str
-    model: str
     job_id: str
-    kind: str
-    request: dict[str, Any]
-    created: float
+    job: Job
+    created: float  # first-submitted time: kept when the job is requeued or reclaimed
     reclaimed: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.job.model
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
 
     @property
     def stream(self) -> str:
@@ -197,15 +272,14 @@ class JobQueue:
             ("finish", _FINISH),
             ("cancel", _CANCEL),
             ("requeue", _REQUEUE),
+            ("progress", _PROGRESS),
         ):
             self._scripts[name] = self.redis.register_script(source)
 
     # ---- API side --------------------------------------------------------------------------------
     async def submit(
         self,
-        kind: str,
-        model: str,
-        request: dict[str, Any],
+        job: Job,
         *,
         max_depth: int,
         idempotency_key: str | None = None,
@@ -214,13 +288,14 @@ class JobQueue:
         """Store the job and append it to its model's stream, atomically with the depth and key checks."""
         job_id = uuid.uuid4().hex
         now = repr(time.time())
+        model = job.model
         fields = {
             "id": job_id,
-            "kind": kind,
+            "kind": job.kind,
             "model": model,
             "status": "queued",
             "created": now,
-            "request": json.dumps(request, separators=(",", ":")),
+            "request": job.model_dump_json(),
         }
         args: list[Any] = [job_id, fingerprint, self.job_ttl_s, max_depth, GROUP]
         for name, value in fields.items():
@@ -234,9 +309,7 @@ class JobQueue:
             if not await self.redis.exists(job_key(prev_id)):
                 await self.redis.delete(keys[2])
                 return await self.submit(
-                    kind,
-                    model,
-                    request,
+                    job,
                     max_depth=max_depth,
                     idempotency_key=idempotency_key,
                     fingerprint=fingerprint,
@@ -250,12 +323,23 @@ class JobQueue:
 
     async def cancel(self, job_id: str) -> str:
         """Returns 'missing', a final status, 'cancelled' (was queued) or 'cancelling' (running)."""
-        args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id]
+        args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id, self.job_ttl_s]
         return str(await self._scripts["cancel"](keys=[job_key(job_id)], args=args))
 
     async def models(self) -> dict[str, dict[str, Any]]:
         raw: dict[str, str] = await self.redis.hgetall(MODELS_KEY)  # type: ignore[assignment]
         return {name: json.loads(info) for name, info in raw.items()}
+
+    async def connected_workers(self) -> set[str] | None:
+        """Workers with an open Redis connection (named by ``connect(client_name=...)``): a worker
+        killed with -9 drops its connections at once, seconds before its heartbeat goes stale.
+        None where CLIENT LIST is not allowed (e.g. an ACL): then only heartbeats tell."""
+        try:
+            clients = await self.redis.client_list()
+        except ResponseError:
+            return None
+        names = (str(c.get("name") or "") for c in clients)
+        return {n.removeprefix(WORKER_CLIENT_PREFIX) for n in names if n.startswith(WORKER_CLIENT_PREFIX)}
 
     async def heartbeats(self) -> dict[str, dict[str, Any]]:
         raw: dict[str, str] = await self.redis.hgetall(HEARTBEATS_KEY)  # type: ignore[assignment]
@@ -331,13 +415,19 @@ class JobQueue:
             pipe.hmget(job_key(data.get("id", "")), ["kind", "model", "request", "created"])
         rows = await pipe.execute()
         out = []
-        for (stream, entry_id, data), (kind, model, request, created) in zip(entries, rows, strict=True):
+        for (stream, entry_id, data), (_, _, request, created) in zip(entries, rows, strict=True):
             if request is None:  # expired or malformed entry: nothing to run
                 await self.ack(stream, entry_id)
                 continue
-            out.append(
-                Delivery(entry_id, model, data["id"], kind, json.loads(request), float(created), reclaimed)
-            )
+            try:
+                job = Job.model_validate_json(request)
+            except ValidationError as err:  # written by an incompatible API: fail it, never lose it silently
+                reason = f"unreadable job record: {err.errors()[0]['msg']}"
+                await self.finish(
+                    stream, entry_id, data["id"], "failed", error={"field": "job", "reason": reason}
+                )
+                continue
+            out.append(Delivery(entry_id, data["id"], job, float(created), reclaimed))
         return out
 
     async def ack(self, stream: str, entry_id: str) -> None:
@@ -427,19 +517,18 @@ class JobQueue:
         for d in deliveries:
             await self._scripts["start"](
                 keys=[job_key(d.job_id)],
-                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id],
+                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id, self.job_ttl_s],
                 client=pipe,
             )
         return [str(s) for s in await pipe.execute()]
 
-    async def progress(self, deliveries: list[Delivery], step: int, steps: int) -> list[bool]:
-        """Record step i of n for each job; returns each job's cancel flag."""
+    async def progress(self, jobs: list[tuple[Delivery, int, int]]) -> list[bool]:
+        """Record each running job's (delivery, step i, of n steps), never recreating an expired record;
+        returns each job's cancel flag."""
         pipe = self.redis.pipeline(transaction=False)
-        for d in deliveries:
-            pipe.hset(job_key(d.job_id), mapping={"step": step, "steps": steps})
-            pipe.hget(job_key(d.job_id), "cancel")
-        replies = await pipe.execute()
-        return [replies[2 * i + 1] == "1" for i in range(len(deliveries))]
+        for d, step, steps in jobs:
+            await self._scripts["progress"](keys=[job_key(d.job_id)], args=[step, steps], client=pipe)
+        return [int(reply) == 1 for reply in await pipe.execute()]
 
     async def finish(
         self,

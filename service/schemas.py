@@ -104,10 +104,12 @@ class ErrorBody(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_s: float = Field(description="Enqueue to the start of the job's batch.")
-    compute_s: float = Field(description="Compute time of the batch the job ran in.")
-    total_s: float = Field(description="Enqueue to the response.")
-    batch_images: int = Field(description="Images in that batch (jobs sharing it are batched together).")
+    queue_s: float = Field(description="Enqueue to joining the worker's running batch.")
+    compute_s: float = Field(description="Time of the network steps the job's images were part of.")
+    total_s: float = Field(0.0, description="Enqueue to the response (added by the API).")
+    batch_images: int = Field(
+        description="Mean images in the running batch over the job's steps (other jobs join and leave it)."
+    )
 
 
 class JobResult(BaseModel):
@@ -164,3 +166,12 @@ class ModelsResponse(BaseModel):
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """JSON schema of a flat request model, inlined into OpenAPI by the routes that parse bodies by hand."""
     return model.model_json_schema(by_alias=True)
+
+
+class JobAccepted(BaseModel):
+    """The 202 answer of an asynchronous request (or of one whose Idempotency-Key found its job)."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: bool = Field(description="False when the Idempotency-Key named a job submitted before.")
+    location: str = Field(description="/jobs/{id}: poll it for the status and result.")

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import IO
+from typing import IO, Literal
 
 import redis
 import uvicorn
@@ -62,7 +62,7 @@ class Supervisor:
         count: int,
         env: dict[str, str],
         redis_server: RedisServer | None = None,
-        metrics_port: int = 0,
+        metrics_port: int | Literal["auto"] = "auto",
     ) -> None:
         self.count = count
         self.env = env
@@ -92,10 +92,10 @@ class Supervisor:
 
     def _worker_env(self, index: int) -> dict[str, str]:
         """The i-th worker's environment: its torch threads and OpenMP policy, and its own metrics port
-        (the configured one plus i), so that N workers on one machine do not collide on it."""
+        (a fixed port plus i; "auto" lets each pick a free one), so N workers on one host do not collide."""
         env = dict(self.env)
         set_thread_env(env)
-        if self.metrics_port:
+        if isinstance(self.metrics_port, int) and self.metrics_port:
             env["ROBUSTDIFF_WORKER_METRICS_PORT"] = str(self.metrics_port + index)
         return env
 

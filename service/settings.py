@@ -26,8 +26,9 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 SERVABLE_KINDS = ("diffusion", "consistency")
 
 
-def checkpoint_kind(path: Path) -> str | None:
-    """The ``kind`` in a robustdiff safetensors header, read as plain JSON (no torch in the API).
+def checkpoint_field(path: Path, key: str) -> str | None:
+    """A string field (``kind``, ``name``) of a robustdiff safetensors header, read as plain JSON
+    (no torch in the API).
 
     A safetensors file starts with an 8-byte little-endian header length and the JSON header,
     whose ``__metadata__`` holds our JSON under the key ``robustdiff``.
@@ -38,10 +39,14 @@ def checkpoint_kind(path: Path) -> str | None:
             if not 0 < size <= 100_000_000:
                 return None
             meta = json.loads(f.read(size)).get("__metadata__") or {}
-        kind = json.loads(meta.get("robustdiff", "{}")).get("kind")
+        value = json.loads(meta.get("robustdiff", "{}")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return kind if isinstance(kind, str) else None
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    return checkpoint_field(path, "kind")
 
 
 def _diffusers_folder_problem(folder: Path) -> str | None:
@@ -155,10 +160,16 @@ class Settings(BaseSettings):
         1000, ge=1, description="Jobs waiting per model before new ones are refused with 429 + Retry-After."
     )
     max_batch_images: int = Field(
-        256, ge=1, description="Most images a worker puts in one batch (must be >= MAX_IMAGES)."
+        256,
+        ge=1,
+        description="Most images in a worker's running batch of one model; jobs join and leave it at every "
+        "step (must be >= MAX_IMAGES).",
     )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+        5.0,
+        ge=0,
+        description="How long an idle worker waits for more jobs to start its running batch with (a busy "
+        "one admits new jobs at the next step).",
     )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(
@@ -171,19 +182,46 @@ class Settings(BaseSettings):
         3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."
     )
     heartbeat_s: float = Field(
-        2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."
+        2.0, gt=0, description="Worker heartbeat period; a worker quiet for 3 periods counts as dead."
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."
     )
-    worker_metrics_port: int = Field(
-        9400,
-        ge=0,
-        le=65535,
-        description="Port of the worker's Prometheus /metrics (0: disabled); "
-        "`robustdiff serve`'s i-th worker (from 0) uses this + i.",
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] | Literal["auto"] = Field(
+        "auto",
+        description="Port of the worker's Prometheus /metrics: auto (a free port, logged and listed by "
+        "/readyz, so several workers and `robustdiff serve` instances share a host), a number, or 0 "
+        "(disabled).",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the worker's /metrics listens on; 0.0.0.0 where Prometheus scrapes it from "
+        "another host or container (the compose file and Kubernetes manifests set it).",
     )
     log_level: str = Field("INFO", description="Log level: DEBUG | INFO | WARNING | ERROR | CRITICAL.")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest time to receive a request body; a slower (or shorter than announced) body "
+        "is answered 408 and the connection closed.",
+    )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="A synchronous request whose client hangs up cancels the job it created (a job found "
+        "by its Idempotency-Key is left running). false: the job runs on; poll /jobs/{id}.",
+    )
+    redis_max_connections: int = Field(
+        200,
+        ge=2,
+        description="Redis connections per API or worker process; a request beyond them waits for a free "
+        "one (up to REDIS_POOL_TIMEOUT_S) instead of failing.",
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a request waits for a free Redis connection before a 503 that says the "
+        "service is busy (not that Redis is down).",
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
@@ -246,6 +284,14 @@ class Settings(BaseSettings):
             out.append((name, Path(path)))
         return out
 
+    def served_paths(self) -> dict[str, Path]:
+        """Served model name -> checkpoint file, named as the worker names them (``name=`` or the
+        checkpoint's own name), for ``robustdiff sample/purify --model NAME``."""
+        out: dict[str, Path] = {}
+        for name, path in self.model_files():
+            out.setdefault(name or checkpoint_field(path, "name") or path.stem, path)
+        return out
+
     @property
     def liveness_s(self) -> float:
         """A worker whose heartbeat is older than this is counted as dead."""
@@ -258,6 +304,6 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as err:
         first = err.errors()[0]
-        loc = "_".join(str(part) for part in first["loc"]) or "settings"
+        loc = str(first["loc"][0]) if first["loc"] else "settings"  # later parts: a union member's tag
         field = f"{ENV_PREFIX}{loc.upper()}" if first["loc"] else "settings"
         raise UserError(field, first["msg"]) from None

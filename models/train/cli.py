@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--" + dest.replace("_", "-"), dest=dest, metavar="VALUE", help=f"same as --set {key}=VALUE"
         )
+    parser.add_argument(
+        "--force", action="store_true", help="let --export replace an existing file (e.g. a served model)"
+    )
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -85,11 +88,15 @@ def resume_config(path: str, sets: list[str]) -> TrainConfig:
     return build(data)
 
 
-def check_outputs(cfg: TrainConfig) -> None:
-    """The run folder and the served file are checked before training: failing after it loses the run."""
+def check_outputs(cfg: TrainConfig, force: bool = False) -> None:
+    """The run folder and the served file are checked before training: failing after it loses the run.
+    A run writes under --out-dir only; a file elsewhere only with --export, and never over an existing
+    one (the committed served weights) without --force."""
     out_dir = output_dir(cfg.out_dir, "--out-dir")
     if cfg.export_path is not None:
-        output_file(cfg.export_path, "--export", [".safetensors"])
+        path = output_file(cfg.export_path, "--export", [".safetensors"])
+        if path.exists() and not force:
+            raise UserError("--export", f"{path} exists; add --force to replace it")
     else:  # the default served file, inside the run folder
         output_file(out_dir / f"{cfg.name}.safetensors", "--out-dir")
 
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, sets)
     if args.init and not Path(args.init).is_file():  # before any data is read
         raise UserError("--init", f"no checkpoint file at {args.init}")
-    check_outputs(cfg)
+    check_outputs(cfg, force=args.force)
     from models.train.trainer import train
 
     result = train(cfg, command=command_line(args), resume=args.resume, init=args.init)

@@ -7,6 +7,7 @@ the one written at the end of the run carry the same header.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ def write_served(
     path: str | Path, ema: nn.Module, header: CheckpointHeader, dtype: torch.dtype = torch.float16
 ) -> Path:
     save_checkpoint(path, ema, header, dtype)
+    os.chmod(path, 0o644)  # served files are read by the container's own user (uid 10001), whatever the umask
     return Path(path)
 
 
@@ -106,10 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", type=Path, required=True, help="served .safetensors file to write")
     parser.add_argument("--name", default=None, help="model name in the header (default: the run's name)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     out = output_file(args.out, "--out", [".safetensors"])  # before the checkpoint is read
+    if out.exists() and not args.force:
+        raise UserError("--out", f"{out} exists; add --force to replace it")
     path = export_checkpoint(args.checkpoint, out, args.name, args.dtype)
     print(f"wrote {path}")
     return 0

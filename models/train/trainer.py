@@ -27,7 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.data import Dataset, gaussian_noise, load_dataset, salt_and_pepper, uniform_outliers
+from models.data import (
+    Dataset,
+    downsample,
+    gaussian_noise,
+    load_dataset,
+    salt_and_pepper,
+    uniform_outliers,
+)
 from models.devices import resolve_device
 from models.errors import CheckpointError, UserError
 from models.generate import generate
@@ -56,7 +63,9 @@ class TrainResult:
 def load_data(cfg: TrainConfig) -> Dataset:
     """The training set at the model's resolution, corrupted as configured (once, with its own seed)."""
     mc = cfg.model_config_()
-    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.split, mc.image_size, mc.in_channels)
+    k = cfg.data.downsample
+    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.split, mc.image_size * k, mc.in_channels)
+    ds = Dataset(downsample(ds.images, k), ds.labels, ds.class_names, ds.name)
     if tuple(ds.images.shape[1:]) != (mc.in_channels, mc.image_size, mc.image_size):
         raise UserError(
             "preset",
@@ -68,7 +77,7 @@ def load_data(cfg: TrainConfig) -> Dataset:
     if c is not None:
         g = torch.Generator().manual_seed(c.seed)
         if c.kind == "gaussian":
-            images, _ = gaussian_noise(ds.images, c.sigma, c.fraction, g)
+            images, _ = gaussian_noise(ds.images, c.sigma, c.fraction, g, clamp=c.clamp)
         elif c.kind == "outliers":
             images, _ = uniform_outliers(ds.images, c.fraction, g)
         else:

@@ -1,3 +1,4 @@
+import math
 import pickle
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 
 from models.data import (
     FASHION_MNIST_DIR,
+    downsample,
     gaussian_noise,
     load_cifar10,
     load_dataset,
@@ -143,6 +145,26 @@ def test_gaussian_noise_statistics() -> None:
     assert abs(float(mask.float().mean()) - 0.9) < 0.02
     assert abs(float(out[mask].std()) - 0.2) < 0.005  # sigma on the [0, 1] scale is 2*sigma in [-1, 1]
     assert torch.equal(out[~mask], x[~mask])
+
+
+def test_unclamped_noise_is_zero_mean_where_the_clamp_is_biased() -> None:
+    """On a -1 background the clamp half-rectifies the noise (mean shift 2 sigma / sqrt(2 pi)); unclamped it is zero-mean."""
+    x = torch.full((2000, 1, 8, 8), -1.0)
+    sigma = 0.2
+    out, _ = gaussian_noise(x, sigma, 1.0, torch.Generator().manual_seed(0), clamp=False)
+    shift = out - x
+    se = 2 * sigma / math.sqrt(shift.numel())
+    assert abs(float(shift.mean())) < 4 * se and float(out.min()) < -1.0
+    assert abs(float(shift.std()) - 2 * sigma) < 0.005
+    clamped, _ = gaussian_noise(x, sigma, 1.0, torch.Generator().manual_seed(0))
+    assert abs(float((clamped - x).mean()) - 2 * sigma / math.sqrt(2 * math.pi)) < 4 * se
+    assert float(clamped.min()) == -1.0
+
+
+def test_downsample_averages_blocks() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(downsample(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    assert downsample(x, 1) is x
 
 
 def test_outliers_and_salt_and_pepper() -> None:

@@ -19,6 +19,7 @@ from models.testing import (
     DDPM_256_REDUCED,
     DDPM_CIFAR10_32,
     DDPM_SCHEDULER,
+    SMALL_DDPM,
     diffusers_unet,
     write_diffusers_folder,
 )
@@ -27,15 +28,6 @@ from models.unet import UNet
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is a test-only dependency (pip install -e '.[test]')"
 )
-
-SMALL_DDPM = {
-    **DDPM_CIFAR10_32,
-    "block_out_channels": [32, 64, 64],
-    "norm_num_groups": 16,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "sample_size": 16,
-}
 
 
 def _max_diff(theirs: torch.nn.Module, ours: UNet, size: int, labels: torch.Tensor | None = None) -> float:

@@ -16,23 +16,14 @@ from models.errors import UserError
 from models.testing import (
     CD_IMAGENET64_REDUCED,
     CD_SCHEDULER,
-    DDPM_CIFAR10_32,
     DDPM_SCHEDULER,
+    SMALL_DDPM,
     diffusers_unet,
     write_diffusers_folder,
 )
 from service.settings import Settings
 
 pytest.importorskip("diffusers", reason="diffusers is a test-only dependency (pip install -e '.[test]')")
-
-SMALL_DDPM = {
-    **DDPM_CIFAR10_32,
-    "block_out_channels": [32, 64, 64],
-    "norm_num_groups": 16,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "sample_size": 16,
-}
 
 
 def _png(arr: np.ndarray) -> str:

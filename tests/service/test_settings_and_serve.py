@@ -32,7 +32,7 @@ def test_defaults_and_csv(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.redis_url, s.device, s.worker_metrics_port, s.default_model) == (
         "",
         "auto",
-        9400,
+        "auto",
         "fmnist-dro-at",
     )
     monkeypatch.setenv("ROBUSTDIFF_API_KEYS", " a, b ,,")
