@@ -38,6 +38,9 @@ FROM python-${VARIANT} AS builder
 ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu130
+# torch's wheel index; the variant's folder (cpu or $TORCH_CUDA) is appended. Empty: pip's own
+# configuration picks the build (a mirror, or local wheels mounted into an offline build).
+ARG TORCH_INDEX=https://download.pytorch.org/whl
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -48,7 +51,7 @@ RUN case "$VARIANT" in \
       cuda) index="$TORCH_CUDA" ;; \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 1 ;; \
     esac \
-    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${index}"
+    && pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX/$index"}
 WORKDIR /src
 # README.md is only the package's long description: left out so the build never depends on it.
 COPY pyproject.toml ./

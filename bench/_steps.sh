@@ -1,6 +1,6 @@
-# Sourced by the one-call device scripts (gpu_checks.sh, gpu_protocol.sh): run named steps under
+# Sourced by the time-limited GPU scripts (gpu_checks.sh, gpu_protocol.sh): run named steps under
 # their own time limits inside one overall budget, remember how each ended, print a summary table.
-# A failing or skipped step never stops the next: a device call is too scarce to lose to one error.
+# A failing or skipped step never stops the next: one error must not cost the rest of a GPU run.
 
 summary=()
 budget_end=$(($(date +%s) + ${BUDGET_S:-100000}))

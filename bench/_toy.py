@@ -54,15 +54,22 @@ class VectorTrainer:
         seed: int,
         lr: float = 1e-3,
         ema_decay: float = 0.995,
+        hidden: int = 128,
+        init: dict[str, torch.Tensor] | None = None,
+        warmup: int = 100,
     ) -> None:
+        """``init``: start from these weights (the EMA too), as ``robustdiff train --init`` does."""
         torch.manual_seed(seed)
         self.schedule = Schedule()
         self.device = torch.device("cpu")
         self.generator = torch.Generator().manual_seed(seed)
         self.dim = dim
-        self.net = MLP(dim)
-        self.ema = MLP(dim).requires_grad_(False)
+        self.net = MLP(dim, hidden)
+        if init is not None:
+            self.net.load_state_dict(init)
+        self.ema = MLP(dim, hidden).requires_grad_(False)
         self.ema.load_state_dict(self.net.state_dict())
+        self.warmup = warmup
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
         self.method: Method = get_method(method, options)
         self.budget = updates
@@ -78,7 +85,7 @@ class VectorTrainer:
         loss.backward()
         nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr * min(1.0, (self.updates + 1) / 100)
+            g["lr"] = self.lr * min(1.0, (self.updates + 1) / max(self.warmup, 1))
         self.opt.step()
         decay = min(self.ema_decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():

@@ -10,6 +10,14 @@ diffusers eager.
 
     python bench/bench_engine.py [--out bench.json] [--compile]       # on a CUDA machine
     python bench/bench_engine.py --smoke                                # seconds on a CPU: tiny shapes
+    python bench/bench_engine.py --device cpu --checkpoint models/weights/fmnist-dro-at.safetensors
+
+``--device cpu`` (issue 29) times the served CPU path (``Pipeline.sample`` with its ``CpuOptions``:
+fp32, and with ``--variants`` bf16 / bf16+compile / ...) against diffusers' UNet2DModel +
+DDIMScheduler with the same weights in eager fp32, at ``--batches`` and ``--threads``, all cases
+interleaved round by round (the machine may be shared: compare ratios within a round), and measures
+the fp32 and bf16 ceilings in the same run: oneDNN's GFLOP/s on the network's own convolutions at
+batch 128, turned into images/s with the network's FLOPs per image. Medians of ``--rounds``.
 
 Timing: warm-up first (graph capture included in warm-up, reported separately as start-up),
 then the median of ``--repeats`` timed runs, synchronising the device around each.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,6 +36,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see service/threads.py
 
 import torch
 
@@ -207,6 +218,166 @@ def bench(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+CPU_VARIANTS = {
+    "fp32": {},
+    "fp32-pad": {"pad": True},
+    "fp32-channels-last": {"channels_last": True},
+    "bf16": {"dtype": "bfloat16"},
+    "fp32-compile": {"compile": True},
+    "bf16-compile": {"dtype": "bfloat16", "compile": True},
+}
+
+
+def network_gflop(net: UNet, shape: tuple[int, ...]) -> float:
+    """GFLOP of one network evaluation of one image (2 per multiply-add, torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        net(torch.zeros(1, *shape), torch.zeros(1))
+    return counter.get_total_flops() / 1e9
+
+
+def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: int = 128) -> float:
+    """GFLOP/s of oneDNN on this network's own convolutions (each shape once, batch ``batch``, in
+    ``dtype``): what the convolutions, ~all of the network's FLOPs, could run at on this machine."""
+    seen: list[tuple[torch.nn.Conv2d, tuple[int, ...]]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape[1:]))))
+        for m in net.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    with torch.inference_mode():
+        net(torch.zeros(1, *shape), torch.zeros(1))
+    for h in hooks:
+        h.remove()
+    flops = seconds = 0.0
+    with torch.inference_mode():
+        for conv, in_shape in seen:
+            x = torch.randn(batch, *in_shape, dtype=dtype)
+            w, b = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+
+            def run(
+                x: torch.Tensor = x, w: torch.Tensor = w, b: torch.Tensor | None = b, c: object = conv
+            ) -> object:
+                return torch.mkldnn_convolution(x, w, b, c.padding, c.stride, c.dilation, c.groups)  # type: ignore[attr-defined]
+
+            out = run()
+            best = float("inf")
+            for _ in range(3):  # the best of three: a ceiling, on a machine others may be using
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            seconds += best
+            flops += 2.0 * out.numel() * w[0].numel()
+    return flops / seconds / 1e9
+
+
+def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
+    """The served CPU path vs diffusers eager fp32, interleaved, with the ceilings in the same run."""
+
+    from models.checkpoint import load_checkpoint
+    from models.pipeline import CpuOptions, cpu_bf16_support
+
+    ckpt = Path(args.checkpoint)
+    net, _ = load_checkpoint(ckpt, torch.device("cpu"))
+    net.eval()
+    shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
+    gflop = network_gflop(net, shape)
+    variants = [v for v in args.variants if v.startswith("fp32") or cpu_bf16_support()]
+    pipes: dict[str, Pipeline] = {}
+    startup: dict[str, float] = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        pipes[v] = Pipeline.from_checkpoint(ckpt, cpu=CpuOptions(**CPU_VARIANTS[v]))  # type: ignore[arg-type]
+        pipes[v].warmup()
+        startup[v] = time.perf_counter() - t0
+        print(f"{v}: start-up and warm-up {startup[v]:.1f} s", flush=True)
+    ref = to_diffusers(net) if not args.no_diffusers else None
+    times: dict[tuple[str, int, int], list[float]] = {}
+    ceilings: dict[tuple[str, int], list[float]] = {}
+    for rnd in range(args.rounds):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                if dtype_name == "fp32" or cpu_bf16_support():
+                    ceilings.setdefault((dtype_name, threads), []).append(conv_ceiling(net, shape, dtype))
+            for batch in args.batches:
+                seeds = list(range(batch))
+                cases: list[tuple[str, Callable[[], object]]] = [
+                    (f"robustdiff {v}", partial(pipes[v].sample, seeds, sampler="ddim", steps=args.steps))
+                    for v in variants
+                ]
+                if ref is not None:
+                    cases.append(
+                        (
+                            "diffusers eager fp32",
+                            diffusers_ddim(ref, batch, args.steps, torch.device("cpu"), torch.float32, shape),
+                        )
+                    )
+                for label, fn in cases:
+                    if rnd == 0:
+                        fn()  # warm-up at this batch
+                    t0 = time.perf_counter()
+                    fn()
+                    times.setdefault((label, threads, batch), []).append(time.perf_counter() - t0)
+                    print(
+                        f"round {rnd} threads {threads} batch {batch:4d} {label:28s} "
+                        f"{batch / times[(label, threads, batch)][-1]:7.2f} img/s  load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
+    rows: list[dict[str, object]] = []
+    for (label, threads, batch), ts in times.items():
+        sec = statistics.median(ts)
+        base = times.get(("diffusers eager fp32", threads, batch))
+        fp32_ceiling = statistics.median(ceilings[("fp32", threads)])
+        bf16 = ceilings.get(("bf16", threads))
+        rows.append(
+            {
+                "case": label,
+                "threads": threads,
+                "batch": batch,
+                "steps": args.steps,
+                "images_per_s": batch / sec,
+                "latency_ms": sec * 1e3,
+                "rounds_s": ts,
+                "vs_diffusers_eager_fp32": statistics.median(base) / sec if base else None,
+                "gflop_per_s": gflop * args.steps * batch / sec,
+                "pct_of_fp32_ceiling": gflop * args.steps * batch / sec / fp32_ceiling,
+                "pct_of_bf16_ceiling": gflop * args.steps * batch / sec / statistics.median(bf16)
+                if bf16
+                else None,
+            }
+        )
+    return {
+        "gflop_per_image_per_eval": gflop,
+        "ceilings_gflop_per_s": {
+            f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
+        },
+        "ceiling_images_per_s": {
+            f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
+            for (d, t), v in ceilings.items()
+        },
+        "startup_s": startup,
+        "cpu_bf16": cpu_bf16_support(),
+        "rows": rows,
+    }
+
+
+def print_cpu(result: dict[str, object]) -> None:
+    print(f"\n{result['gflop_per_image_per_eval']:.3f} GFLOP per image per evaluation")
+    for key, val in result["ceilings_gflop_per_s"].items():  # type: ignore[attr-defined]
+        img = result["ceiling_images_per_s"][key]  # type: ignore[index]
+        print(f"ceiling {key}: {val:.1f} GFLOP/s -> {img:.2f} img/s")
+    print("case                         threads batch    img/s  x diffusers  % fp32 ceiling")
+    for r in result["rows"]:  # type: ignore[attr-defined]
+        ratio = f"{r['vs_diffusers_eager_fp32']:11.2f}" if r["vs_diffusers_eager_fp32"] else "          -"
+        print(
+            f"{r['case']:28s} {r['threads']:7d} {r['batch']:5d} {r['images_per_s']:8.2f} {ratio} "
+            f"{r['pct_of_fp32_ceiling']:13.0%}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -221,7 +392,36 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="runs/bench_engine")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the CPU engine bench")
+    parser.add_argument(
+        "--checkpoint", default="models/weights/fmnist-dro-at.safetensors", help="--device cpu: the model"
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128], help="--device cpu")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--device cpu: torch threads")
+    parser.add_argument("--steps", type=int, default=10, help="--device cpu: DDIM steps")
+    parser.add_argument("--rounds", type=int, default=3, help="--device cpu: interleaved rounds")
+    parser.add_argument(
+        "--variants", nargs="+", default=["fp32", "bf16", "bf16-compile"], choices=sorted(CPU_VARIANTS),
+        help="--device cpu: robustdiff CPU options to time (bf16 ones only where the CPU has bf16)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device == "cpu":
+        result = cpu_bench(args)
+        print_cpu(result)
+        if args.out:
+            import os
+
+            meta = {
+                "command": " ".join(sys.argv),
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__,
+                "loadavg_end": os.getloadavg(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            }
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+        return
     rows = bench(args)
     print("\nmodel         case                          batch  latency ms    img/s  TFLOP/s  x diffusers")
     for r in rows:

@@ -85,7 +85,7 @@ def bench(pipe: Pipeline, repeats: int, clock: str = "wall") -> list[dict[str, o
 
         @torch.inference_mode()
         def network(steps: int = steps) -> object:
-            return [pipe._forward(x, t) if y is None else pipe._forward(x, t, y) for _ in range(steps)]
+            return [pipe.forward(x, t, y) for _ in range(steps)]
 
         call()  # warm-up: pages the weights in, captures graphs, builds the plan
         network()

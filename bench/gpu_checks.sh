@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check that needs no training, in one device call of about 8 minutes (a lent machine
-# gives a task 15 minutes in all): the GPU tests, then the benchmarks that have never run on a GPU
-# or that a change since should move. Each step has its own time limit and a failing step does not
+# Every GPU check that needs no training, in one run of about 8 minutes on a CUDA machine: the GPU
+# tests, then the benchmarks that have never run on a GPU or that a change since should move. Each step has its own time limit and a failing step does not
 # stop the next; the table at the end says what ran.
 #
-#   bench/gpu_checks.sh OUT_DIR        on the device machine: bash bench/gpu_checks.sh "$OUT"
+#   bash bench/gpu_checks.sh OUT_DIR          (BUDGET_S=<seconds> caps the whole run)
 #
-# Writes at most 7 files to OUT_DIR (the device tool brings back 8): checks.log, gpu_tests.log,
+# Writes at most 7 files to OUT_DIR, so the results are few and easy to copy off the machine: checks.log, gpu_tests.log,
 # host-cd.json, host-dro-at.json, consistency.json, kernels.json, engine.json.
 set -uo pipefail
 out=${1:?usage: bench/gpu_checks.sh OUT_DIR}

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The evaluation issue's attack protocol (full-gradient PGD-EOT, 100 steps, EOT 8, R = 16) on the
-# served purifiers at the settings the CPU runs chose, in one device call of at most BUDGET_S
-# seconds (default 540, under the 600 s a call may run). Steps run in priority order, each under
+# served purifiers at the settings the CPU runs chose, in one run of at most BUDGET_S seconds
+# (default 540). Steps run in priority order, each under
 # its own limit; a step whose limit no longer fits the budget is skipped, not started.
 #
 #   bash bench/gpu_protocol.sh OUT_DIR
 #
-# The device machine has no data set: copy the test split here first (mkdir -p .carry/fashion-mnist
-# && cp /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/; .carry is git-ignored),
-# then run it there with carry [".carry"] and OUT_DIR "$OUT". DATA names another IDX folder; N and N_DEEP the test images;
+# On a GPU machine without the data set, copy the test split next to the checkout first (mkdir -p
+# .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/t10k-* .carry/fashion-mnist/; .carry
+# is git-ignored). DATA names another IDX folder; N and N_DEEP the test images;
 # DEVICE, ATTACK_STEPS, EOT, DRAWS and SANITY_N shrink it for the CPU test of this script.
-# Writes at most 8 files to OUT_DIR (the device tool brings back 8): protocol.log, one
+# Writes at most 8 files to OUT_DIR, so the results are few and easy to copy off the machine: protocol.log, one
 # <step>.json report per step, compare-0.1-deep.json (eval compare of dro-at and standard at eps
 # 0.1, paired; the 8/255 comparison is printed in the log, and the CPU can redo it from the two
 # reports) and adversarial.tar.gz (the attacked images, stored per batch of 128 so that a step cut

@@ -93,7 +93,7 @@ def sampler_update(
     *,
     x0_prev: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
-    stream: int = 0,
+    stream: int | torch.Tensor = 0,
     clip_x0: bool = False,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +102,9 @@ def sampler_update(
     ``coef`` is float32 [B, 6] = (kx, km, p, q, r, n) per row, so rows may sit at different times:
     ``x0 = kx*x + km*model_out`` (clamped to [-1, 1] if ``clip_x0``),
     ``x_next = p*x + q*x0 + r*x0_prev + n*randn_rows(seeds, stream)``; the ``r`` term needs
-    ``x0_prev``, the ``n`` term needs ``seeds`` (int64 [B]). Returns ``(x_next, x0)`` in x's dtype,
-    computed in float32.
+    ``x0_prev``, the ``n`` term needs ``seeds`` (int64 [B]); ``stream`` is one number or one per row
+    (rows of a running batch sit at different steps), and a row whose r (n) is 0 skips that term.
+    Returns ``(x_next, x0)`` in x's dtype, computed in float32.
     """
     backend = _triton_sampler() if _use_triton(impl, x.device, x, model_out, x0_prev) else reference
     result: tuple[torch.Tensor, torch.Tensor] = backend.sampler_update(

@@ -18,14 +18,17 @@ def sampler_update(
     *,
     x0_prev: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
-    stream: int = 0,
+    stream: int | torch.Tensor = 0,
     clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step from per-row coefficients ``coef[b] = (kx, km, p, q, r, n)``.
 
     ``x0 = kx*x + km*model_out`` (clamped to [-1, 1] if ``clip_x0``) and
     ``x_next = p*x + q*x0 + r*x0_prev + n*z`` with ``z = randn_rows(seeds, stream, ...)``; the
-    ``r`` term needs ``x0_prev`` and the ``n`` term needs ``seeds``. Returns ``(x_next, x0)``.
+    ``r`` term needs ``x0_prev`` and the ``n`` term needs ``seeds``; ``stream`` is one number or
+    one per row. A row whose ``r`` (or ``n``) is 0 skips that term, so its bits are those of a call
+    without ``x0_prev`` (or ``seeds``): rows at different steps share one call exactly.
+    Returns ``(x_next, x0)``.
     """
     batch = x.shape[0]
     view = (batch,) + (1,) * (x.dim() - 1)
@@ -37,10 +40,10 @@ def sampler_update(
         x0 = x0.clamp(-1.0, 1.0)
     x_next = p * xf + q * x0
     if x0_prev is not None:
-        x_next = x_next + r * x0_prev.float()
+        x_next = torch.where(r != 0, x_next + r * x0_prev.float(), x_next)
     if seeds is not None:
         z = randn_rows(seeds, stream, x[0].numel(), x.device).reshape(x.shape)
-        x_next = x_next + n * z
+        x_next = torch.where(n != 0, x_next + n * z, x_next)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 

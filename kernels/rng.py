@@ -47,19 +47,26 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
 
 
 def randn_rows(
-    seeds: torch.Tensor, stream: int, numel: int, device: torch.device | str = "cpu"
+    seeds: torch.Tensor, stream: int | torch.Tensor, numel: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Standard normal noise of shape [len(seeds), numel] in float32.
 
-    Row b depends only on (seeds[b], stream); ``stream`` numbers the draws of one image
-    (0 = the initial noise, i + 1 = the noise of sampler step i).
+    Row b depends only on (seeds[b], stream[b]); ``stream`` numbers the draws of one image
+    (0 = the initial noise, i + 1 = the noise of sampler step i): one for every row, or one per row
+    ([B]) when the rows of a running batch are at different steps.
     """
     seeds = seeds.to(device="cpu", dtype=torch.int64).reshape(-1, 1)
     if seeds.numel() and int(seeds.min()) < 0:
         raise ValueError("seeds must be in [0, 2**63 - 1]")
     idx = torch.arange(numel, dtype=torch.int64).reshape(1, -1)
     c0 = idx.expand(seeds.shape[0], numel)
-    c1 = torch.full_like(c0, stream & _MASK32)
+    if isinstance(stream, torch.Tensor):
+        streams = stream.to(device="cpu", dtype=torch.int64).reshape(-1, 1)
+        if streams.shape[0] != seeds.shape[0]:
+            raise ValueError("stream must be one number or one per seed")
+        c1 = (streams & _MASK32).expand_as(c0)
+    else:
+        c1 = torch.full_like(c0, stream & _MASK32)
     k0 = (seeds & _MASK32).expand_as(c0)
     k1 = ((seeds >> 32) & _MASK32).expand_as(c0)
     r0, r1, _, _ = philox4x32(c0, c1, k0, k1)

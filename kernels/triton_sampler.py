@@ -65,8 +65,8 @@ def _sampler_update_kernel(
     coef_ptr,
     next_ptr,
     x0_ptr,
+    stream_ptr,
     numel,
-    noise_stream,
     blocks_per_row,
     HAS_PREV: tl.constexpr,
     HAS_NOISE: tl.constexpr,
@@ -85,11 +85,14 @@ def _sampler_update_kernel(
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     x_next = tl.load(c + 2) * x + tl.load(c + 3) * x0
-    if HAS_PREV:
+    if HAS_PREV:  # a row whose r is 0 skips the term (its x0_prev may be another row's leftover)
+        r = tl.load(c + 4)
         prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x_next += tl.load(c + 4) * prev
+        x_next = tl.where(r != 0.0, x_next + r * prev, x_next)
     if HAS_NOISE:
-        x_next += tl.load(c + 5) * _standard_normal(tl.load(seed_ptr + row), idx, noise_stream)
+        n = tl.load(c + 5)
+        z = _standard_normal(tl.load(seed_ptr + row), idx, tl.load(stream_ptr + row))
+        x_next = tl.where(n != 0.0, x_next + n * z, x_next)
     tl.store(next_ptr + offs, x_next.to(next_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
@@ -123,7 +126,7 @@ def _sampler_update_op(
     coef: torch.Tensor,
     x0_prev: torch.Tensor | None,
     seeds: torch.Tensor | None,
-    stream: int,
+    streams: torch.Tensor,
     clip_x0: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
@@ -142,8 +145,8 @@ def _sampler_update_op(
         coef,
         x_next,
         x0,
+        streams,
         numel,
-        stream,
         per_row,
         HAS_PREV=x0_prev is not None,
         HAS_NOISE=seeds is not None,
@@ -168,18 +171,28 @@ def sampler_update(
     *,
     x0_prev: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
-    stream: int = 0,
+    stream: int | torch.Tensor = 0,
     clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``kernels.reference.sampler_update``: x and model_out read once, both outputs written once."""
+    """Fused ``kernels.reference.sampler_update``: x and model_out read once, both outputs written once.
+
+    ``stream`` is one number or one per row (int32 on the device, so a running batch's streams are a
+    tensor the step reads, not a constant baked into a launch).
+    """
     if model_out.shape != x.shape or (x0_prev is not None and x0_prev.shape != x.shape):
         raise ValueError("x, model_out and x0_prev must have the same shape")
     if coef.shape != (x.shape[0], 6):
         raise ValueError(f"coef must have shape [{x.shape[0]}, 6], got {list(coef.shape)}")
-    _check_stream(stream)
     coef = coef.to(device=x.device, dtype=torch.float32).contiguous()
+    if isinstance(stream, torch.Tensor):
+        streams = stream.to(device=x.device, dtype=torch.int32).reshape(-1).contiguous()
+        if streams.shape[0] != x.shape[0]:
+            raise ValueError("stream must be one number or one per row")
+    else:
+        _check_stream(stream)
+        streams = torch.full((x.shape[0],), stream, dtype=torch.int32, device=x.device)
     if seeds is not None:
         seeds = seeds.to(device=x.device, dtype=torch.int64).reshape(-1).contiguous()
         if seeds.shape[0] != x.shape[0]:
             raise ValueError("seeds must hold one seed per row")
-    return _sampler_update_op(x, model_out, coef, x0_prev, seeds, stream, clip_x0)
+    return _sampler_update_op(x, model_out, coef, x0_prev, seeds, streams, clip_x0)

@@ -37,6 +37,12 @@ class ConsistencyConfig(BaseModel):
     sigma_data: float = Field(0.5, gt=0.0)
     parameterization: Literal["edm", "eps"] = "edm"
     teacher_hash: str | None = None
+    c_in: bool = Field(
+        False, description="the network sees EDM's c_in(sigma) x_ve (OpenAI's CMs; needs the edm schedule)"
+    )
+    renoise_subtract_sigma_min: bool = Field(
+        False, description="multistep re-noising to sqrt(sigma^2 - sigma_min^2) (Song et al.'s Algorithm 1)"
+    )
 
 
 class TrainingInfo(BaseModel):
@@ -64,6 +70,9 @@ class CheckpointHeader(BaseModel):
     model: UNetConfig
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     consistency: ConsistencyConfig | None = None
+    prediction: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "epsilon", description="what a diffusion model's output is (diffusers' prediction_type names)"
+    )
     training: TrainingInfo = Field(default_factory=TrainingInfo)
     class_names: list[str] = Field(default_factory=list)
     content_hash: str = ""
@@ -165,6 +174,10 @@ def read_header(path: str | Path) -> CheckpointHeader:
     header = validate_header(CheckpointHeader, raw, "header")
     if header.kind == "consistency" and header.consistency is None:
         raise CheckpointError("header.consistency", "a consistency checkpoint needs its consistency settings")
+    if header.consistency is not None and header.consistency.c_in and header.schedule.name != "edm":
+        raise CheckpointError(
+            "header.consistency.c_in", "c_in needs the edm schedule (time input 250 ln sigma)"
+        )
     return header
 
 

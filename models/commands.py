@@ -20,6 +20,7 @@ from models.devices import device_option
 from models.errors import CheckpointError, UserError
 from models.grid import GRID_SUFFIXES, save_grid
 from models.paths import output_file
+from models.sampling_spec import default_sampler
 
 if TYPE_CHECKING:
     from models.pipeline import Pipeline
@@ -28,7 +29,12 @@ MULTI_COMMAND = True
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint (.safetensors) to use")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint (.safetensors) to use, or the name of a served model (see GET /models: "
+        "the models in ROBUSTDIFF_MODELS, by default the committed models/weights)",
+    )
     parser.add_argument(
         "--sampler", default=None, help="ddpm | ddim | dpm-solver++ | consistency (default: the model's)"
     )
@@ -57,9 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--labels", type=int, nargs="*", default=None, help="class labels (conditional models)"
         )
+        parser.add_argument(
+            "--spacing",
+            choices=("leading", "trailing", "linspace"),
+            default=None,
+            help="diffusers' timestep spacing instead of ours, to reproduce a diffusers run (docs/IMPORTING.md)",
+        )
+        parser.add_argument(
+            "--ddim-eps",
+            choices=("from-x0", "model"),
+            default="from-x0",
+            help="ddim after x0 clipping: step along the eps of the clipped x0 (ours, diffusers' "
+            "use_clipped_model_output=True) or the network's eps (diffusers' default)",
+        )
     else:
         parser.add_argument(
             "inputs", nargs="+", type=Path, help="PNG/JPEG files, or .npy arrays [N, C, H, W] in [-1, 1]"
+        )
+        parser.add_argument(
+            "--resize",
+            action="store_true",
+            help="convert images whose channels or size differ from the model's (as resize: true over "
+            "HTTP); without it they are refused",
         )
         parser.add_argument(
             "--t-star", type=float, default=0.1, help="diffusion time to noise the inputs to, in (0, 1]"
@@ -90,37 +115,20 @@ def _as_user_error() -> Iterator[None]:
         ) from err
 
 
-def _read_inputs(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+def _read_inputs(paths: list[Path], shape: tuple[int, int, int], resize: bool) -> torch.Tensor:
+    """The inputs decoded and fitted to the model by the HTTP API's own functions (service.images,
+    numpy and Pillow only), so a file the server refuses is refused here with the same reason."""
+    from service import images
 
     arrays: list[np.ndarray] = []
-
-    def add(p: Path, a: np.ndarray) -> None:
-        if tuple(a.shape) != shape:
-            raise UserError("inputs", f"{p} has shape {tuple(a.shape)}, the model takes {shape}")
-        arrays.append(a)
-
     for p in paths:
         if not p.is_file():
             raise UserError("inputs", f"{p} does not exist")
-        if p.suffix == ".npy":
-            try:
-                arr = np.load(p, allow_pickle=False).astype(np.float32)
-            except ValueError as err:
-                raise UserError("inputs", f"{p} is not a plain .npy array: {err}") from err
-            arr = arr[None] if arr.ndim == 3 else arr
-            if arr.ndim != 4 or not np.isfinite(arr).all() or arr.min() < -1 or arr.max() > 1:
-                raise UserError("inputs", f"{p} must hold finite [N, C, H, W] values in [-1, 1]")
-            for a in arr:
-                add(p, a)
-            continue
-        try:
-            with Image.open(p) as im:
-                mode = "L" if shape[0] == 1 else "RGB"
-                img = np.asarray(im.convert(mode), dtype=np.float32) / 127.5 - 1.0
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError("inputs", f"{p} is not a readable image: {err}") from err
-        add(p, img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+        try:  # .npy files hold [-1, 1] values here (the README's and --npy's convention)
+            for d in images.decode(p.read_bytes(), str(p), "-1,1"):
+                arrays.append(images.fit(d, shape, str(p), resize, hint="use --resize to convert it"))
+        except images.ImageError as err:
+            raise UserError("inputs", str(err)) from None
     return torch.from_numpy(np.stack(arrays))
 
 
@@ -133,10 +141,28 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UserError("--npy", f"{args.npy} is also the --out file")
 
 
+def resolve_model(model: str) -> str:
+    """``--model``: a checkpoint file, or else the name of a model the service serves (its
+    ROBUSTDIFF_MODELS, by default the committed weights), so that the names GET /models lists work
+    here too. Anything that looks like a path stays a path, for the missing-file message."""
+    if Path(model).is_file() or "/" in model or model.endswith(".safetensors"):
+        return model
+    from service.settings import load_settings
+
+    served = load_settings().served_paths()
+    if model not in served:
+        raise UserError(
+            "--model",
+            f"{model!r} is neither a checkpoint file nor a served model ({', '.join(sorted(served))})",
+        )
+    return str(served[model])
+
+
 def _load(path: str, device: str) -> Pipeline:
     """The --model checkpoint; its errors (missing, a classifier, a bad header) name --model."""
     from models.pipeline import Pipeline
 
+    path = resolve_model(path)
     try:
         return Pipeline.from_checkpoint(path, device)
     except CheckpointError as err:
@@ -146,7 +172,7 @@ def _load(path: str, device: str) -> Pipeline:
 def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     pipe = _load(args.model, args.device)
-    sampler = args.sampler or pipe.info.samplers[0 if pipe.info.kind == "consistency" else 1]
+    sampler = args.sampler or default_sampler(pipe.info.kind)
     steps = pipe.info.default_steps if args.steps is None and args.times is None else args.steps
     if args.seed < 0:
         raise UserError("--seed", "must be >= 0")
@@ -155,11 +181,19 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--num-images", "must be >= 1")
         seeds = [args.seed + i for i in range(args.num_images)]
     else:
-        inputs = _read_inputs(args.inputs, pipe.info.image_shape)
+        inputs = _read_inputs(args.inputs, pipe.info.image_shape, args.resize)
         seeds = [args.seed + i for i in range(inputs.shape[0])]
     t_star = args.t_star if args.command == "purify" else None
     with _as_user_error():  # refuse before the progress bar appears
-        nfe = len(pipe.grid(sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star)) - 1
+        spacing = getattr(args, "spacing", None)
+        nfe = (
+            len(
+                pipe.grid(
+                    sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star, spacing=spacing
+                )
+            )
+            - 1
+        )
     bar = tqdm(total=nfe, desc=f"{args.command} ({sampler}, {nfe} steps)", unit="step")
 
     def progress(i: int, n: int) -> None:
@@ -169,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _as_user_error():
             if args.command == "sample":
-                images = pipe.sample(seeds, labels=args.labels, **common)
+                images = pipe.sample(
+                    seeds, labels=args.labels, spacing=args.spacing, ddim_eps=args.ddim_eps, **common
+                )
             else:
                 images = pipe.purify(inputs, seeds, t_star=args.t_star, **common)
     finally:

@@ -1,4 +1,4 @@
-"""Data readers (IDX, CIFAR-10 python batches, image folders, scikit-learn digits) and corruptions.
+"""Data readers (IDX, CIFAR-10 binary or python batches, image folders, scikit-learn digits) and corruptions.
 
 Every reader returns ``Dataset(images, labels, class_names, name)`` with images as float32
 [N, C, H, W] in [-1, 1]. Bad paths and malformed files raise ``UserError`` naming what is wrong.
@@ -55,7 +55,12 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-pad with the background value (-1) to size x size (28 -> 32 for Fashion-MNIST)."""
     h, w = images.shape[-2:]
     if h > size or w > size:
-        raise UserError("image_size", f"images are {h}x{w}, larger than {size}")
+        fits = 1 << (max(h, w) - 1).bit_length()  # the next power of two: every preset divides it
+        raise UserError(
+            "image_size",
+            f"images are {h}x{w}, larger than the model's {size}x{size}; "
+            f"train at --set model.image_size={fits} (they are centre-padded)",
+        )
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)
 
@@ -146,9 +151,38 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+"""One record of CIFAR-10's binary version: a label byte, then 1024 red, 1024 green, 1024 blue bytes."""
+
+
+def load_cifar10_bin(folder: Path, split: str = "train") -> Dataset:
+    """CIFAR-10 'binary version' (cifar-10-batches-bin: data_batch_1..5.bin, test_batch.bin): raw
+    bytes, nothing unpickled. Labels must be 0..9 and every file whole records."""
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    xs, ys = [], []
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            raise UserError("data_path", f"{f} not found (expected CIFAR-10 binary batches)")
+        raw = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise UserError("data_path", f"{f} is not whole {CIFAR10_RECORD}-byte CIFAR-10 records")
+        records = raw.reshape(-1, CIFAR10_RECORD)
+        if int(records[:, 0].max()) > 9:
+            raise UserError("data_path", f"{f} has a label byte above 9: not a CIFAR-10 batch")
+        ys.append(records[:, 0].astype(np.int64))
+        xs.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    return Dataset(
+        to_unit(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), CIFAR10_CLASSES, "cifar10"
+    )
+
+
 def load_cifar10(folder: str | Path, split: str = "train") -> Dataset:
-    """CIFAR-10 'python version' batches (data_batch_1..5, test_batch); user-provided data only."""
+    """CIFAR-10 from the binary batches (preferred: raw bytes) or the 'python version' batches
+    (data_batch_1..5, test_batch, read with a restricted unpickler); user-provided data only."""
     folder = Path(folder)
+    if (folder / "data_batch_1.bin").is_file() or (folder / "test_batch.bin").is_file():
+        return load_cifar10_bin(folder, split)
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
     xs, ys = [], []
     for f in files:
@@ -219,7 +253,9 @@ def load_dataset(
         return load_idx_folder(path, split, image_size, name=name)
     if name == "cifar10":
         if not path:
-            raise UserError("data_path", "dataset 'cifar10' needs the folder of python batches")
+            raise UserError(
+                "data_path", "dataset 'cifar10' needs the folder of its batches (binary or python)"
+            )
         return load_cifar10(path, split)
     if name == "folder":
         if not path:
@@ -236,16 +272,26 @@ def load_dataset(
 
 
 def gaussian_noise(
-    x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator
+    x: torch.Tensor, sigma: float, fraction: float, generator: torch.Generator, clamp: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add N(0, sigma^2) (sigma on the [0, 1] scale, so 2*sigma in [-1, 1] units) to a fraction of images."""
+    """Add N(0, sigma^2) (sigma on the [0, 1] scale, so 2*sigma in [-1, 1] units) to a fraction of images.
+
+    ``clamp`` keeps the result in [-1, 1]; on a background of -1 that half-rectifies the noise (a
+    +0.8 sigma mean shift no denoiser can undo). ``clamp=False`` keeps the noise zero-mean (values may
+    leave [-1, 1]): the seed-A experiments use it.
+    """
     _check_fraction(fraction)
     if sigma < 0:
         raise UserError("sigma", "must be >= 0")
     mask = torch.rand(x.shape[0], generator=generator) < fraction
     noise = torch.randn(x.shape, generator=generator) * (2.0 * sigma)
     out = torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), x + noise, x)
-    return out.clamp(-1.0, 1.0), mask
+    return (out.clamp(-1.0, 1.0) if clamp else out), mask
+
+
+def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool by ``factor`` (32x32 padded Fashion-MNIST -> 16x16 with factor 2); 1 is a no-op."""
+    return images if factor == 1 else F.avg_pool2d(images, factor)
 
 
 def uniform_outliers(

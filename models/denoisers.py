@@ -7,6 +7,7 @@ parameterisation: eps-prediction and consistency models share every sampler step
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Literal
@@ -25,6 +26,12 @@ class Denoiser(ABC):
         self.net = net
         self.schedule = schedule
         self.labels = labels
+
+    def with_labels(self, labels: torch.Tensor | None) -> Denoiser:
+        """The same denoiser for other rows' class labels (a running batch's rows change every step)."""
+        out = copy.copy(self)
+        out.labels = labels
+        return out
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The raw network output at per-row times t (float64 [B])."""
@@ -66,6 +73,34 @@ class EpsDenoiser(Denoiser):
         return self(x, t)
 
 
+class VDenoiser(Denoiser):
+    """v-prediction (v = a_t eps - s_t x0): x0_hat = a_t x - s_t v."""
+
+    def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.schedule.a(t), -self.schedule.s(t)
+
+    def readout_key(self) -> Hashable:
+        return ("v", self.schedule.config)
+
+
+class SampleDenoiser(Denoiser):
+    """x0-prediction (diffusers' ``prediction_type: sample``): the output is x0_hat."""
+
+    def x0_coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(self.schedule.a(t)), torch.ones_like(self.schedule.a(t))
+
+    def readout_key(self) -> Hashable:
+        return ("sample", self.schedule.config)
+
+
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+DIFFUSION_DENOISERS: dict[str, type[Denoiser]] = {
+    "epsilon": EpsDenoiser,
+    "v_prediction": VDenoiser,
+    "sample": SampleDenoiser,
+}
+"""The read-out of each diffusion prediction type (diffusers' names)."""
+
 Parameterization = Literal["edm", "eps"]
 
 
@@ -80,6 +115,11 @@ class ConsistencyDenoiser(Denoiser):
     * ``eps``: c_skip = 1, c_out = -(sigma - smin); F plays the part of an eps prediction, so a
       student that starts as a copy of an eps-prediction teacher starts as that teacher's denoiser
       x_ve - sigma eps at every noise level (EDM's coefficients match it only near sigma_min).
+
+    ``c_in`` feeds the network EDM's c_in(sigma) x_ve = x_ve / sqrt(sigma^2 + sigma_data^2) instead of
+    the VP point (OpenAI's consistency models; needs the ``edm`` schedule, whose network time is
+    250 ln sigma). ``renoise_subtract_sigma_min`` re-noises to sqrt(sigma^2 - sigma_min^2) between
+    multistep steps, Song et al.'s Algorithm 1 and diffusers' CMStochasticIterativeScheduler (else sigma).
     """
 
     def __init__(
@@ -90,11 +130,29 @@ class ConsistencyDenoiser(Denoiser):
         sigma_min: float = 0.002,
         sigma_data: float = 0.5,
         parameterization: Parameterization = "edm",
+        c_in: bool = False,
+        renoise_subtract_sigma_min: bool = False,
     ) -> None:
         super().__init__(net, schedule, labels)
         self.sigma_min = sigma_min
         self.sigma_data = sigma_data
         self.parameterization = parameterization
+        self.c_in = c_in
+        self.renoise_subtract_sigma_min = renoise_subtract_sigma_min
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.c_in:  # x = a x_ve with a = 1 / sqrt(1 + sigma^2): c_in x_ve = x sqrt(1 + sigma^2) / sqrt(sigma^2 + sd^2)
+            sig2 = self.schedule.sigma_from_net_time(timestep) ** 2
+            scale = torch.sqrt((1 + sig2) / (sig2 + self.sigma_data**2))
+            x = x * scale.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return super().forward(x, timestep)
+
+    def renoise_std(self, t: torch.Tensor) -> torch.Tensor:
+        """The VP std of the fresh noise a multistep step adds at time t."""
+        if not self.renoise_subtract_sigma_min:
+            return self.schedule.s(t)
+        sigma = self.schedule.sigma(t)
+        return self.schedule.a(t) * torch.sqrt((sigma**2 - self.sigma_min**2).clamp(min=0.0))
 
     def c_skip_out(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sd, smin = self.sigma_data, self.sigma_min
@@ -109,4 +167,11 @@ class ConsistencyDenoiser(Denoiser):
         return c_skip / self.schedule.a(t), c_out
 
     def readout_key(self) -> Hashable:
-        return ("consistency", self.schedule.config, self.sigma_min, self.sigma_data, self.parameterization)
+        return (
+            "consistency",
+            self.schedule.config,
+            self.sigma_min,
+            self.sigma_data,
+            self.parameterization,
+            self.renoise_subtract_sigma_min,
+        )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -11,16 +9,18 @@ import torch
 from models.denoisers import Denoiser
 from models.errors import UserError
 from models.noise import NoiseSource
-from models.samplers import ETA_SAMPLERS, SAMPLERS, Callback, Cancel
-from models.schedules import Schedule, Spacing, time_grid
+from models.samplers import SAMPLERS, Callback, Cancel, DdimEps
+from models.sampling_spec import (
+    DEFAULT_STEPS,
+    SPACING,
+    check_eta,
+    check_known_sampler,
+    check_t_star,
+    check_times,
+)
+from models.schedules import DIFFUSERS_SPACINGS, Schedule, Spacing, time_grid
 
-SPACING: dict[str, Spacing] = {
-    "ddpm": "uniform",
-    "ddim": "uniform",
-    "dpm-solver++": "log-snr",
-    "consistency": "linear",
-}
-DEFAULT_STEPS = 10
+__all__ = ["DEFAULT_STEPS", "SPACING", "generate", "purify", "sampler_grid", "start_state"]
 
 
 def sampler_grid(
@@ -31,44 +31,58 @@ def sampler_grid(
     times: Sequence[float] | None = None,
     eta: float = 0.0,
     t_star: float | None = None,
+    spacing: str | None = None,
 ) -> torch.Tensor:
     """The time grid [start, ..., 0] a call runs (NFE = len - 1), or the ValueError it would raise.
 
     The one place that checks sampler, steps, times, eta and t* and picks the grid, so generate,
     purify and the CLI (before its progress bar) accept and refuse the same arguments. start is 1
     for sampling and t* for purification. Without ``times`` the grid is ``steps`` (default 10) steps
-    on the sampler's own spacing; ``times`` replaces that spacing: the grid is [start, *times, 0].
+    on the sampler's own spacing, or on diffusers' ``spacing`` (leading, trailing, linspace: sampling
+    only); ``times`` replaces that spacing: the grid is [start, *times, 0].
     """
-    if sampler not in SAMPLERS:
-        raise UserError("sampler", f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    if not math.isfinite(eta) or eta < 0:
-        raise UserError("eta", f"must be a finite number >= 0, got {eta}")
-    if eta != 0 and sampler not in ETA_SAMPLERS:
-        raise UserError(
-            "eta", f"only the {', '.join(ETA_SAMPLERS)} sampler uses eta; {sampler} would ignore it"
-        )
-    t_min = 1.0 / schedule.T
+    check_known_sampler(sampler)
+    check_eta(sampler, eta)
     start = 1.0
     if t_star is not None:
-        if not t_min <= t_star <= 1.0:
-            raise UserError("t_star", f"must be in [{t_min}, 1], got {t_star}")
+        check_t_star(t_star, schedule.T)
         start = t_star
+    if spacing is not None:
+        if spacing not in DIFFUSERS_SPACINGS:
+            raise UserError("spacing", f"unknown spacing {spacing!r}; known: {', '.join(DIFFUSERS_SPACINGS)}")
+        if sampler not in ("ddpm", "ddim", "dpm-solver++"):
+            raise UserError("spacing", f"diffusers' spacings are for diffusion samplers, not {sampler}")
+        if times is not None:
+            raise UserError("spacing", "give either times or a spacing, not both")
     if times is None:
-        return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, SPACING[sampler], t_max=start)
+        grid_spacing: Spacing = SPACING[sampler] if spacing is None else spacing  # type: ignore[assignment]
+        return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, grid_spacing, t_max=start)
+    check_times(times, start, schedule.T, steps)
     ts = [float(t) for t in times]
-    if not all(math.isfinite(t) for t in ts):
-        raise UserError("times", f"must be finite, got {ts}")
-    if any(later >= earlier for earlier, later in itertools.pairwise(ts)):
-        raise UserError("times", f"must be strictly decreasing, got {ts}")
-    if ts and not (t_min <= ts[-1] and ts[0] < start):
-        raise UserError(
-            "times", f"must be in [{t_min}, {start}) (at least 1/T, below the start time), got {ts}"
-        )
-    if steps is not None and steps != len(ts) + 1:
-        raise UserError(
-            "steps", f"{steps} does not match the {len(ts) + 1} network evaluations that times gives"
-        )
     return torch.tensor([start, *ts, 0.0], dtype=torch.float64)
+
+
+def start_state(
+    denoiser: Denoiser,
+    noise: NoiseSource,
+    *,
+    images: torch.Tensor | None = None,
+    t_star: float | None = None,
+    t_start: float = 1.0,
+) -> torch.Tensor:
+    """Where a call starts (stream 0 of every image): noise at the grid's first time ``t_start``
+    to sample, or ``images`` diffused to t* with per-image noise to purify. Shared by the library
+    calls and the worker's engine."""
+    if images is None:
+        x = noise.initial()
+        std = denoiser.schedule.initial_std(t_start)
+        return x * std if std != 1.0 else x
+    if images.shape[0] != len(noise):
+        raise UserError("images", "one seed per image is needed")
+    if t_star is None:
+        raise ValueError("purification needs t_star")
+    t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
+    return denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
 
 
 def generate(
@@ -82,6 +96,8 @@ def generate(
     clip_x0: bool = True,
     callback: Callback | None = None,
     cancel: Cancel | None = None,
+    spacing: str | None = None,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
     """Images [B, C, H, W] in [-1, 1] from pure noise (one per seed of ``noise``).
 
@@ -91,10 +107,10 @@ def generate(
     The grid is [1, *times, 0], so NFE = len(times) + 1 and ``times=[]`` is one step. Without it,
     ``steps`` (default 10) steps on the sampler's own spacing; with it, ``steps`` may be omitted.
     """
-    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta)
-    x = noise.initial()
+    ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, spacing=spacing)
+    x = start_state(denoiser, noise, t_start=float(ts[0]))
     out = SAMPLERS[sampler](
-        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0, ddim_eps=ddim_eps
     )
     return out.clamp(-1.0, 1.0) if clip_x0 else out
 
@@ -121,10 +137,7 @@ def purify(
     and denoises again.
     """
     ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
-    if images.shape[0] != len(noise):
-        raise UserError("images", "one seed per image is needed")
-    t0 = torch.full((images.shape[0],), t_star, dtype=torch.float64)
-    x = denoiser.schedule.diffuse(images, t0, noise.initial().to(images.dtype))
+    x = start_state(denoiser, noise, images=images, t_star=t_star)
     out = SAMPLERS[sampler](
         denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
     )

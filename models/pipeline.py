@@ -9,7 +9,9 @@ where bfloat16 drifts by ~4% (docs/BENCHMARKS.md); the tensor cores run both at 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +19,86 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointHeader, load_checkpoint
-from models.denoisers import ConsistencyDenoiser, Denoiser, EpsDenoiser
+from models.denoisers import DIFFUSION_DENOISERS, ConsistencyDenoiser, Denoiser
 from models.devices import resolve_device
 from models.errors import UserError
-from models.generate import generate, purify, sampler_grid
+from models.generate import generate, purify, sampler_grid, start_state
 from models.noise import NoiseSource
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, Callback, Cancel, Cancelled
+from models.samplers import (
+    PLANS,
+    Callback,
+    Cancel,
+    Cancelled,
+    DdimEps,
+    Group,
+    RunningBatch,
+)
+from models.sampling_spec import default_sampler, default_steps, samplers_for
 from models.schedules import Schedule
-from models.unet import UNet
+from models.unet import UNet, set_batch_invariant
 
-__all__ = ["GPU_DTYPES", "Cancelled", "ModelInfo", "Pipeline"]
+__all__ = [
+    "CPU_DTYPES",
+    "GPU_DTYPES",
+    "Cancelled",
+    "CpuOptions",
+    "Group",
+    "ModelInfo",
+    "Pipeline",
+    "RunningBatch",
+    "cpu_bf16_support",
+]
 
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DTYPES = ("float32", "bfloat16")
+# Rows per network call on the batch-invariant (CPU) path: where the served fmnist network's CPU time
+# per image stops falling on one thread (16 and 32 within 1%, 8 is 11% slower; docs/BENCHMARKS.md).
+DEFAULT_MICRO_BATCH = 16
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that makes bfloat16 worth running ("amx_bf16" or "avx512_bf16"), or None;
+    without one of them oneDNN emulates bf16 and it is slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """How the CPU runs the network (the service's ROBUSTDIFF_CPU_* settings).
+
+    ``micro_batch`` rows per network call; ``pad`` fills the last micro-batch up to that shape;
+    ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
+    the micro-batch shape (and so pads: one shape, one compiled graph); ``channels_last`` stores
+    activations NHWC.
+    """
+
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    pad: bool = False
+    dtype: str = "float32"
+    compile: bool = False
+    channels_last: bool = False
+
+    @property
+    def padded(self) -> bool:
+        return self.pad or self.compile
+
+    def check(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: {self.micro_batch} must be >= 1")
+        if self.dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
+        if self.dtype == "bfloat16" and cpu_bf16_support() is None:
+            raise ValueError("cpu dtype: bfloat16 needs a CPU with avx512_bf16 or AMX; this one has neither")
+
+
+def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``rows`` extended to ``size`` rows with copies of its last one (padding that is a real input,
+    so no norm sees an all-zero image)."""
+    return torch.cat([rows, rows[-1:].expand(size - rows.shape[0], *rows.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -46,6 +116,7 @@ class ModelInfo:
     samplers: list[str] = field(default_factory=list)
     default_steps: int = 10
     dataset: str = "unknown"
+    eval_s: float = 0.0  # measured at warm-up: seconds per image per network evaluation (0: not measured)
 
 
 class Pipeline:
@@ -57,12 +128,17 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        cpu: CpuOptions | None = None,
     ) -> None:
         self.net = net
-        # On the CPU, BLAS and oneDNN pick different reduction orders for different batch sizes, so an
-        # image would differ in its last bits with its batch. Evaluating row by row makes it bitwise
-        # independent of batching at a small cost there; CUDA batches for speed (same to bf16 rounding).
+        # On the CPU, PyTorch picks convolution and GEMM kernels (and so reduction orders) by batch
+        # size, so an image would differ in its last bits with its batch. Batch-invariant mode pins
+        # the kernels (models.unet.Conv2d / Linear) and runs fixed-size micro-batches; CUDA batches
+        # freely for speed (same to half-precision rounding).
         self.batch_invariant = device.type != "cuda" if batch_invariant is None else batch_invariant
+        self.cpu = cpu or CpuOptions()
+        if device.type == "cpu":
+            self.cpu.check()
         self.header = header
         self.device = device
         self.schedule = Schedule(header.schedule)
@@ -70,7 +146,6 @@ class Pipeline:
             raise ValueError(f"gpu_dtype: {gpu_dtype!r} is not one of {', '.join(GPU_DTYPES)}")
         self.dtype = GPU_DTYPES[gpu_dtype] if device.type == "cuda" else torch.float32
         self._forward = self._build_forward()
-        consistency = header.kind == "consistency"
         self.info = ModelInfo(
             name=name or header.name,
             kind=header.kind,
@@ -80,8 +155,8 @@ class Pipeline:
             timesteps=self.schedule.T,
             class_names=list(header.class_names),
             hash=header.content_hash or hashlib.sha256(header.model_dump_json().encode()).hexdigest(),
-            samplers=list(CONSISTENCY_SAMPLERS if consistency else DIFFUSION_SAMPLERS),
-            default_steps=1 if consistency else 10,
+            samplers=list(samplers_for(header.kind)),
+            default_steps=default_steps(header.kind),
             dataset=header.training.dataset,
         )
 
@@ -93,10 +168,17 @@ class Pipeline:
         name: str | None = None,
         batch_invariant: bool | None = None,
         gpu_dtype: str = "float16",
+        cpu: CpuOptions | None = None,
     ) -> Pipeline:
+        """A robustdiff checkpoint file, or a diffusers folder (``models.diffusers_import``)."""
         dev = resolve_device(device)
+        if Path(path).is_dir():  # a diffusers folder, converted in memory (safetensors weights only)
+            from models.diffusers_import import import_diffusers
+
+            imported = import_diffusers(path, name)
+            return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype)
         net, header = load_checkpoint(path, dev)
-        return cls(net, header, dev, name, batch_invariant, gpu_dtype)
+        return cls(net, header, dev, name, batch_invariant, gpu_dtype, cpu)
 
     def _build_forward(self) -> Callable[..., torch.Tensor]:
         """The network call the samplers see: graphed half precision on CUDA, plain float32 elsewhere."""
@@ -110,17 +192,57 @@ class Pipeline:
             def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
                 return graphed(x.to(self.dtype).contiguous(memory_format=torch.channels_last), t, y).float()
 
+        if self.device.type == "cpu":
+            net = self._cpu_net()
         if not self.batch_invariant:
             return net
+        if self.device.type == "cpu":
+            set_batch_invariant(self.net)
+        size, pad = self.cpu.micro_batch, self.cpu.padded
 
-        def rowwise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            rows = [
-                net(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1])
-                for i in range(x.shape[0])
-            ]
-            return torch.cat(rows)
+        def microbatched(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            """``net`` on consecutive slices of at most ``size`` rows; with ``pad`` the last slice is
+            filled up with copies of its last row so every call has exactly ``size`` rows."""
+            n = x.shape[0]
+            if t.ndim == 0:
+                t = t.expand(n)
+            outs = []
+            for i in range(0, n, size):
+                xs, ts, ys = x[i : i + size], t[i : i + size], None if y is None else y[i : i + size]
+                rows = xs.shape[0]
+                if pad and rows < size:
+                    xs, ts = _fill(xs, size), _fill(ts, size)
+                    ys = None if ys is None else _fill(ys, size)
+                outs.append(net(xs, ts, ys)[:rows])
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        return rowwise
+        return microbatched
+
+    def _cpu_net(self) -> Callable[..., torch.Tensor]:
+        """The network with the CPU options applied: memory layout, bf16 autocast, torch.compile."""
+        opts = self.cpu
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
+        body: Callable[..., torch.Tensor] = (
+            torch.compile(self.net, dynamic=False) if opts.compile else self.net
+        )
+        autocast = opts.dtype == "bfloat16"
+
+        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
+
+        return net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network eps_theta(x, t[, y]) as every sampler and the worker's running batch call it.
+
+        ``x`` [B, C, H, W] on this pipeline's device, ``t`` [B] DDPM timestep indices (float),
+        ``y`` [B] class labels for a class-conditional model. Returns float32 [B, C, H, W]. With
+        ``batch_invariant`` (the CPU default) each row's output is bitwise independent of the other
+        rows and of B, so a caller may batch any rows together without changing an image.
+        """
+        return self._forward(x, t) if y is None else self._forward(x, t, y)
 
     def warmup(self, max_batch: int = 256) -> list[int]:
         """Run one step at every CUDA-graph bucket up to ``max_batch`` so no request pays a capture.
@@ -130,20 +252,39 @@ class Pipeline:
         from kernels.graphs import DEFAULT_BUCKETS
 
         sizes = [b for b in DEFAULT_BUCKETS if b <= max_batch] if self.device.type == "cuda" else [1]
-        sampler = self.info.samplers[0 if self.info.kind == "consistency" else 1]
+        sampler = default_sampler(self.info.kind)
         labels_for = (lambda n: [0] * n) if self.info.num_classes else (lambda n: None)
+        if not sizes:
+            return sizes
         for n in sizes:
-            self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels_for(n))
+            elapsed = self._timed_step(sampler, n, labels_for(n))
+        # The API turns a synchronous request it estimates past its timeout into a 202 from this figure.
+        n = sizes[-1]
+        if self.device.type == "cuda" or elapsed < 1.0:  # the first call paid the capture / page-in
+            elapsed = self._timed_step(sampler, n, labels_for(n))
+        self.info = dataclasses.replace(self.info, eval_s=elapsed / n)
         return sizes
+
+    def _timed_step(self, sampler: str, n: int, labels: list[int] | None) -> float:
+        start = time.perf_counter()
+        self.sample(list(range(n)), sampler=sampler, steps=1, labels=labels)
+        return time.perf_counter() - start
 
     def denoiser(self, labels: torch.Tensor | None = None) -> Denoiser:
         if self.header.kind == "consistency":
             cm = self.header.consistency
             assert cm is not None
             return ConsistencyDenoiser(
-                self._forward, self.schedule, labels, cm.sigma_min, cm.sigma_data, cm.parameterization
+                self.forward,
+                self.schedule,
+                labels,
+                cm.sigma_min,
+                cm.sigma_data,
+                cm.parameterization,
+                cm.c_in,
+                cm.renoise_subtract_sigma_min,
             )
-        return EpsDenoiser(self._forward, self.schedule, labels)
+        return DIFFUSION_DENOISERS[self.header.prediction](self.forward, self.schedule, labels)
 
     def _labels(self, labels: Sequence[int] | None, n: int) -> torch.Tensor | None:
         classes = self.info.num_classes
@@ -172,11 +313,14 @@ class Pipeline:
         times: Sequence[float] | None = None,
         eta: float = 0.0,
         t_star: float | None = None,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """The time grid sample (``t_star=None``) or purify would run with these arguments (NFE is
         its length - 1), or their ValueError: lets a caller refuse a request before any work."""
         self._check_sampler(sampler)
-        return sampler_grid(self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
+        return sampler_grid(
+            self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star, spacing=spacing
+        )
 
     def _prepare(
         self, sampler: str, seeds: Sequence[int], labels: Sequence[int] | None
@@ -198,6 +342,8 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
+        spacing: str | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         """Images [B, C, H, W] float32 in [-1, 1] on the CPU, one per seed.
 
@@ -214,6 +360,8 @@ class Pipeline:
             eta=eta,
             callback=callback,
             cancel=cancel,
+            spacing=spacing,
+            ddim_eps=ddim_eps,
         )
         return out.float().cpu()
 
@@ -237,13 +385,7 @@ class Pipeline:
         ``steps`` (default 10) on the sampler's spacing, or the grid [t*, *times, 0] (see
         ``models.generate.purify``).
         """
-        if tuple(images.shape[1:]) != self.info.image_shape:
-            raise UserError(
-                "images",
-                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
-            )
-        if not torch.isfinite(images).all():
-            raise UserError("images", "contain NaN or infinity")
+        self._check_images(images)
         noise, den = self._prepare(sampler, seeds, labels)
         x = images.to(self.device, torch.float32)
         out = purify(
@@ -259,3 +401,48 @@ class Pipeline:
             cancel=cancel,
         )
         return out.float().cpu()
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if tuple(images.shape[1:]) != self.info.image_shape:
+            raise UserError(
+                "images",
+                f"shape {tuple(images.shape[1:])} does not match the model's {self.info.image_shape}",
+            )
+        if not torch.isfinite(images).all():
+            raise UserError("images", "contain NaN or infinity")
+
+    # ---- step-level batching: what the worker's engine calls ------------------------------------------
+    def running_batch(self) -> RunningBatch:
+        """An empty running batch on this model (clipped x0, as ``sample`` and ``purify``)."""
+        return RunningBatch(self.denoiser(), clip_x0=True)
+
+    @torch.inference_mode()
+    def request(
+        self,
+        key: object,
+        seeds: Sequence[int],
+        *,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        times: Sequence[float] | None = None,
+        eta: float = 0.0,
+        labels: Sequence[int] | None = None,
+        images: torch.Tensor | None = None,
+        t_star: float | None = None,
+    ) -> tuple[Group, torch.Tensor]:
+        """A sample (``images`` None) or purify request as a running batch's rows: its group and
+        start state, checked exactly as ``sample`` / ``purify`` check them. The rows' images equal
+        those calls' bit for bit on the CPU, whatever else shares the batch."""
+        ts = self.grid(sampler, steps=steps, times=times, eta=eta, t_star=None if images is None else t_star)
+        if images is not None:
+            self._check_images(images)
+        noise, den = self._prepare(sampler, seeds, labels)
+        x = start_state(
+            den,
+            noise,
+            images=None if images is None else images.to(self.device, torch.float32),
+            t_start=float(ts[0]),
+            t_star=t_star,
+        )
+        plan = PLANS.get(sampler, den, ts, eta, self.device)
+        return Group(key, plan, noise.seeds_device, den.labels), x

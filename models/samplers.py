@@ -11,6 +11,10 @@ in the per-row coefficients (p, q, r, n) of the update
 which ``kernels.sampler_update`` computes in one kernel on the GPU. Coefficients come from host
 float64 tables, built once per (sampler, read-out, grid, eta, device) and kept on the device in
 ``PLANS``, so a step never synchronises with the device and a repeated request rebuilds nothing.
+
+The loop is a ``RunningBatch``: rows of different requests (sampler, grid, eta, start time) may sit
+at different steps, each reading its own coefficients, time and noise stream; a whole-batch call
+is the batch with one group, so the worker's step-level engine and the library share every step.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from kernels import sampler_update
-from models.denoisers import Denoiser
+from models.denoisers import ConsistencyDenoiser, Denoiser
+from models.errors import UserError
 from models.noise import NoiseSource
+from models.sampling_spec import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, ETA_SAMPLERS
+
+__all__ = ["CONSISTENCY_SAMPLERS", "DIFFUSION_SAMPLERS", "ETA_SAMPLERS", "RULES", "SAMPLERS", "RunningBatch"]
 
 Callback = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -51,6 +59,21 @@ def _ddim(
     c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
     zero = torch.zeros_like(t)
     return c / s_t, a_s - c * a_t / s_t, zero, sigma
+
+
+def _ddim_model_eps(
+    denoiser: Denoiser, t: torch.Tensor, s: torch.Tensor, t_prev: torch.Tensor | None, eta: float
+) -> tuple[torch.Tensor, ...]:
+    """DDIM with the network's own eps even after x0 is clipped (diffusers' default,
+    ``use_clipped_model_output=False``): x_next = a_s x0_clipped + c eps_raw + sigma z with
+    eps_raw = ((1 - a_t kx) x - a_t km out) / s_t. The ``out`` term rides in the r slot (``OUTPUT_R_RULES``)."""
+    sch = denoiser.schedule
+    ab_t, ab_s = sch.alphabar(t), sch.alphabar(s)
+    a_t, s_t, a_s = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_s.sqrt()
+    sigma = eta * torch.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    c = torch.sqrt((1 - ab_s - sigma**2).clamp(min=0))
+    kx, km = denoiser.x0_coefs(t)
+    return c * (1 - a_t * kx) / s_t, a_s, -c * a_t * km / s_t, sigma
 
 
 def _ddpm(
@@ -90,7 +113,8 @@ def _consistency(
     """Multistep consistency sampling: denoise to x0, then re-noise to the next time."""
     sch = denoiser.schedule
     zero = torch.zeros_like(t)
-    return zero, sch.a(s), zero, sch.s(s)
+    std = denoiser.renoise_std(s) if isinstance(denoiser, ConsistencyDenoiser) else sch.s(s)
+    return zero, sch.a(s), zero, std
 
 
 RULES: dict[str, StepRule] = {
@@ -98,11 +122,11 @@ RULES: dict[str, StepRule] = {
     "ddim": _ddim,
     "dpm-solver++": _dpmpp_2m,
     "consistency": _consistency,
+    "ddim-model-eps": _ddim_model_eps,  # ddim with ddim_eps="model", not a sampler name of its own
 }
-DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-CONSISTENCY_SAMPLERS = ("consistency",)
-ETA_SAMPLERS = ("ddim",)
-"""The rules that read eta; the others would silently ignore it (DDPM's noise is fixed by its posterior)."""
+OUTPUT_R_RULES = ("ddim-model-eps",)
+"""Rules whose r coefficient multiplies the network's raw output instead of the previous x0."""
+DdimEps = Literal["from-x0", "model"]
 
 
 def run_sampler(
@@ -116,31 +140,152 @@ def run_sampler(
     cancel: Cancel | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
-    """The one sampler loop. Returns the final x0 estimate (the image)."""
+    """The whole-batch sampler loop: a running batch holding one group. Returns the final x0
+    estimate (the image).
+
+    ``ddim_eps`` (ddim only): ``from-x0`` steps along the eps implied by the (clipped) x0, DDIM's own
+    update (diffusers' ``use_clipped_model_output=True``); ``model`` keeps the network's eps
+    (diffusers' default). Without clipping the two are the same update.
+    """
     if eta < 0:
         raise ValueError("eta must be >= 0")
-    plan = PLANS.get(rule, denoiser, ts, eta, x.device)
-    coefs, timesteps = plan.coefs, plan.timesteps
-    batch = x.shape[0]
-    n_steps = len(plan.uses_prev)
-    x0_prev: torch.Tensor | None = None
-    for i in range(n_steps):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled before step {i} of {n_steps}")
-        out = denoiser.forward(x, timesteps[i].expand(batch))
-        x, x0_prev = sampler_update(
-            x,
-            out,
-            coefs[i].expand(batch, 6).contiguous(),
-            x0_prev=x0_prev if plan.uses_prev[i] else None,
-            seeds=noise.seeds_device if plan.uses_noise[i] else None,
-            stream=noise.step_stream(i),
-            clip_x0=clip_x0,
+    if ddim_eps not in ("from-x0", "model") or (ddim_eps == "model" and rule != "ddim"):
+        raise UserError(
+            "ddim_eps", f"'from-x0', or 'model' with the ddim sampler; got {ddim_eps!r} with {rule}"
         )
+    if ddim_eps == "model":
+        rule = "ddim-model-eps"
+    batch = RunningBatch(denoiser, clip_x0=clip_x0)
+    group = Group(None, PLANS.get(rule, denoiser, ts, eta, x.device), noise.seeds_device, denoiser.labels)
+    batch.add(group, x)
+    for i in range(group.steps):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled before step {i} of {group.steps}")
+        batch.step()
         if callback is not None:
-            callback(i + 1, n_steps)
-    return x
+            callback(i + 1, group.steps)
+    return batch.remove(None)
+
+
+@dataclass
+class Group:
+    """One request's rows in a running batch: one sampler plan and step index, a seed per row."""
+
+    key: Hashable
+    plan: SamplerPlan
+    seeds: torch.Tensor  # int64 [n] on the device
+    labels: torch.Tensor | None = None
+    step: int = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.seeds.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return len(self.plan.uses_prev)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+
+class RunningBatch:
+    """Rows of any sampler, grid, eta and start time (sample or purify), each at its own step,
+    advanced together by one network evaluation per ``step``.
+
+    Every row reads its own time, coefficients and noise stream (its own step index), and keeps its
+    own x0 history (DPM-Solver++), so a row's bits never depend on which rows share the batch when
+    the network evaluation is batch-invariant (the CPU path). The whole-batch loop ``run_sampler``
+    is this with a single group; the worker adds and removes groups between steps.
+    """
+
+    def __init__(self, denoiser: Denoiser, *, clip_x0: bool = True) -> None:
+        self.denoiser = denoiser
+        self.clip_x0 = clip_x0
+        self.groups: list[Group] = []
+        self.x: torch.Tensor | None = None
+        self.x0: torch.Tensor | None = None  # each row's previous x0 estimate
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.groups)
+
+    def add(self, group: Group, x: torch.Tensor) -> None:
+        """Rows join at their start state ``x`` (pure noise, or the diffused input to purify)."""
+        if any(g.key == group.key for g in self.groups):
+            raise ValueError(f"group {group.key!r} is already running")
+        if x.shape[0] != group.rows:
+            raise ValueError("one start row per seed is needed")
+        if self.groups and (group.labels is None) != (self.groups[0].labels is None):
+            raise ValueError("a running batch's rows all have labels or none has")
+        self.groups.append(group)
+        zeros = torch.zeros_like(x)
+        self.x = x if self.x is None else torch.cat([self.x, x])
+        self.x0 = zeros if self.x0 is None else torch.cat([self.x0, zeros])
+
+    def _span(self, key: Hashable) -> tuple[int, int, Group]:
+        start = 0
+        for g in self.groups:
+            if g.key == key:
+                return start, start + g.rows, g
+            start += g.rows
+        raise KeyError(key)
+
+    def remove(self, key: Hashable) -> torch.Tensor:
+        """Take a group's rows out; returns their current x (the image, once the group is done)."""
+        start, end, group = self._span(key)
+        assert self.x is not None and self.x0 is not None
+        out = self.x[start:end]
+        if self.clip_x0 and group.done:
+            out = out.clamp(-1.0, 1.0)
+        self.groups.remove(group)
+        if self.groups:
+            self.x = torch.cat([self.x[:start], self.x[end:]])
+            self.x0 = torch.cat([self.x0[:start], self.x0[end:]])
+        else:
+            self.x = self.x0 = None
+        return out
+
+    def step(self) -> None:
+        """One network evaluation on every row at its own time, then each row's own update."""
+        groups = [g for g in self.groups if not g.done]
+        if len(groups) != len(self.groups):
+            raise RuntimeError("a finished group must be removed before the next step")
+        if not groups or self.x is None or self.x0 is None:
+            return
+        timesteps = torch.cat([g.plan.timesteps[g.step].expand(g.rows) for g in groups])
+        coefs = torch.cat([g.plan.coefs[g.step].expand(g.rows, 6) for g in groups])
+        labels = None
+        if groups[0].labels is not None:
+            labels = torch.cat([g.labels for g in groups if g.labels is not None])
+        uses_prev = any(g.plan.uses_prev[g.step] or g.plan.r_on_output for g in groups)
+        uses_noise = any(g.plan.uses_noise[g.step] for g in groups)
+        streams = {NoiseSource.step_stream(g.step) for g in groups}
+        stream: int | torch.Tensor = next(iter(streams))
+        if len(streams) > 1:
+            stream = torch.cat([torch.full((g.rows,), NoiseSource.step_stream(g.step)) for g in groups])
+        out = self.denoiser.with_labels(labels).forward(self.x, timesteps)
+        prev = self.x0
+        if any(g.plan.r_on_output for g in groups):  # these rows' r term reads the network output
+            parts, start = [], 0
+            for g in groups:
+                parts.append((out if g.plan.r_on_output else self.x0)[start : start + g.rows])
+                start += g.rows
+            prev = torch.cat(parts)
+        self.x, self.x0 = sampler_update(
+            self.x,
+            out,
+            coefs,
+            x0_prev=prev if uses_prev else None,
+            seeds=torch.cat([g.seeds for g in groups]) if uses_noise else None,
+            stream=stream,
+            clip_x0=self.clip_x0,
+        )
+        for g in groups:
+            g.step += 1
 
 
 def coefficient_table(rule: str, denoiser: Denoiser, ts: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
@@ -164,6 +309,7 @@ class SamplerPlan:
     timesteps: torch.Tensor  # the network's timestep index of every step
     uses_prev: tuple[bool, ...]
     uses_noise: tuple[bool, ...]
+    r_on_output: bool = False  # r multiplies the network output, not x0_prev (OUTPUT_R_RULES)
 
 
 class PlanCache:
@@ -220,6 +366,7 @@ class PlanCache:
             timesteps=denoiser.schedule.net_time(ts[:-1]).to(device),
             uses_prev=tuple((table[:, 4] != 0).tolist()),
             uses_noise=tuple((table[:, 5] != 0).tolist()),
+            r_on_output=rule in OUTPUT_R_RULES,
         )
 
 
@@ -238,9 +385,19 @@ def _make(rule: str) -> Callable[..., torch.Tensor]:
         cancel: Cancel | None = None,
         eta: float = 0.0,
         clip_x0: bool = False,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         return run_sampler(
-            rule, denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+            rule,
+            denoiser,
+            x,
+            ts,
+            noise,
+            callback=callback,
+            cancel=cancel,
+            eta=eta,
+            clip_x0=clip_x0,
+            ddim_eps=ddim_eps,
         )
 
     sampler.__name__ = f"sample_{rule.replace('-', '_').replace('++', 'pp')}"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import UserError
 
-ScheduleName = Literal["linear", "cosine"]
+ScheduleName = Literal["linear", "cosine", "scaled-linear", "edm"]
 
 
 class ScheduleConfig(BaseModel):
@@ -27,6 +28,9 @@ class ScheduleConfig(BaseModel):
     beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="linear schedule: beta_T")
     cosine_s: float = Field(0.008, ge=0.0, description="cosine schedule: offset s")
     max_beta: float = Field(0.999, gt=0.0, le=1.0, description="cosine schedule: beta clipping")
+    sigma_min: float = Field(0.002, gt=0.0, description="edm: sigma of step 1 (the smallest noise level)")
+    sigma_max: float = Field(80.0, gt=0.0, description="edm: sigma of step T (where sampling starts)")
+    rho: float = Field(7.0, gt=0.0, description="edm: Karras et al.'s spacing exponent of the T sigmas")
 
     @model_validator(mode="after")
     def _order(self) -> ScheduleConfig:
@@ -41,8 +45,20 @@ class Schedule:
     def __init__(self, config: ScheduleConfig | None = None) -> None:
         self.config = config or ScheduleConfig()
         T = self.config.timesteps
-        if self.config.name == "linear":
-            betas = torch.linspace(self.config.beta_start, self.config.beta_end, T, dtype=torch.float64)
+        c = self.config
+        if c.name == "linear":
+            betas = torch.linspace(c.beta_start, c.beta_end, T, dtype=torch.float64)
+        elif c.name == "scaled-linear":
+            betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, T, dtype=torch.float64) ** 2
+        elif c.name == "edm":
+            # Step k = 1..T sits at the k-th of T Karras sigmas (sigma_min .. sigma_max); alphabar = 1 / (1 + sigma^2),
+            # so VP x = a x_ve and every sampler reads the variance-exploding model in its own coordinates.
+            ramp = torch.linspace(0.0, 1.0, T, dtype=torch.float64)
+            lo, hi = c.sigma_min ** (1.0 / c.rho), c.sigma_max ** (1.0 / c.rho)
+            sig = (lo + ramp * (hi - lo)) ** c.rho
+            sig[0], sig[-1] = c.sigma_min, c.sigma_max
+            la = torch.cat([torch.zeros(1, dtype=torch.float64), -torch.log1p(sig**2)])
+            betas = -torch.expm1(la[1:] - la[:-1])
         else:
             s = self.config.cosine_s
             k = torch.arange(T + 1, dtype=torch.float64)
@@ -92,8 +108,20 @@ class Schedule:
         return self.t_from_log_snr(-torch.log(torch.as_tensor(sigma, dtype=torch.float64)))
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The DDPM timestep index the network is conditioned on: t = k / T -> k - 1."""
+        """The time input the network is conditioned on: the DDPM timestep index (t = k / T -> k - 1),
+        or for ``edm`` 250 ln(sigma) (OpenAI's consistency models, diffusers' ``sigma_to_t``)."""
+        if self.config.name == "edm":
+            return (250.0 * torch.log(self.sigma(t) + 1e-44)).to(torch.float32)
         return t.to(torch.float32) * self.T - 1.0
+
+    def sigma_from_net_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        """sigma from an ``edm`` network time (the inverse of ``net_time``), for input scaling."""
+        return torch.exp(timestep.double() / 250.0)
+
+    def initial_std(self, t: float) -> float:
+        """The std of the starting noise at time t: 1 for VP schedules (DDPM's and diffusers' x_T ~ N(0, I)),
+        s_t for ``edm`` (x_ve ~ N(0, sigma_max^2), exactly what the model was trained to see)."""
+        return float(self.s(t)) if self.config.name == "edm" else 1.0
 
     def diffuse(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x_0 + s_t eps, with per-row t."""
@@ -108,7 +136,19 @@ class Schedule:
         return k.to(torch.float64) / self.T
 
 
-Spacing = Literal["uniform", "log-snr", "linear"]
+Spacing = Literal["uniform", "log-snr", "linear", "leading", "trailing", "linspace"]
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+"""diffusers' ``timestep_spacing`` names: a grid of their timestep indices j (t = (j + 1) / T), for
+reproducing a diffusers run; they start below t = 1, so they are for sampling from noise only."""
+
+
+def _diffusers_indices(T: int, steps: int, spacing: str) -> np.ndarray:
+    """diffusers' DDIM/DDPM ``set_timesteps`` (steps_offset 0), in its own numpy arithmetic."""
+    if spacing == "leading":
+        return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
+    return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
 
 
 def time_grid(
@@ -118,13 +158,28 @@ def time_grid(
 
     ``uniform`` spaces the DDPM steps evenly (DDIM's choice); ``log-snr`` spaces them evenly in
     log-SNR between t_max and 1/T (DPM-Solver's choice); ``linear`` spaces t itself evenly down to 0
-    (multistep consistency sampling, where every step starts from a fresh re-noising).
+    (multistep consistency sampling, where every step starts from a fresh re-noising); ``leading``,
+    ``trailing`` and ``linspace`` are diffusers' grids (``DIFFUSERS_SPACINGS``).
     """
     if steps < 1:
         raise UserError("steps", "must be >= 1")
     t_min = 1.0 / schedule.T
     if t_max < t_min or t_max > 1.0:
         raise UserError("t_max", f"must be in [{t_min}, 1]")
+    if spacing in DIFFUSERS_SPACINGS:
+        if t_max != 1.0:
+            raise UserError(
+                "spacing", f"{spacing!r} is diffusers' grid for sampling from noise, not for purification"
+            )
+        if steps > schedule.T:
+            raise UserError("steps", f"at most {schedule.T} steps fit in T = {schedule.T}")
+        idx = _diffusers_indices(schedule.T, steps, spacing)
+        if len(idx) != steps or (idx[1:] >= idx[:-1]).any() or idx[-1] < 0:
+            raise UserError(
+                "steps", f"diffusers' {spacing!r} spacing gives no {steps}-step grid for T = {schedule.T}"
+            )
+        ts = torch.from_numpy((idx + 1).astype(np.float64)) / schedule.T
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
     if spacing == "linear":
         return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
     if spacing == "uniform":

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import secrets
@@ -33,9 +32,12 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models import sampling_spec as spec
 from models.errors import UserError
 from service import images as imgs
 from service import metrics as m
+from service.docs_ui import install_docs
+from service.jobs import Job
 from service.queue import (
     REDIS_ERRORS,
     TERMINAL,
@@ -65,6 +67,7 @@ CLIENT_CLOSED_REQUEST = 499  # counted in robustdiff_requests_total{status="499"
 JOB_STATUSES = frozenset({"queued", "running", *TERMINAL})
 # A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before.
 DEAD_WORKER_RETENTION_S = 600.0
+_MAX_FORM_FIELDS = 64  # non-file multipart fields: far more than PurifyRequest has
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
 }
@@ -294,9 +297,9 @@ class Service:
         if ctype.startswith("multipart/form-data") and schema is PurifyRequest:
             data: dict[str, Any] = {}
             try:
-                form = await request.form(max_files=self.settings.max_images, max_fields=64)
+                form = await request.form(max_files=self.settings.max_images, max_fields=_MAX_FORM_FIELDS)
             except Exception as err:  # python-multipart / starlette raise several types for bad bodies
-                raise ApiError(422, "body", f"malformed multipart body ({err})") from None
+                raise _multipart_error(err, self.settings.max_images) from None
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     if key not in ("files", "images"):
@@ -349,30 +352,18 @@ class Service:
         return served[name]
 
     def resolve_common(self, req: SampleRequest | PurifyRequest, info: dict[str, Any]) -> dict[str, Any]:
-        samplers = list(info["samplers"])
-        sampler = req.sampler or ("ddim" if "ddim" in samplers else samplers[0])
-        if sampler not in samplers:
-            if sampler == "consistency":
-                reason = (
-                    f"'consistency' needs a consistency model; {info['name']!r} is a {info['kind']} model"
-                )
-            elif info["kind"] == "consistency" and sampler in ("ddpm", "ddim", "dpm-solver++"):
-                reason = f"{info['name']!r} is a consistency model; use 'consistency'"
-            else:
-                reason = f"unknown sampler {sampler!r}; {info['name']!r} supports {samplers}"
-            raise ApiError(422, "sampler", reason)
-        if req.eta and sampler != "ddim":
-            raise ApiError(422, "eta", f"only the ddim sampler uses eta; {sampler} would ignore it")
-        if req.times is None:
-            steps = req.steps or int(info["default_steps"])
-        else:
-            steps = len(req.times) + 1
-            if any(later >= earlier for earlier, later in itertools.pairwise(req.times)):
-                raise ApiError(422, "times", "must be strictly decreasing")
-            if req.steps is not None and req.steps != steps:
-                raise ApiError(
-                    422, "steps", f"{req.steps} does not match the {steps} evaluations times gives"
-                )
+        kind, name = str(info["kind"]), str(info["name"])
+        sampler = req.sampler or spec.default_sampler(kind)
+        try:
+            spec.check_sampler(sampler, kind, name)
+            spec.check_eta(sampler, req.eta)
+            if req.times is None:
+                steps = req.steps or int(info["default_steps"])
+            else:  # below t* is checked by /purify once t* is known
+                timesteps = int(info.get("timesteps") or 10**9)  # registered by current workers
+                steps = spec.check_times(req.times, 1.0, timesteps, req.steps)
+        except UserError as err:
+            raise ApiError(422, err.field, err.reason) from None
         if steps > self.settings.max_steps:
             raise ApiError(422, "steps", f"{steps} is over the maximum of {self.settings.max_steps}")
         return {
@@ -435,10 +426,23 @@ class Service:
 
     # ---- job submission and answers -----------------------------------------------------------------
     async def submit(
-        self, request: Request, kind: str, job: dict[str, Any], req: BaseModel, files: list[bytes]
+        self,
+        request: Request,
+        kind: str,
+        job: dict[str, Any],
+        req: BaseModel,
+        files: list[bytes],
+        info: dict[str, Any] | None = None,
     ) -> Response:
-        """Enqueue (or find by Idempotency-Key) the job; answer 202 at once or its result when done."""
+        """Enqueue (or find by Idempotency-Key) the job; answer 202 at once or its result when done.
+
+        A synchronous request whose estimated run time (outputs x steps x the worker's measured
+        seconds per evaluation) exceeds the request timeout is answered 202 at once too, with the
+        reason, instead of waiting the timeout out for a 504."""
         async_ = bool(getattr(req, "async_", False))
+        estimate = len(job["seeds"]) * int(job["steps"]) * float((info or {}).get("eval_s") or 0.0)
+        too_long = not async_ and estimate > self.settings.request_timeout_s
+        async_ = async_ or too_long
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise ApiError(422, "Idempotency-Key", "must be 1 to 255 characters")
@@ -454,9 +458,7 @@ class Service:
             fingerprint = digest.hexdigest()[:32]
         try:
             sub = await self.queue.submit(
-                kind,
-                job["model"],
-                job,
+                Job.model_validate({"kind": kind, **job}),
                 max_depth=self.settings.max_queue_depth,
                 idempotency_key=scoped,
                 fingerprint=fingerprint,
@@ -479,11 +481,18 @@ class Service:
                 with contextlib.suppress(*REDIS_ERRORS):  # accepted: the answer must name it regardless
                     record = await self.queue.get(sub.job_id)
                     status = record.get("status", "queued") if record else "queued"
-            return JSONResponse(
-                {"id": sub.job_id, "status": status, "created": sub.created, "location": location},
-                status_code=202,
-                headers={"Location": location},
-            )
+            body: dict[str, Any] = {
+                "id": sub.job_id,
+                "status": status,
+                "created": sub.created,
+                "location": location,
+            }
+            if too_long:
+                body["reason"] = (
+                    f"estimated {estimate:.0f} s of work exceeds the {self.settings.request_timeout_s:.0f} s "
+                    f"request timeout: running as an async job, poll {location}"
+                )
+            return JSONResponse(body, status_code=202, headers={"Location": location})
         return await self.wait(request, sub.job_id, cancel_if_gone=sub.created)
 
     async def wait(self, request: Request, job_id: str, *, cancel_if_gone: bool) -> Response:
@@ -606,8 +615,21 @@ class Service:
             decoded = imgs.decode(data, field, req.npy_range)
             if len(out) + len(decoded) > self.settings.max_images:
                 raise ApiError(422, "images", f"more than the maximum of {self.settings.max_images} images")
-            out += [imgs.fit(a, shape, field, req.resize) for a in decoded]  # type: ignore[arg-type]
+            out += [imgs.fit(d, shape, field, req.resize) for d in decoded]  # type: ignore[arg-type]
         return out
+
+
+def _multipart_error(err: Exception, max_files: int) -> ApiError:
+    """Starlette's parser stops at its limits with a 400 ("Too many files. Maximum number of files
+    is 64."); say which field is over which limit, as for every other refusal."""
+    detail = str(getattr(err, "detail", "") or err)
+    if detail.startswith("Too many files"):
+        return ApiError(
+            422, "files", f"more than the maximum of {max_files} files (ROBUSTDIFF_MAX_IMAGES) in one request"
+        )
+    if detail.startswith("Too many fields"):
+        return ApiError(422, "body", f"more than the maximum of {_MAX_FORM_FIELDS} form fields")
+    return ApiError(422, "body", f"malformed multipart body ({detail})")
 
 
 class ClientGone(Exception):
@@ -642,10 +664,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Sampling and adversarial purification with robust diffusion and consistency models.",
         lifespan=lifespan,
+        docs_url=None,  # served from the installed package by install_docs: the default uses a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     app.add_middleware(_Observe, api_keys=settings.api_keys)
     _install_handlers(app)
+    install_docs(app)
 
     @app.post(
         "/sample",
@@ -671,7 +696,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = svc.resolve_common(req, info)
         seeds = svc.seeds(req.seeds, req.num_images)
         job.update(seeds=seeds, labels=svc.labels(req.labels, req.num_images, info, seeds, "sample"))
-        return await svc.submit(request, "sample", job, req, [])
+        return await svc.submit(request, "sample", job, req, [], info)
 
     @app.post(
         "/purify",
@@ -742,7 +767,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             labels=labels,
             images=imgs.npy_b64(np.stack(inputs).astype(np.float32)),
         )
-        return await svc.submit(request, "purify", job, req, files)
+        return await svc.submit(request, "purify", job, req, files, info)
 
     @app.get(
         "/jobs/{job_id}",

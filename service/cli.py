@@ -19,6 +19,10 @@ from models.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("models.train.cli", "train a diffusion or consistency model"),
     "export": ("models.train.export", "write the served safetensors file from a training checkpoint"),
+    "import-diffusers": (
+        "models.import_command",
+        "convert a diffusers DDPM or consistency-model folder into a served checkpoint",
+    ),
     "serve": ("service.serve", "run the HTTP API (and, by default, a private Redis and one worker)"),
     "worker": ("service.worker", "run a worker process that executes queued jobs"),
     "sample": ("models.commands", "sample a PNG grid or .npy from a checkpoint, without the server"),
@@ -56,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name, rest = args[0], args[1:]
     module_name, text = COMMANDS[name]
+    if name == "worker":  # before the module imports torch: OpenMP reads these once
+        from service.threads import set_thread_env
+
+        set_thread_env()
     module = importlib.import_module(module_name)
     parser = _Parser(prog=f"robustdiff {name}", description=text)
     module.add_arguments(parser, name)

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,14 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+class Decoded(NamedTuple):
+    """One decoded image and what it was, so that a refusal can say "a PNG of mode RGBA (4 channels)"
+    rather than the shape it was converted to."""
+
+    array: np.ndarray  # float32 [C, H, W] in [-1, 1]
+    source: str  # e.g. "a PNG of mode RGBA (4 channels), 28x28" or "a .npy image [3, 32, 32]"
+
+
 def b64decode(text: str, field: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -38,7 +47,7 @@ def b64decode(text: str, field: str) -> bytes:
         raise ImageError(field, "not valid base64") from None
 
 
-def decode(data: bytes, field: str, npy_range: str | None) -> list[np.ndarray]:
+def decode(data: bytes, field: str, npy_range: str | None) -> list[Decoded]:
     """Decode one input into one or more float32 [C, H, W] arrays in [-1, 1]."""
     if data.startswith(_NPY_MAGIC):
         return _decode_npy(data, field, npy_range)
@@ -47,7 +56,7 @@ def decode(data: bytes, field: str, npy_range: str | None) -> list[np.ndarray]:
     raise ImageError(field, "not an image (expected PNG, JPEG or .npy data)")
 
 
-def _decode_raster(data: bytes, field: str) -> np.ndarray:
+def _decode_raster(data: bytes, field: str) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,10 +80,15 @@ def _decode_raster(data: bytes, field: str) -> np.ndarray:
             plain = img.convert("RGB")  # palette, RGBA, CMYK, YCbCr...: alpha is dropped
         arr = np.asarray(plain, dtype=np.float32) / 255.0
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr * 2.0 - 1.0, dtype=np.float32)
+    bands, read = len(img.getbands()), arr.shape[0]
+    what = "palette" if img.mode in ("P", "PA") else f"{bands} channel{'s' * (bands > 1)}"
+    if img.mode in ("P", "PA") or read != bands:
+        what += f", read as {'grey' if read == 1 else 'RGB'}"
+    source = f"a {img.format} of mode {img.mode} ({what}), {img.width}x{img.height}"
+    return Decoded(np.ascontiguousarray(arr * 2.0 - 1.0, dtype=np.float32), source)
 
 
-def _decode_npy(data: bytes, field: str, npy_range: str | None) -> list[np.ndarray]:
+def _decode_npy(data: bytes, field: str, npy_range: str | None) -> list[Decoded]:
     if npy_range is None:
         raise ImageError("npy_range", "required for .npy images: '0,1' or '-1,1'")
     try:
@@ -103,18 +117,33 @@ def _decode_npy(data: bytes, field: str, npy_range: str | None) -> list[np.ndarr
     if npy_range == "0,1":
         arr = arr * 2.0 - 1.0
     batch = arr[None] if arr.ndim == 3 else arr
-    return [np.ascontiguousarray(x) for x in batch]
+    return [Decoded(np.ascontiguousarray(x), f"a .npy image {list(x.shape)}") for x in batch]
 
 
-def fit(arr: np.ndarray, shape: tuple[int, int, int], field: str, resize: bool) -> np.ndarray:
-    """Check an image against the model's (C, H, W); convert it only when ``resize`` allows."""
+def describe_shape(shape: tuple[int, int, int]) -> str:
+    """A model's image shape in words: "grey (1 channel) 32x32"."""
+    c, h, w = shape
+    kind = {1: "grey (1 channel)", 3: "RGB (3 channels)", 4: "RGBA (4 channels)"}.get(c, f"{c}-channel")
+    return f"{kind} {h}x{w}"
+
+
+def fit(
+    image: Decoded,
+    shape: tuple[int, int, int],
+    field: str,
+    resize: bool,
+    hint: str = "send resize: true to convert it",
+) -> np.ndarray:
+    """Check an image against the model's (C, H, W); convert it (channels, then size) only when
+    ``resize`` allows, never silently. The HTTP API and ``robustdiff purify`` both call this, with
+    the ``hint`` that names their own switch."""
+    arr = image.array
     c, h, w = shape
     if tuple(arr.shape) == (c, h, w):
         return arr
     if not resize:
         raise ImageError(
-            field,
-            f"shape {list(arr.shape)} differs from the model's {[c, h, w]} (send resize: true to convert)",
+            field, f"{image.source}, but the model takes {describe_shape(shape)} images ({hint})"
         )
     if arr.shape[0] != c:
         if arr.shape[0] == 4:

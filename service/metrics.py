@@ -60,14 +60,14 @@ API_FAILURES = Counter("robustdiff_failures_total", "Failures by reason", ["reas
 # --- worker process ------------------------------------------------------------------------------
 QUEUE_WAIT = Histogram(
     "robustdiff_queue_wait_seconds",
-    "Time a job waited between enqueue and the start of its batch",
+    "Time a job waited between enqueue and joining the running batch",
     ["model", "kind"],
     buckets=DURATION_BUCKETS,
     registry=WORKER_REGISTRY,
 )
 INFERENCE_DURATION = Histogram(
     "robustdiff_inference_duration_seconds",
-    "Compute time of one batch",
+    "Compute time of one job (the network steps its images were part of)",
     ["model", "sampler", "kind"],
     buckets=DURATION_BUCKETS,
     registry=WORKER_REGISTRY,
@@ -80,7 +80,11 @@ STEP_DURATION = Histogram(
     registry=WORKER_REGISTRY,
 )
 BATCH_SIZE = Histogram(
-    "robustdiff_batch_size", "Images per batch", ["model"], buckets=BATCH_BUCKETS, registry=WORKER_REGISTRY
+    "robustdiff_batch_size",
+    "Images in the running batch at each network evaluation",
+    ["model"],
+    buckets=BATCH_BUCKETS,
+    registry=WORKER_REGISTRY,
 )
 IMAGES_GENERATED = Counter(
     "robustdiff_images_generated_total", "Images returned by /sample", ["model"], registry=WORKER_REGISTRY

@@ -28,10 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.jobs import Job
 
 PREFIX = "robustdiff"
 GROUP = "workers"
@@ -210,15 +213,21 @@ CANCELLED_ERROR = json.dumps({"field": "job", "reason": "cancelled by DELETE /jo
 
 @dataclass
 class Delivery:
-    """One stream entry handed to this worker, with its job's stored request."""
+    """One stream entry handed to this worker, with its job as the API wrote it."""
 
     entry_id: str
-    model: str
     job_id: str
-    kind: str
-    request: dict[str, Any]
-    created: float
+    job: Job
+    created: float  # first-submitted time: kept when the job is requeued or reclaimed
     reclaimed: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.job.model
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
 
     @property
     def stream(self) -> str:
@@ -270,9 +279,7 @@ class JobQueue:
     # ---- API side --------------------------------------------------------------------------------
     async def submit(
         self,
-        kind: str,
-        model: str,
-        request: dict[str, Any],
+        job: Job,
         *,
         max_depth: int,
         idempotency_key: str | None = None,
@@ -281,13 +288,14 @@ class JobQueue:
         """Store the job and append it to its model's stream, atomically with the depth and key checks."""
         job_id = uuid.uuid4().hex
         now = repr(time.time())
+        model = job.model
         fields = {
             "id": job_id,
-            "kind": kind,
+            "kind": job.kind,
             "model": model,
             "status": "queued",
             "created": now,
-            "request": json.dumps(request, separators=(",", ":")),
+            "request": job.model_dump_json(),
         }
         args: list[Any] = [job_id, fingerprint, self.job_ttl_s, max_depth, GROUP]
         for name, value in fields.items():
@@ -301,9 +309,7 @@ class JobQueue:
             if not await self.redis.exists(job_key(prev_id)):
                 await self.redis.delete(keys[2])
                 return await self.submit(
-                    kind,
-                    model,
-                    request,
+                    job,
                     max_depth=max_depth,
                     idempotency_key=idempotency_key,
                     fingerprint=fingerprint,
@@ -409,13 +415,19 @@ class JobQueue:
             pipe.hmget(job_key(data.get("id", "")), ["kind", "model", "request", "created"])
         rows = await pipe.execute()
         out = []
-        for (stream, entry_id, data), (kind, model, request, created) in zip(entries, rows, strict=True):
+        for (stream, entry_id, data), (_, _, request, created) in zip(entries, rows, strict=True):
             if request is None:  # expired or malformed entry: nothing to run
                 await self.ack(stream, entry_id)
                 continue
-            out.append(
-                Delivery(entry_id, model, data["id"], kind, json.loads(request), float(created), reclaimed)
-            )
+            try:
+                job = Job.model_validate_json(request)
+            except ValidationError as err:  # written by an incompatible API: fail it, never lose it silently
+                reason = f"unreadable job record: {err.errors()[0]['msg']}"
+                await self.finish(
+                    stream, entry_id, data["id"], "failed", error={"field": "job", "reason": reason}
+                )
+                continue
+            out.append(Delivery(entry_id, data["id"], job, float(created), reclaimed))
         return out
 
     async def ack(self, stream: str, entry_id: str) -> None:
@@ -510,10 +522,11 @@ class JobQueue:
             )
         return [str(s) for s in await pipe.execute()]
 
-    async def progress(self, deliveries: list[Delivery], step: int, steps: int) -> list[bool]:
-        """Record step i of n for each job still running; returns each job's cancel flag."""
+    async def progress(self, jobs: list[tuple[Delivery, int, int]]) -> list[bool]:
+        """Record each running job's (delivery, step i, of n steps), never recreating an expired record;
+        returns each job's cancel flag."""
         pipe = self.redis.pipeline(transaction=False)
-        for d in deliveries:
+        for d, step, steps in jobs:
             await self._scripts["progress"](keys=[job_key(d.job_id)], args=[step, steps], client=pipe)
         return [int(reply) == 1 for reply in await pipe.execute()]
 

@@ -104,10 +104,12 @@ class ErrorBody(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_s: float = Field(description="Enqueue to the start of the job's batch.")
-    compute_s: float = Field(description="Compute time of the batch the job ran in.")
-    total_s: float = Field(description="Enqueue to the response.")
-    batch_images: int = Field(description="Images in that batch (jobs sharing it are batched together).")
+    queue_s: float = Field(description="Enqueue to joining the worker's running batch.")
+    compute_s: float = Field(description="Time of the network steps the job's images were part of.")
+    total_s: float = Field(0.0, description="Enqueue to the response (added by the API).")
+    batch_images: int = Field(
+        description="Mean images in the running batch over the job's steps (other jobs join and leave it)."
+    )
 
 
 class JobResult(BaseModel):
@@ -150,6 +152,9 @@ class ModelEntry(BaseModel):
     hash: str
     samplers: list[str]
     default_steps: int
+    eval_s: float = Field(
+        0.0, description="Seconds per image per network evaluation, measured by the worker at warm-up."
+    )
     workers: int = Field(description="Live workers serving it.")
     default: bool
 

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import IO
+from typing import IO, Literal
 
 import redis
 import uvicorn
@@ -32,6 +32,7 @@ from uvicorn.lifespan.on import LifespanOn
 from models.errors import UserError
 from service.redis_server import RedisServer
 from service.settings import load_settings
+from service.threads import default_workers, set_thread_env
 
 WORKER_ERROR_PREFIX = "robustdiff worker: error: "
 LIFESPAN_SHUTDOWN_TIMEOUT_S = 10.0
@@ -46,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--workers",
         type=int,
         default=None,
-        help="worker processes to start beside the API (default: 1 with the private Redis, 0 with "
-        "ROBUSTDIFF_REDIS_URL set)",
+        help="worker processes to start beside the API (default ROBUSTDIFF_WORKERS, else: with the "
+        "private Redis one per CPU core / ROBUSTDIFF_TORCH_THREADS on a CPU-only machine and 1 with a "
+        "GPU; 0 with ROBUSTDIFF_REDIS_URL set)",
     )
 
 
@@ -55,9 +57,16 @@ class Supervisor:
     """Keeps N `robustdiff worker` children, and the private Redis if there is one, running until
     stopped; restarts one that dies (Redis first: the workers and the API reconnect by themselves)."""
 
-    def __init__(self, count: int, env: dict[str, str], redis_server: RedisServer | None = None) -> None:
+    def __init__(
+        self,
+        count: int,
+        env: dict[str, str],
+        redis_server: RedisServer | None = None,
+        metrics_port: int | Literal["auto"] = "auto",
+    ) -> None:
         self.count = count
         self.env = env
+        self.metrics_port = metrics_port
         self.redis_server = redis_server
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
@@ -67,11 +76,11 @@ class Supervisor:
         self.last_error: str | None = None  # the last one-line error a worker printed
         self.all_given_up = threading.Event()  # every worker exited with a configuration error
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # Own process group: Ctrl-C reaches only serve, which then stops children in order.
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker"],
-            env=self.env,
+            env=self._worker_env(index),
             start_new_session=True,
             stderr=subprocess.PIPE,
         )
@@ -80,6 +89,15 @@ class Supervisor:
         reader.start()
         self._readers[proc.pid] = reader
         return proc
+
+    def _worker_env(self, index: int) -> dict[str, str]:
+        """The i-th worker's environment: its torch threads and OpenMP policy, and its own metrics port
+        (a fixed port plus i; "auto" lets each pick a free one), so N workers on one host do not collide."""
+        env = dict(self.env)
+        set_thread_env(env)
+        if isinstance(self.metrics_port, int) and self.metrics_port:
+            env["ROBUSTDIFF_WORKER_METRICS_PORT"] = str(self.metrics_port + index)
+        return env
 
     def _relay(self, stream: IO[bytes]) -> None:
         """Pass a worker's stderr through, remembering its one-line error so serve can report it."""
@@ -93,7 +111,7 @@ class Supervisor:
         stream.close()
 
     def start(self) -> None:
-        self.procs = [self._spawn() for _ in range(self.count)]
+        self.procs = [self._spawn(i) for i in range(self.count)]
         self._thread.start()
 
     def _watch(self) -> None:
@@ -116,7 +134,7 @@ class Supervisor:
                         continue
                     log.warning("worker %d exited with code %s; restarting it", proc.pid, code)
                     time.sleep(1.0)
-                    self.procs[i] = self._spawn()
+                    self.procs[i] = self._spawn(i)
 
     def _keep_redis(self) -> None:
         code = self.redis_server.exit_code if self.redis_server is not None else None
@@ -214,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
     # Every argument and file is checked before Redis or a worker starts, so a refusal leaks nothing.
     if not 0 < args.port < 65536:
         raise UserError("--port", f"{args.port} is not a TCP port")
-    workers = args.workers if args.workers is not None else (0 if settings.redis_url else 1)
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers is None:
+        workers = 0 if settings.redis_url else default_workers(settings.device, settings.torch_threads)
     if workers < 0:
         raise UserError("--workers", "must be >= 0")
     check_listen(args.host, args.port)
@@ -236,7 +256,9 @@ def run(args: argparse.Namespace) -> int:
             redis_server = RedisServer(persistent=True)
             url = redis_server.start().url
             log.info("started a private Redis at %s", url)
-        supervisor = Supervisor(workers, dict(os.environ, ROBUSTDIFF_REDIS_URL=url), redis_server)
+        supervisor = Supervisor(
+            workers, dict(os.environ, ROBUSTDIFF_REDIS_URL=url), redis_server, settings.worker_metrics_port
+        )
         from service.api import create_app
 
         app = create_app(settings.model_copy(update={"redis_url": url}))

@@ -26,8 +26,9 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 SERVABLE_KINDS = ("diffusion", "consistency")
 
 
-def checkpoint_kind(path: Path) -> str | None:
-    """The ``kind`` in a robustdiff safetensors header, read as plain JSON (no torch in the API).
+def checkpoint_field(path: Path, key: str) -> str | None:
+    """A string field (``kind``, ``name``) of a robustdiff safetensors header, read as plain JSON
+    (no torch in the API).
 
     A safetensors file starts with an 8-byte little-endian header length and the JSON header,
     whose ``__metadata__`` holds our JSON under the key ``robustdiff``.
@@ -38,10 +39,32 @@ def checkpoint_kind(path: Path) -> str | None:
             if not 0 < size <= 100_000_000:
                 return None
             meta = json.loads(f.read(size)).get("__metadata__") or {}
-        kind = json.loads(meta.get("robustdiff", "{}")).get("kind")
+        value = json.loads(meta.get("robustdiff", "{}")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return kind if isinstance(kind, str) else None
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    return checkpoint_field(path, "kind")
+
+
+def _diffusers_folder_problem(folder: Path) -> str | None:
+    """Why a folder in ROBUSTDIFF_MODELS cannot be served as a diffusers model (None: it can be tried).
+
+    Plain file checks, so serve refuses before starting anything; the worker converts the folder in
+    memory. Only safetensors weights: the server never unpickles a .bin."""
+    mdir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (mdir / "config.json").is_file():
+        return "a folder, but not a diffusers model (no config.json nor unet/config.json)"
+    if not (mdir / "diffusion_pytorch_model.safetensors").is_file():
+        if (mdir / "diffusion_pytorch_model.bin").is_file():
+            return (
+                "has only .bin (pickle) weights, which the server never reads: convert it once with "
+                f"`robustdiff import-diffusers {folder} --out NAME.safetensors` and serve that file"
+            )
+        return "no diffusion_pytorch_model.safetensors in it"
+    return None
 
 
 def _committed_weights() -> list[str]:
@@ -70,7 +93,8 @@ class Settings(BaseSettings):
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=_committed_weights,
-        description="Comma-separated checkpoint paths the worker serves, each optionally `name=path`. "
+        description="Comma-separated checkpoint paths the worker serves, each optionally `name=path`; a "
+        "path may be a diffusers folder (converted on load, safetensors weights only). "
         "Default: the committed models/weights/*.safetensors.",
     )
     default_model: str = Field(
@@ -86,6 +110,42 @@ class Settings(BaseSettings):
         description="Network precision on a GPU (the CPU always runs float32). float16 keeps a DDIM-10 "
         "run within 0.1% of float32 on the served models; bfloat16 drifts by ~4%, at the same speed.",
     )
+    cpu_micro_batch: int = Field(
+        16,
+        ge=1,
+        description="Rows per network call on the CPU: a batch runs as micro-batches of this many "
+        "images (kernels pinned so each image's bytes never depend on its batch).",
+    )
+    cpu_pad_micro_batch: bool = Field(
+        False,
+        description="Pad the last CPU micro-batch to CPU_MICRO_BATCH rows, so every call has one shape "
+        "(a belt on top of the pinned kernels; a 1-image request then costs a full micro-batch).",
+    )
+    cpu_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Network precision on the CPU. bfloat16 (autocast; needs avx512_bf16 or AMX, refused "
+        "at start otherwise) changes a DDIM-10 image by about 1% relative L2 (docs/BENCHMARKS.md).",
+    )
+    cpu_compile: bool = Field(
+        False,
+        description="torch.compile the network on the CPU for the micro-batch shape (pads every "
+        "micro-batch); compiled while the worker starts, before it reports ready.",
+    )
+    cpu_channels_last: bool = Field(
+        False, description="Store CPU activations channels-last (NHWC); measured slower on the served models."
+    )
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Torch threads per worker process (0: torch's default, one per core). One thread per "
+        "worker and one worker per core is the measured best on a CPU.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="Workers `robustdiff serve` starts beside the API (--workers wins). Default: with the "
+        "private Redis, one per CPU core / TORCH_THREADS on a CPU-only machine, else 1; with REDIS_URL, 0.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens; when set, every route but /healthz, /readyz and "
@@ -100,10 +160,16 @@ class Settings(BaseSettings):
         1000, ge=1, description="Jobs waiting per model before new ones are refused with 429 + Retry-After."
     )
     max_batch_images: int = Field(
-        256, ge=1, description="Most images a worker puts in one batch (must be >= MAX_IMAGES)."
+        256,
+        ge=1,
+        description="Most images in a worker's running batch of one model; jobs join and leave it at every "
+        "step (must be >= MAX_IMAGES).",
     )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+        5.0,
+        ge=0,
+        description="How long an idle worker waits for more jobs to start its running batch with (a busy "
+        "one admits new jobs at the next step).",
     )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(
@@ -116,7 +182,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Runs after which a job whose worker died each time is dead-lettered and fails."
     )
     heartbeat_s: float = Field(
-        2.0, gt=0, description="Worker heartbeat period; a worker silent for 3 periods counts as dead."
+        2.0, gt=0, description="Worker heartbeat period; a worker quiet for 3 periods counts as dead."
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long a synchronous request waits for its job before answering 504."
@@ -210,9 +276,20 @@ class Settings(BaseSettings):
             name, sep, path = entry.partition("=")
             if not sep:
                 name, path = "", entry
-            if not Path(path).is_file():
-                raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file")
+            problem = _diffusers_folder_problem(Path(path)) if Path(path).is_dir() else None
+            if problem:
+                raise UserError("ROBUSTDIFF_MODELS", f"{path}: {problem}")
+            if not Path(path).exists():
+                raise UserError("ROBUSTDIFF_MODELS", f"{path}: no such checkpoint file or diffusers folder")
             out.append((name, Path(path)))
+        return out
+
+    def served_paths(self) -> dict[str, Path]:
+        """Served model name -> checkpoint file, named as the worker names them (``name=`` or the
+        checkpoint's own name), for ``robustdiff sample/purify --model NAME``."""
+        out: dict[str, Path] = {}
+        for name, path in self.model_files():
+            out.setdefault(name or checkpoint_field(path, "name") or path.stem, path)
         return out
 
     @property

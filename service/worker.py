@@ -1,9 +1,13 @@
-"""`robustdiff worker`: executes queued jobs, batching compatible ones, one process per device.
+"""`robustdiff worker`: executes queued jobs with step-level batching, one process per device.
 
-The event loop owns all Redis traffic (reading, heartbeats, progress, results); the network runs
-in a thread so heartbeats and cancellation checks continue during long batches. Jobs with the same
-model, kind, sampler, steps, times, eta and t* share a batch (a job reclaimed from a dead worker runs alone);
-each image keeps its own seed, so batching never changes an image.
+Each model has one running batch. At every step boundary the worker admits waiting jobs (oldest
+first by first-submitted time, within MAX_BATCH_IMAGES; ``service.scheduler`` decides), evaluates
+the network once on all rows at their own times, applies each row's own sampler update, and retires
+the rows that reached t = 0: a job completes as soon as its last image does, so a short request
+never waits for a long one. Jobs of any sampler, steps, eta, t* and kind share the batch; each image
+keeps its own seed and noise stream, so batching never changes an image. A job reclaimed from a dead
+worker runs alone. The event loop owns all Redis traffic (reading, heartbeats, progress, results);
+each step runs in a thread so heartbeats and cancellation checks continue meanwhile.
 
 Fault-injection hooks, for the test suite only (never set them in production):
 ``ROBUSTDIFF_FAULT_CRASH_SEED=<int>`` hard-exits the process when a batch holds that seed (a job that
@@ -22,6 +26,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,10 +34,12 @@ import torch
 from prometheus_client import start_http_server
 
 from models.errors import UserError
-from models.pipeline import Cancelled, Pipeline
+from models.pipeline import CpuOptions, Pipeline, RunningBatch
 from service import images as imgs
 from service import metrics as m
 from service.queue import REDIS_ERRORS, WORKER_CLIENT_PREFIX, Delivery, JobQueue, connect
+from service.scheduler import Scheduler, Ticket
+from service.schemas import JobResult, Timings
 from service.settings import Settings, load_settings
 
 FAULT_CRASH_SEED_ENV = "ROBUSTDIFF_FAULT_CRASH_SEED"
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         )
     fault_hooks()  # before loading models: a typo must not cost their load time
     metrics_url = start_metrics(settings)  # before the models load: a taken port must not cost their load
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     pipelines = load_pipelines(settings)
     worker = Worker(settings, pipelines)
     if metrics_url:
@@ -101,7 +110,17 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
     for name, path in settings.model_files():
         try:
             pipe = Pipeline.from_checkpoint(
-                path, device=settings.device, name=name or None, gpu_dtype=settings.gpu_dtype
+                path,
+                device=settings.device,
+                name=name or None,
+                gpu_dtype=settings.gpu_dtype,
+                cpu=CpuOptions(
+                    micro_batch=settings.cpu_micro_batch,
+                    pad=settings.cpu_pad_micro_batch,
+                    dtype=settings.cpu_dtype,
+                    compile=settings.cpu_compile,
+                    channels_last=settings.cpu_channels_last,
+                ),
             )
         except ValueError as err:  # UserError/CheckpointError and device errors
             raise UserError("ROBUSTDIFF_MODELS", f"{path}: {err}") from None
@@ -112,17 +131,20 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
             )
         if model in out:
             raise UserError("ROBUSTDIFF_MODELS", f"two checkpoints named {model!r}; use name=path for one")
-        # Before the first heartbeat, so no request ever pays a CUDA-graph capture or a cold start.
+        # Before the first heartbeat, so no request ever pays a CUDA-graph capture, a CPU compile or a
+        # cold start, and /readyz stays 503 until then.
+        started = time.perf_counter()
         warmed = pipe.warmup(settings.max_batch_images)
         out[model] = pipe
         log.info(
-            "loaded %s (%s, %s) from %s on %s, warmed batch sizes %s",
+            "loaded %s (%s, %s) from %s on %s, warmed batch sizes %s in %.1f s",
             model,
             pipe.info.kind,
             pipe.info.hash[:12],
             path,
             pipe.device,
             warmed,
+            time.perf_counter() - started,
         )
     return out
 
@@ -133,18 +155,15 @@ def info_dict(pipe: Pipeline) -> dict[str, Any]:
     return info
 
 
-def batch_key(d: Delivery) -> tuple[Any, ...]:
-    """Jobs with equal keys may share a batch. A reclaimed job (its worker died while holding it)
-    gets a key of its own: if it is what killed the worker, it must not take healthy jobs down with it
-    again, so only it reaches the dead-letter stream."""
-    r = d.request
-    alone = d.entry_id if d.reclaimed else None
-    times = tuple(r["times"]) if r.get("times") is not None else None
-    return (d.model, d.kind, r["sampler"], r["steps"], times, r["eta"], r.get("t_star"), alone)
+@dataclass
+class Held:
+    """A job this worker holds: waiting in the scheduler, or running with its timing so far."""
 
-
-def n_outputs(d: Delivery) -> int:
-    return len(d.request["seeds"])
+    d: Delivery
+    ticket: Ticket
+    started: float = 0.0  # wall time it joined the running batch
+    compute_s: float = 0.0  # time of the steps it was part of
+    batch_rows: int = 0  # rows of those steps, summed (mean batch size = batch_rows / steps)
 
 
 class Worker:
@@ -164,21 +183,24 @@ class Worker:
         )
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.cap = settings.max_batch_images
-        self.backlog: list[Delivery] = []
-        self.current: list[Delivery] = []
+        self.scheduler = Scheduler(self.cap)
+        self.held: dict[str, Held] = {}  # every job this worker holds, waiting or running
+        self.batches: dict[str, RunningBatch] = {p: pipe.running_batch() for p, pipe in pipelines.items()}
         self.cancelled: set[str] = set()
         self.stopping = False
         self.abort = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._progress = (0, 0)
+        self._progress: list[tuple[Delivery, int, int]] = []
         self._progress_event = asyncio.Event()
+        self._arrived = asyncio.Event()  # new jobs reached the scheduler
+        self._room = asyncio.Event()  # fewer than a batch's worth of images wait here: read more
+        self._completing: set[asyncio.Task[None]] = set()
         self._crash_seed, self._step_delay = fault_hooks()
         devices = {p.device for p in pipelines.values()}
         self._cuda = next((d for d in devices if d.type == "cuda"), None)
         self.meta = {"pid": os.getpid(), "host": socket.gethostname(), "device": ",".join(map(str, devices))}
 
     async def run(self) -> int:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         if not (
@@ -190,14 +212,13 @@ class Worker:
             return 0
         log.info("worker %s serving %s", self.id, ", ".join(self.models))
         tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
+        reader = asyncio.create_task(self._reader_loop())
         try:
-            while not self.stopping:
+            while not self.abort and not (self.stopping and not self._running()):
                 try:
-                    batch = await self._next_batch()
-                    if batch and self.stopping:
-                        self.backlog = batch + self.backlog
-                    elif batch:
-                        await self._run_batch(batch)
+                    if not self._running():
+                        await self._until_work()
+                    await self._boundary()
                 except REDIS_ERRORS as err:
                     log.warning("redis unavailable (%s); retrying", err)
                     await asyncio.sleep(1.0)
@@ -205,6 +226,10 @@ class Worker:
                     log.exception("unexpected error in the worker loop")
                     await asyncio.sleep(1.0)
         finally:
+            self.stopping = True
+            self._room.set()
+            # The reader's last blocking read (at most 1 s) may still deliver jobs: they are handed back.
+            await asyncio.gather(reader, *self._completing, return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await self._hand_back()
@@ -216,7 +241,7 @@ class Worker:
             log.warning("second signal: abandoning the running batch and handing its jobs back")
             self.abort = True
         else:
-            log.info("stopping: finishing the running batch, handing back the rest (signal again to abort)")
+            log.info("stopping: finishing the running jobs, handing back the rest (signal again to abort)")
         self.stopping = True
 
     async def _until_redis(self, op: Any) -> bool:
@@ -234,230 +259,305 @@ class Worker:
         return False
 
     async def _hand_back(self) -> None:
+        """Requeue every job not finished here (all of them after an abort, else the waiting ones)."""
         try:
-            for d in self.backlog:
-                await self.queue.requeue(d)
-            self.backlog = []
+            for job_id, h in list(self.held.items()):
+                if job_id not in self.cancelled:
+                    await self.queue.requeue(h.d)
+                self.held.pop(job_id)
+                self.scheduler.drop(job_id)
             await self.queue.deregister(self.id)
         except REDIS_ERRORS as err:
             log.warning("could not hand back jobs (%s); they will be reclaimed", err)
         await self.redis.aclose()
 
-    # ---- batching ----------------------------------------------------------------------------------
-    async def _next_batch(self) -> list[Delivery]:
-        """Jobs sharing the oldest job's batch key, waiting at most MAX_WAIT_MS for more to arrive."""
-        if not self.backlog:
-            # extend, never reassign: the heartbeat task may append reclaimed jobs during the read
-            self.backlog.extend(await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000))
-            if not self.backlog:
-                return []
-        key = batch_key(self.backlog[0])
-        batch: list[Delivery] = []
-        images = 0
-        rest: list[Delivery] = []
-        for d in self.backlog:
-            if batch_key(d) == key and (not batch or images + n_outputs(d) <= self.cap):
-                batch.append(d)
-                images += n_outputs(d)
-            else:
-                rest.append(d)
-        self.backlog = rest
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.max_wait_ms / 1000
-        while images < self.cap and not self.stopping:
-            remaining_ms = (deadline - loop.time()) * 1000
-            block = int(remaining_ms) if remaining_ms >= 1 else None
-            new = await self.queue.read(self.id, self.models, count=self.cap - images, block_ms=block)
-            for d in new:
-                if batch_key(d) == key and images + n_outputs(d) <= self.cap:
-                    batch.append(d)
-                    images += n_outputs(d)
-                else:
-                    self.backlog.append(d)
-            if block is None or not new:
-                break
-        return batch
+    # ---- the step-level engine ----------------------------------------------------------------------
+    def _running(self) -> bool:
+        return any(self.scheduler.running.values())
 
-    async def _run_batch(self, batch: list[Delivery]) -> None:
-        statuses = await self.queue.start(self.id, batch)
-        run = []
-        for d, status in zip(batch, statuses, strict=True):
-            if status == "running":
-                run.append(d)
+    async def _reader_loop(self) -> None:
+        """Read new jobs while fewer than a batch's worth of images wait here, concurrently with the
+        steps, so no step waits on a Redis round trip to learn that nothing new arrived."""
+        while not self.stopping:
+            try:
+                if sum(t.rows for t in self.scheduler.waiting) >= self.cap:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                await self._accept(await self.queue.read(self.id, self.models, count=self.cap, block_ms=1000))
+            except REDIS_ERRORS as err:
+                log.warning("redis unavailable (%s); retrying", err)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("unexpected error reading jobs")
+                await asyncio.sleep(1.0)
+
+    async def _until_work(self) -> None:
+        """Nothing runs: wait (at most 1 s) for jobs if none waits, then MAX_WAIT_MS for more to
+        start the running batch with."""
+        if self.scheduler.idle():
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 1.0)
+            except TimeoutError:
+                return
+        if self.settings.max_wait_ms > 0:
+            await asyncio.sleep(self.settings.max_wait_ms / 1000)
+
+    async def _accept(self, deliveries: list[Delivery]) -> None:
+        """Hand new (or reclaimed) jobs to the scheduler; a job the model cannot run fails at once."""
+        for d in deliveries:
+            if d.job_id in self.held:
                 continue
-            await self.queue.finish(d.stream, d.entry_id, d.job_id, "")  # already final: just ack
+            job = d.job
+            try:
+                grid = self.pipelines[d.model].grid(
+                    job.sampler, steps=job.steps, times=job.times, eta=job.eta, t_star=job.t_star
+                )
+                ticket = Ticket(d.job_id, d.model, job.outputs, len(grid) - 1, d.created, d.reclaimed, d.kind)
+                self.scheduler.submit(ticket)
+            except ValueError as err:  # UserError, or more images than MAX_BATCH_IMAGES
+                await self._refuse(d, err)
+                continue
+            self.held[d.job_id] = Held(d, ticket)
+            self._arrived.set()
+
+    async def _refuse(self, d: Delivery, err: ValueError) -> None:
+        """A request the model cannot run (e.g. more DDIM steps than fit below t*)."""
+        log.info("job %s refused: %s", d.job_id, err)
+        field, reason = (err.field, err.reason) if isinstance(err, UserError) else ("job", str(err))
+        error = {"field": field, "reason": reason, "code": "invalid"}
+        if await self.queue.finish(d.stream, d.entry_id, d.job_id, "failed", error=error):
+            m.JOBS.labels(kind=d.kind, status="failed").inc()
+            m.WORKER_FAILURES.labels(reason="validation").inc()
+
+    async def _boundary(self) -> None:
+        """One step boundary: evict cancelled rows, admit waiting jobs, evaluate every running batch
+        once, retire the jobs whose rows reached t = 0."""
+        plan = self.scheduler.plan(admit=not self.stopping)
+        for job_id in plan.evicted:
+            h = self.held.pop(job_id, None)
+            if h is not None:
+                self.batches[h.d.model].remove(job_id)
+        if plan.admitted:
+            await self._admit([self.held[t.job_id] for t in plan.admitted])
+            if sum(t.rows for t in self.scheduler.waiting) < self.cap:
+                self._room.set()
+        models = [model for model, rows in self.scheduler.running.items() if rows]
+        if not models:
+            return
+        samplers = {
+            model: {self.held[r.ticket.job_id].d.job.sampler for r in self.scheduler.running[model]}
+            for model in models
+        }
+        labels = {model: s.pop() if len(s) == 1 else "mixed" for model, s in samplers.items()}
+        t0 = time.perf_counter()
+        try:
+            sizes = await asyncio.to_thread(self._step, models, labels)
+        except Exception as err:  # a bug or a device error: fail what ran, keep serving
+            log.exception("step failed")
+            await self._fail_running(models, err)
+            return
+        elapsed = time.perf_counter() - t0
+        finished: list[tuple[Held, torch.Tensor]] = []
+        for model in models:
+            m.BATCH_SIZE.labels(model=model).observe(sizes[model])
+            for r in self.scheduler.running[model]:
+                h = self.held[r.ticket.job_id]
+                h.compute_s += elapsed
+                h.batch_rows += sizes[model]
+            for t in self.scheduler.advance(model):
+                h = self.held.pop(t.job_id)
+                finished.append((h, self.batches[model].remove(t.job_id)))
+        self._progress = [
+            (self.held[r.ticket.job_id].d, r.step, r.ticket.steps)
+            for rows in self.scheduler.running.values()
+            for r in rows
+            if r.ticket.job_id not in self.cancelled
+        ]
+        self._progress_event.set()
+        if finished:  # encoded and stored while the next step runs
+            task = asyncio.create_task(self._complete(finished))
+            self._completing.add(task)
+            task.add_done_callback(self._completing.discard)
+
+    async def _admit(self, admitted: list[Held]) -> None:
+        """Mark admitted jobs running in Redis and add their rows to their model's batch."""
+        if any(h.ticket.isolated for h in admitted) and self._completing:
+            # It may be what killed a worker: store the results already computed before it runs.
+            await asyncio.gather(*self._completing, return_exceptions=True)
+        statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        run = []
+        for h, status in zip(admitted, statuses, strict=True):
+            if status == "running":
+                run.append(h)
+                continue
+            self._forget(h.d.job_id)
+            await self.queue.finish(h.d.stream, h.d.entry_id, h.d.job_id, "")  # already final: just ack
             if status == "cancelled":
-                m.JOBS.labels(kind=d.kind, status="cancelled").inc()
+                m.JOBS.labels(kind=h.d.kind, status="cancelled").inc()
         if not run:
             return
-        started = time.time()
-        for d in run:
-            m.QUEUE_WAIT.labels(model=d.model, kind=d.kind).observe(max(0.0, started - d.created))
-        if self._crash_seed is not None and any(self._crash_seed in d.request["seeds"] for d in run):
+        now = time.time()
+        for h in run:
+            h.started = now
+            m.QUEUE_WAIT.labels(model=h.d.model, kind=h.d.kind).observe(max(0.0, now - h.d.created))
+        if self._crash_seed is not None and any(self._crash_seed in h.d.job.seeds for h in run):
             log.error("fault injection: %s=%s, exiting hard", FAULT_CRASH_SEED_ENV, self._crash_seed)
             os._exit(CRASH_EXIT_CODE)
-        self.current, self.cancelled = run, set()
-        first = run[0]
-        sampler = first.request["sampler"]
+        refused = await asyncio.to_thread(self._add_rows, run)
+        for h in run:
+            if h.d.job_id in refused:
+                self._forget(h.d.job_id)
+                await self._refuse(h.d, refused[h.d.job_id])
+
+    def _forget(self, job_id: str) -> None:
+        self.held.pop(job_id, None)
+        self.scheduler.drop(job_id)
+
+    async def _fail_running(self, models: list[str], err: Exception) -> None:
+        reason = f"worker_error: {type(err).__name__}: {err}"
+        for model in models:
+            for r in list(self.scheduler.running[model]):
+                h = self.held[r.ticket.job_id]
+                self._forget(h.d.job_id)
+                if h.d.job_id in self.cancelled:
+                    continue
+                error = {"field": "job", "reason": reason}
+                if await self.queue.finish(h.d.stream, h.d.entry_id, h.d.job_id, "failed", error=error):
+                    m.JOBS.labels(kind=h.d.kind, status="failed").inc()
+                    m.WORKER_FAILURES.labels(reason="worker_error").inc()
+            self.batches[model] = self.pipelines[model].running_batch()
+
+    async def _complete(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
         try:
-            t0 = time.perf_counter()
-            out = await asyncio.to_thread(self._compute, run)
-            compute_s = time.perf_counter() - t0
-        except Cancelled:
-            await self._after_cancel(run)
-            return
-        except UserError as err:  # a request the model cannot run (e.g. more DDIM steps than fit below t*)
-            log.info("batch of %d jobs refused: %s", len(run), err)
-            await self._fail(run, {"field": err.field, "reason": err.reason, "code": "invalid"}, "validation")
-            return
-        except Exception as err:
-            log.exception("batch of %d jobs failed", len(run))
-            reason = f"worker_error: {type(err).__name__}: {err}"
-            await self._fail(run, {"field": "job", "reason": reason}, "worker_error")
-            return
-        finally:
-            self.current = []
-        total = sum(n_outputs(d) for d in run)
-        m.INFERENCE_DURATION.labels(model=first.model, sampler=sampler, kind=first.kind).observe(compute_s)
-        m.BATCH_SIZE.labels(model=first.model).observe(total)
-        results = await asyncio.to_thread(self._encode, run, out, compute_s, started, total)
-        for d, result in zip(run, results, strict=True):
+            await self._store(finished)
+        except REDIS_ERRORS as err:  # unacknowledged: the jobs are reclaimed and run again
+            log.warning("results not stored (%s); the jobs will be reclaimed", err)
+        except Exception:
+            log.exception("results not stored; the jobs will be reclaimed")
+
+    async def _store(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
+        results = await asyncio.to_thread(self._encode, finished)
+        for (h, _), result in zip(finished, results, strict=True):
+            d = h.d
             if d.job_id in self.cancelled:
                 continue
-            steps = self._progress[1] or d.request["steps"]
-            if await self.queue.finish(d.stream, d.entry_id, d.job_id, "done", result=result, steps=steps):
+            m.INFERENCE_DURATION.labels(model=d.model, sampler=d.job.sampler, kind=d.kind).observe(
+                h.compute_s
+            )
+            if await self.queue.finish(
+                d.stream, d.entry_id, d.job_id, "done", result=result, steps=h.ticket.steps
+            ):
                 m.JOBS.labels(kind=d.kind, status="done").inc()
                 counter = m.IMAGES_GENERATED if d.kind == "sample" else m.IMAGES_PURIFIED
-                counter.labels(model=d.model).inc(n_outputs(d))
-
-    async def _after_cancel(self, run: list[Delivery]) -> None:
-        for d in run:
-            if self.abort and d.job_id not in self.cancelled:
-                await self.queue.requeue(d)
-            elif d.job_id not in self.cancelled:
-                await self._finish_cancelled(d)
+                counter.labels(model=d.model).inc(d.job.outputs)
 
     async def _finish_cancelled(self, d: Delivery) -> None:
         self.cancelled.add(d.job_id)
+        self.scheduler.cancel(d.job_id)  # its rows leave at the next boundary
         error = {"field": "job", "reason": "cancelled by DELETE /jobs/{id}"}
         if await self.queue.finish(d.stream, d.entry_id, d.job_id, "cancelled", error=error):
             m.JOBS.labels(kind=d.kind, status="cancelled").inc()
 
-    async def _fail(self, run: list[Delivery], error: dict[str, str], metric_reason: str) -> None:
-        for d in run:
-            if d.job_id in self.cancelled:
+    # ---- compute (runs in a thread, never while another step or admission does) ---------------------
+    def _add_rows(self, run: list[Held]) -> dict[str, ValueError]:
+        """Each admitted job's start state joins its model's batch; returns the jobs refused."""
+        refused: dict[str, ValueError] = {}
+        for h in run:
+            job = h.d.job
+            pipe = self.pipelines[job.model]
+            images = None
+            if job.images is not None:
+                x = imgs.load_npy_b64(job.images)
+                images = torch.from_numpy(np.repeat(x, job.draws, axis=0).astype(np.float32))
+            try:
+                group, start = pipe.request(
+                    h.d.job_id,
+                    job.seeds,
+                    sampler=job.sampler,
+                    steps=job.steps,
+                    times=job.times,
+                    eta=job.eta,
+                    labels=job.output_labels(),
+                    images=images,
+                    t_star=job.t_star,
+                )
+            except ValueError as err:
+                refused[h.d.job_id] = err
                 continue
-            if await self.queue.finish(d.stream, d.entry_id, d.job_id, "failed", error=error):
-                m.JOBS.labels(kind=d.kind, status="failed").inc()
-                m.WORKER_FAILURES.labels(reason=metric_reason).inc()
+            self.batches[job.model].add(group, start)
+        return refused
 
-    # ---- compute (runs in a thread) -----------------------------------------------------------------
-    def _compute(self, run: list[Delivery]) -> np.ndarray:
-        first = run[0]
-        req = first.request
-        pipe = self.pipelines[first.model]
-        seeds = [s for d in run for s in d.request["seeds"]]
-        has_labels = any(d.request.get("labels") for d in run)
-        loop_time = time.perf_counter
-        last = loop_time()
-        sampler = req["sampler"]
-        step_hist = m.STEP_DURATION.labels(model=first.model, sampler=sampler)
-        loop = self._loop
-        assert loop is not None
+    def _step(self, models: list[str], samplers: dict[str, str]) -> dict[str, int]:
+        """One network evaluation and update of every model's running batch; returns their sizes."""
+        sizes = {}
+        for model in models:
+            batch = self.batches[model]
+            sizes[model] = batch.rows
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                batch.step()
+            m.STEP_DURATION.labels(model=model, sampler=samplers[model]).observe(time.perf_counter() - t0)
+        if self._step_delay:
+            time.sleep(self._step_delay)
+        return sizes
 
-        def callback(i: int, n: int) -> None:
-            nonlocal last
-            now = loop_time()
-            step_hist.observe(now - last)
-            last = now
-            self._progress = (i, n)
-            loop.call_soon_threadsafe(self._progress_event.set)
-            if self._step_delay:
-                time.sleep(self._step_delay)
-
-        def cancel() -> bool:
-            return self.abort or all(d.job_id in self.cancelled for d in run)
-
-        common: dict[str, Any] = {
-            "sampler": sampler,
-            "steps": req["steps"],
-            "times": req.get("times"),
-            "eta": req["eta"],
-            "callback": callback,
-            "cancel": cancel,
-        }
-        if first.kind == "sample":
-            labels = [c for d in run for c in d.request["labels"]] if has_labels else None
-            out = pipe.sample(seeds, labels=labels, **common)
-        else:
-            arrays, labels_list = [], []
-            for d in run:
-                x = imgs.load_npy_b64(d.request["images"])
-                arrays.append(np.repeat(x, d.request["draws"], axis=0))
-                if has_labels:
-                    labels_list += [c for c in d.request["labels"] for _ in range(d.request["draws"])]
-            images = torch.from_numpy(np.concatenate(arrays).astype(np.float32))
-            out = pipe.purify(
-                images, seeds, t_star=req["t_star"], labels=labels_list if has_labels else None, **common
-            )
-        return np.asarray(out.numpy(), dtype=np.float32)
-
-    def _encode(
-        self, run: list[Delivery], out: np.ndarray, compute_s: float, started: float, total: int
-    ) -> list[dict[str, Any]]:
+    def _encode(self, finished: list[tuple[Held, torch.Tensor]]) -> list[dict[str, Any]]:
         results = []
-        offset = 0
-        for d in run:
-            r = d.request
-            n = n_outputs(d)
-            arr = out[offset : offset + n]
-            offset += n
-            seeds: list[Any] = list(r["seeds"])
+        for h, out in finished:
+            d, job = h.d, h.d.job
+            arr = np.asarray(out.float().cpu().numpy(), dtype=np.float32)
+            seeds: list[int] | list[list[int]] = list(job.seeds)
             if d.kind == "purify":
-                draws = int(r["draws"])
-                arr = arr.reshape(n // draws, draws, *arr.shape[1:])
-                seeds = [seeds[i : i + draws] for i in range(0, n, draws)]
-            result: dict[str, Any] = {
-                "job_id": d.job_id,
-                "kind": d.kind,
-                "model": d.model,
-                "model_hash": self.infos[d.model]["hash"],
-                "sampler": r["sampler"],
-                "steps": r["steps"],
-                "times": r.get("times"),
-                "format": r["format"],
-                "seeds": seeds,
-                "labels": r.get("labels"),
-                "timings": {
-                    "queue_s": round(max(0.0, started - d.created), 6),
-                    "compute_s": round(compute_s, 6),
-                    "batch_images": total,
-                },
-            }
-            if d.kind == "purify":
-                result["t_star"] = r["t_star"]
-            if r["format"] == "npy":
-                result["array"] = imgs.npy_b64(arr)
+                arr = arr.reshape(job.outputs // job.draws, job.draws, *arr.shape[1:])
+                seeds = [job.seeds[i : i + job.draws] for i in range(0, job.outputs, job.draws)]
+            images: list[str] | list[list[str]] | None = None
+            array = None
+            if job.format == "npy":
+                array = imgs.npy_b64(arr)
             elif d.kind == "purify":
-                result["images"] = [[imgs.png_b64(x) for x in row] for row in arr]
+                images = [[imgs.png_b64(x) for x in row] for row in arr]
             else:
-                result["images"] = [imgs.png_b64(x) for x in arr]
-            results.append(result)
+                images = [imgs.png_b64(x) for x in arr]
+            result = JobResult(
+                job_id=d.job_id,
+                kind=job.kind,
+                model=d.model,
+                model_hash=str(self.infos[d.model]["hash"]),
+                sampler=job.sampler,
+                steps=job.steps,
+                times=job.times,
+                format=job.format,
+                seeds=seeds,
+                images=images,
+                array=array,
+                labels=job.labels,
+                t_star=job.t_star,
+                timings=Timings(
+                    queue_s=round(max(0.0, h.started - d.created), 6),
+                    compute_s=round(h.compute_s, 6),
+                    batch_images=round(h.batch_rows / h.ticket.steps),
+                ),
+            )
+            drop = {"array" if array is None else "images"} | ({"t_star"} if d.kind == "sample" else set())
+            body = result.model_dump(mode="json", exclude=drop)
+            body["timings"].pop("total_s", None)  # the API adds it when it answers
+            results.append(body)
         return results
 
     # ---- background tasks ---------------------------------------------------------------------------
     async def _progress_loop(self) -> None:
-        """Publish the latest step of the running batch and pick up cancel flags (coalesced per step)."""
+        """Publish each running job's latest step and pick up cancel flags (coalesced per step)."""
         while True:
             await self._progress_event.wait()
             self._progress_event.clear()
-            jobs = [d for d in self.current if d.job_id not in self.cancelled]
+            jobs = [(d, step, steps) for d, step, steps in self._progress if d.job_id not in self.cancelled]
             if not jobs:
                 continue
-            step, steps = self._progress
             try:
-                flags = await self.queue.progress(jobs, step, steps)
-                for d, flag in zip(jobs, flags, strict=True):
+                flags = await self.queue.progress(jobs)
+                for (d, _, _), flag in zip(jobs, flags, strict=True):
                     if flag and d.job_id not in self.cancelled:
                         await self._finish_cancelled(d)
             except REDIS_ERRORS as err:
@@ -468,9 +568,8 @@ class Worker:
         while True:
             try:
                 await self.queue.register(self.id, self.infos, self.meta)
-                held = self.backlog + self.current
-                if held:
-                    await self.queue.touch(self.id, held)
+                if self.held:
+                    await self.queue.touch(self.id, [h.d for h in self.held.values()])
                 if not self.stopping:
                     await self._reclaim()
                 used = torch.cuda.memory_allocated(self._cuda) if self._cuda is not None else 0
@@ -498,7 +597,7 @@ class Worker:
             for d in claimed:
                 log.warning("reclaimed job %s of model %s from a dead worker", d.job_id, model)
                 m.JOBS_RECLAIMED.labels(model=model).inc()
-                self.backlog.append(d)
+            await self._accept(claimed)
             for dl in lost:
                 log.error("job %s dead-lettered after %d runs", dl.job_id, dl.runs)
                 m.WORKER_FAILURES.labels(reason="dead_letter").inc()

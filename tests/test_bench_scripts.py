@@ -261,7 +261,7 @@ def test_gpu_checks_script_runs_every_step_and_reports_each(tmp_path: Path) -> N
     if not torch.cuda.is_available():
         assert all("rc=0" not in line for line in summary[1:])  # each benchmark refused: no CUDA device
         assert "a CUDA device is needed" in (out / "gpu_tests.log").read_text()
-    assert len(list(out.iterdir())) <= 7  # the device tool brings back 8 files at most
+    assert len(list(out.iterdir())) <= 7  # the script promises at most 7 files
 
 
 def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path: Path) -> None:
@@ -286,7 +286,7 @@ def test_gpu_protocol_script_runs_each_attack_and_brings_back_few_files(tmp_path
     assert compared["results"][0]["n"] == 2 and {r["eps"] for r in compared["results"]} >= {0.1}
     assert "fmnist-dro-at" in (out / "protocol.log").read_text().split("== compare-8of255")[1]
     assert (out / "adversarial.tar.gz").stat().st_size > 0
-    assert len(list(out.iterdir())) <= 8  # the device tool brings back 8 files at most
+    assert len(list(out.iterdir())) <= 8  # the script promises at most 8 files
 
 
 def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Adversarial examples on disk: one folder per attack setting, one safetensors file per batch.
 
 A full-protocol attack (>= 100 PGD steps, EOT 8, n >= 500) through a purifier runs for hours on a
-CPU and for longer than one call on a lent GPU. Batches are deterministic given their first image
+CPU and can outlast the time a shared GPU is available. Batches are deterministic given their first image
 index (random start and EOT noise are seeded by it), so:
 
 - an attack that stops part way continues from its finished batches when the same command runs

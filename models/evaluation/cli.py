@@ -89,7 +89,7 @@ def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: li
     Returns the sampler: ``sampler``, or when None the model's own (consistency for a CM, else ddim).
     """
     from models.checkpoint import read_header
-    from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
+    from models.sampling_spec import default_sampler, samplers_for, steps_that_fit
     from models.schedules import Schedule
 
     header = read_header(model_path)
@@ -98,9 +98,9 @@ def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: li
         "model",
         "purification needs an unconditional model (labels are unknown)",
     )
-    allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
+    allowed = samplers_for(header.kind)
     if sampler is None:
-        sampler = "consistency" if header.kind == "consistency" else "ddim"
+        sampler = default_sampler(header.kind)
     check(
         sampler in allowed,
         "sampler",
@@ -110,6 +110,7 @@ def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: li
     T = Schedule(header.schedule).T
     for t in t_stars:
         check(1.0 / T <= t <= 1.0, "t-star", f"must be in [{1.0 / T}, 1], got {t}")
-        if sampler in ("ddim", "ddpm"):
-            check(steps <= round(t * T), "steps", f"at most {round(t * T)} steps fit below t*={t}")
+        fit = steps_that_fit(sampler, t, T)
+        if fit is not None:
+            check(steps <= fit, "steps", f"at most {fit} steps fit below t*={t}")
     return sampler

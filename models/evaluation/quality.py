@@ -22,7 +22,7 @@ from models.evaluation.classifier import DEFAULT_CLASSIFIER, feature_network_nam
 from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import report_header, save_plot
 from models.paths import output_dir
-from models.samplers import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS
+from models.sampling_spec import samplers_for
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +183,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         "k, batch size >= 1; seed >= 0",
     )
     header = read_header(args.model)
-    allowed = CONSISTENCY_SAMPLERS if header.kind == "consistency" else DIFFUSION_SAMPLERS
+    allowed = samplers_for(header.kind)
     for s in samplers:
         check(
             s in allowed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from models.errors import UserError
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="override a field, dotted for sections: options.eta=0.05, data.corruption.kind=gaussian",
     )
     parser.add_argument("--resume", metavar="PATH", help="continue a run folder or checkpoints/step-*.json")
+    parser.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from a served/exported .safetensors model's weights (same network and kind; "
+        "EMA re-initialised from them, fresh optimizer)",
+    )
     parser.add_argument(
         "--options",
         metavar="METHOD",
@@ -101,6 +108,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(args.config)
     if args.resume:
         parts += ["--resume", args.resume]
+    if args.init:
+        parts += ["--init", args.init]
     for s in overrides(args):
         parts += ["--set", s]
     return shlex.join(parts)
@@ -148,15 +157,19 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise UserError("config", "give either a config file or --resume, not both")
+        if args.init:
+            raise UserError("--init", "a resumed run continues its own weights; give --init or --resume")
         cfg = resume_config(args.resume, sets)
     elif not args.config:  # README: `robustdiff train CONFIG`; no silent 1000-update default run into ./runs
         raise UserError("config", "give a config file (TOML or YAML), or --resume RUN_DIR")
     else:
         cfg = load_config(args.config, sets)
+    if args.init and not Path(args.init).is_file():  # before any data is read
+        raise UserError("--init", f"no checkpoint file at {args.init}")
     check_outputs(cfg, force=args.force)
     from models.train.trainer import train
 
-    result = train(cfg, command=command_line(args), resume=args.resume)
+    result = train(cfg, command=command_line(args), resume=args.resume, init=args.init)
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.5f}"
     stop = " (stopped early)" if result.stopped_early else ""
     print(

@@ -47,6 +47,10 @@ class CorruptionConfig(_Strict):
     fraction: float = Field(ge=0.0, le=1.0, description="share of training images corrupted")
     sigma: float = Field(0.1, ge=0.0, description="gaussian: noise std on the [0, 1] scale")
     amount: float = Field(0.05, ge=0.0, le=1.0, description="salt-and-pepper: share of pixels hit")
+    clamp: bool = Field(
+        True,
+        description="gaussian: clamp to [-1, 1] (biased on dark backgrounds); false keeps the noise zero-mean",
+    )
     seed: int = Field(0, ge=0)
 
 
@@ -57,6 +61,9 @@ class DataConfig(_Strict):
     )
     split: Literal["train", "test"] = "train"
     limit: int | None = Field(None, ge=1, description="use only the first N images")
+    downsample: int = Field(
+        1, ge=1, description="read at image_size * downsample, then average-pool (fashion-mnist 16x16: 2)"
+    )
     corruption: CorruptionConfig | None = None
 
     @model_validator(mode="after")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.checkpoint import CheckpointHeader
@@ -33,6 +34,7 @@ __all__ = [
     "MethodOptions",
     "Standard",
     "StepContext",
+    "equivariance_residual",
     "get_method",
     "register",
 ]
@@ -164,27 +166,57 @@ class Standard(Method):
         return [float(loss.detach())]
 
 
-class EquivariantOptions(MethodOptions):
-    """Seed A (REFERENCE section 2). The box is set in pixel units and applied in noise units.
+B_MIN = 2 * 8 / 255  # the paper's 8/255 floor on the [0, 1] scale, in our [-1, 1] units (0.0627)
 
-    Pixel radius R(t) = max(r_floor, r_scale * s_t): it grows with the noise level and never drops
-    below r_floor (16/255 in [-1, 1] units = 8/255 on the [0, 1] scale), so the regulariser still
-    acts near t = 0. The noise shift w = delta / s_t therefore lives in the box
-    r(t) = R(t) / s_t = max(r_floor / s_t, r_scale): at least r_scale noise units, and exactly the
-    8/255 pixel budget of classifier AT wherever that is larger. Because eps-equivariance under w is
-    x0_hat-invariance under the pixel shift s_t w, this asks x0_hat not to follow 8/255 pixel
-    perturbations, weighted like the eps loss (alphabar_t / s_t^2 in x0 terms).
+
+class EquivariantOptions(MethodOptions):
+    """Seed A (REFERENCE section 2). Every radius is in noise units of w (pixel shift s_t * w).
+
+    ``radius = "paper"`` (default): the box "roughly follows sqrt(1 - alphabar_t)" with an exponent
+    rho and "a random bias term" with a minimum of 8/255 "so it does not vanish near t = 0":
+    r(t) = r_max * s_t^rho + b, b ~ U[b_min, b_max] drawn per sample; b_min = 2 * 8/255 (the paper's
+    8/255 on the [0, 1] scale is 16/255 on our [-1, 1] scale, taken as a noise-unit number like the
+    paper's box on the noise). Larger boxes at high noise, small ones near t = 0.
+
+    ``radius = "pixel-floor"``: the earlier rule, kept for comparison: r(t) = max(r_floor / s_t,
+    r_scale), i.e. a pixel box max(r_floor, r_scale s_t); it is largest at *small* t (6.3 at t = 1).
     """
 
     lam: float = Field(
-        0.3, ge=0.0, alias="lambda", description="weight lambda_t of the equivariance term (constant)"
+        0.3, ge=0.0, alias="lambda", description="weight lambda of the equivariance term (the paper: 0.3)"
+    )
+    lambda_t: Literal["constant", "noise"] = Field(
+        "constant",
+        description="'constant': lambda_t = lambda (the paper); 'noise': lambda_t = lambda * s_t^2 (less weight near t = 0)",
     )
     variant: Literal["random", "adversarial"] = Field(
         "adversarial", description="w drawn uniformly in the box, or one signed-gradient ascent step in it"
     )
-    r_floor: float = Field(2 * 8 / 255, ge=0.0, description="pixel-unit floor of the box ([-1, 1] scale)")
+    radius: Literal["paper", "pixel-floor"] = Field(
+        "paper",
+        description="box r(t) in noise units: 'paper' r_max*s_t^rho + U[b_min, b_max]; 'pixel-floor' "
+        "max(r_floor/s_t, r_scale) (the earlier rule)",
+    )
+    r_max: float = Field(0.5, ge=0.0, description="paper: noise-unit box at s_t = 1 (before the bias)")
+    rho: float = Field(2.0, ge=0.0, description="paper: exponent of s_t in the box")
+    b_min: float = Field(
+        B_MIN,
+        ge=0.0,
+        description="paper: least random bias, noise units (2*8/255: 8/255 on the [0, 1] scale)",
+    )
+    b_max: float = Field(2 * B_MIN, ge=0.0, description="paper: largest random bias, noise units")
+    r_floor: float = Field(
+        2 * 8 / 255, ge=0.0, description="pixel-floor: pixel-unit floor of the box ([-1, 1] scale)"
+    )
     r_scale: float = Field(
-        0.1, ge=0.0, description="noise-unit box where it exceeds the floor (pixel radius r_scale*s_t)"
+        0.1,
+        ge=0.0,
+        description="pixel-floor: noise-unit box where it exceeds the floor (pixel radius r_scale*s_t)",
+    )
+    attack: Literal["output", "residual"] = Field(
+        "output",
+        description="adversarial: the ascent maximises J = ||eps(x_t + s_t w) - eps(x_t)||^2 ('output', the "
+        "paper's) or the equivariance residual ||eps(x_t + s_t w) - eps(x_t) - w||^2 ('residual')",
     )
     adv_step: float = Field(
         1.0, ge=0.0, description="adversarial: signed-gradient step, as a fraction of r(t)"
@@ -194,19 +226,42 @@ class EquivariantOptions(MethodOptions):
         "equivariance", description="'invariance' is the naive ablation: target eps_theta(x_t) without + w"
     )
 
+    @model_validator(mode="after")
+    def _bias(self) -> EquivariantOptions:
+        if self.b_max < self.b_min:
+            raise ValueError(f"b_max ({self.b_max}) must be >= b_min ({self.b_min})")
+        return self
+
+
+def equivariance_residual(
+    eps: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor, s: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """eps(x_t + s_t w) - (eps(x_t) + w): zero for an equivariant eps-model. For the exact denoiser of
+    N(mu, v I) data it is (s_t^2 / (alphabar_t v + s_t^2) - 1) w (REFERENCE section 2)."""
+    return eps(x_t + s * w) - (eps(x_t) + w)
+
 
 @register
 class EquivariantAT(Method):
-    """eps loss + lambda ||eps_theta(x_t + s_t w) - (eps_theta(x_t) + w)||^2, w in a box of radius r(t)."""
+    """eps loss + lambda_t ||eps_theta(x_t + s_t w) - (eps_theta(x_t) + w)||^2, w in a box of radius r(t)."""
 
     name = "equivariant-at"
     Options = EquivariantOptions
     options: EquivariantOptions
 
-    def radius(self, s: torch.Tensor) -> torch.Tensor:
-        """The noise-unit box r(t) = max(r_floor / s_t, r_scale), for s_t broadcast as given."""
+    def radius(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise-unit box r(t) for s_t broadcast as given; 'paper' draws its bias per row from ``generator``."""
         o = self.options
-        return torch.maximum(o.r_floor / s, torch.full_like(s, o.r_scale))
+        if o.radius == "pixel-floor":
+            return torch.maximum(o.r_floor / s, torch.full_like(s, o.r_scale))
+        u = torch.rand(s.shape[0], generator=generator).to(device=s.device, dtype=s.dtype)
+        bias = (o.b_min + (o.b_max - o.b_min) * u).reshape(s.shape[0], *([1] * (s.ndim - 1)))
+        return o.r_max * s.pow(o.rho) + bias
+
+    def weight(self, s: torch.Tensor) -> torch.Tensor:
+        """lambda_t per row (broadcast like ``s``)."""
+        o = self.options
+        return o.lam * s.pow(2) if o.lambda_t == "noise" else torch.full_like(s, o.lam)
 
     def residual(
         self,
@@ -218,23 +273,25 @@ class EquivariantAT(Method):
         anchor: torch.Tensor,
         *,
         sync: bool = True,
+        target: Literal["equivariance", "invariance"] | None = None,
     ) -> torch.Tensor:
-        """eps_theta(x_t + s_t w) minus its target: anchor + w (equivariance) or anchor (invariance ablation)."""
-        target = anchor + w if self.options.target == "equivariance" else anchor
-        return ctx.eps(x_t + s * w, t, sync=sync) - target
+        """eps_theta(x_t + s_t w) minus its target: anchor + w (equivariance) or anchor (invariance)."""
+        kind = target or self.options.target
+        return ctx.eps(x_t + s * w, t, sync=sync) - (anchor + w if kind == "equivariance" else anchor)
 
     def step(self, ctx: StepContext, x0: torch.Tensor) -> list[float]:
         o = self.options
         t, eps = draw_t_eps(ctx, x0)
         a, s = coefs(ctx, t, x0)
         x_t = a * x0 + s * eps
-        r = self.radius(s)
+        r = self.radius(s, ctx.generator)
         w = ((torch.rand(x0.shape, generator=ctx.generator) * 2 - 1).to(ctx.device)) * r
         out = ctx.eps(x_t, t)
         if o.variant == "adversarial":
             w = self.ascend(ctx, x_t, t, s, w, r, out.detach())
         residual = self.residual(ctx, x_t, t, s, w, out.detach() if o.stop_grad_anchor else out)
-        loss = mse(out, eps) + o.lam * residual.pow(2).mean()
+        penalty = (self.weight(s) * residual.pow(2)).mean()
+        loss = mse(out, eps) + penalty
         ctx.update(loss)
         return [float(loss.detach())]
 
@@ -248,11 +305,19 @@ class EquivariantAT(Method):
         r: torch.Tensor,
         anchor: torch.Tensor,
     ) -> torch.Tensor:
-        """One signed-gradient step from ``w`` that increases the residual, projected back on the box."""
+        """One signed-gradient step from ``w`` that increases the attack objective, projected back on the box.
+
+        'output' (J of the paper) measures how far the prediction moves; 'residual' how far it is from
+        moving by exactly w. The ablation's invariance target is attacked through its own residual.
+        """
+        o = self.options
+        kind: Literal["equivariance", "invariance"] = (
+            "invariance" if o.attack == "output" or o.target == "invariance" else "equivariance"
+        )
         w = w.detach().requires_grad_(True)
-        residual = self.residual(ctx, x_t, t, s, w, anchor, sync=False)
+        residual = self.residual(ctx, x_t, t, s, w, anchor, sync=False, target=kind)
         (g,) = torch.autograd.grad(residual.pow(2).sum(), w)
-        return project_box(w.detach() + self.options.adv_step * r * g.sign(), r)
+        return project_box(w.detach() + o.adv_step * r * g.sign(), r)
 
 
 class DroOptions(MethodOptions):

@@ -26,9 +26,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from models.data import Dataset, gaussian_noise, load_dataset, salt_and_pepper, uniform_outliers
+from models.checkpoint import load_checkpoint
+from models.data import (
+    Dataset,
+    downsample,
+    gaussian_noise,
+    load_dataset,
+    salt_and_pepper,
+    uniform_outliers,
+)
 from models.devices import resolve_device
-from models.errors import UserError
+from models.errors import CheckpointError, UserError
 from models.generate import generate
 from models.grid import save_grid
 from models.noise import NoiseSource
@@ -55,7 +63,9 @@ class TrainResult:
 def load_data(cfg: TrainConfig) -> Dataset:
     """The training set at the model's resolution, corrupted as configured (once, with its own seed)."""
     mc = cfg.model_config_()
-    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.split, mc.image_size, mc.in_channels)
+    k = cfg.data.downsample
+    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.split, mc.image_size * k, mc.in_channels)
+    ds = Dataset(downsample(ds.images, k), ds.labels, ds.class_names, ds.name)
     if tuple(ds.images.shape[1:]) != (mc.in_channels, mc.image_size, mc.image_size):
         raise UserError(
             "preset",
@@ -67,7 +77,7 @@ def load_data(cfg: TrainConfig) -> Dataset:
     if c is not None:
         g = torch.Generator().manual_seed(c.seed)
         if c.kind == "gaussian":
-            images, _ = gaussian_noise(ds.images, c.sigma, c.fraction, g)
+            images, _ = gaussian_noise(ds.images, c.sigma, c.fraction, g, clamp=c.clamp)
         elif c.kind == "outliers":
             images, _ = uniform_outliers(ds.images, c.fraction, g)
         else:
@@ -76,6 +86,40 @@ def load_data(cfg: TrainConfig) -> Dataset:
     if len(ds) < cfg.batch_size:
         raise UserError("batch_size", f"{cfg.batch_size} is larger than the data set ({len(ds)} images)")
     return ds
+
+
+def load_init(net: nn.Module, cfg: TrainConfig, path: str | Path) -> None:
+    """Copy a served checkpoint's weights into ``net`` (float16 files widen exactly to float32).
+
+    Refused, naming ``--init``, when the file is missing or unreadable, or when its network
+    (architecture; dropout may differ), schedule or kind (diffusion / consistency) is not the config's.
+    """
+    try:
+        source, header = load_checkpoint(path)
+    except CheckpointError as err:
+        hint = " (a training checkpoint continues with --resume)" if Path(path).is_dir() else ""
+        raise UserError("--init", f"{err.reason}{hint}") from None
+    ours = served_header(cfg, updates=0, command=None, hardware=None, wall_s=None, final_loss=None)
+    arch, theirs = ours.model.model_dump(exclude={"dropout"}), header.model.model_dump(exclude={"dropout"})
+    if arch != theirs:
+        diff = ", ".join(f"{k} {theirs[k]!r} vs {arch[k]!r}" for k in arch if arch[k] != theirs[k])
+        raise UserError("--init", f"{path}: its network does not match the config's ({diff})")
+    if header.schedule != ours.schedule:
+        raise UserError("--init", f"{path}: its noise schedule does not match the config's")
+    if header.prediction != ours.prediction:  # e.g. an imported v-prediction model: we train eps
+        raise UserError(
+            "--init", f"{path} predicts {header.prediction}; training fits epsilon-prediction models"
+        )
+    if header.consistency is not None and header.consistency.c_in:
+        raise UserError(
+            "--init", f"{path}: fine-tuning an imported EDM (c_in) consistency model is not supported"
+        )
+    if header.kind != ours.kind:
+        raise UserError(
+            "--init",
+            f"{path} is a {header.kind} checkpoint; method {cfg.method!r} trains a {ours.kind} model",
+        )
+    net.load_state_dict(source.state_dict())
 
 
 def hardware(device: torch.device, world: int) -> str:
@@ -89,7 +133,11 @@ class Trainer:
     """Owns the model, EMA, optimizer and data order; implements the methods' ``StepContext``."""
 
     def __init__(
-        self, cfg: TrainConfig, command: str | None = None, resume: str | Path | None = None
+        self,
+        cfg: TrainConfig,
+        command: str | None = None,
+        resume: str | Path | None = None,
+        init: str | Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.command = command
@@ -105,8 +153,12 @@ class Trainer:
             raise UserError("batch_size", f"{cfg.batch_size} does not split over {self.world} ranks")
         self.local_batch = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
-        self.net = UNet(cfg.model_config_()).to(self.device)
-        self.method.setup(self.net, self.schedule, cfg.updates, fresh=resume is None)
+        self.net = UNet(cfg.model_config_())
+        if init is not None and resume is None:  # a resumed run's weights come from its checkpoint
+            load_init(self.net, cfg, init)
+        self.net = self.net.to(self.device)
+        # With --init the method keeps those weights (no teacher copy); EMA and optimizer start fresh.
+        self.method.setup(self.net, self.schedule, cfg.updates, fresh=resume is None and init is None)
         self.ema = UNet(cfg.model_config_()).to(self.device).eval().requires_grad_(False)
         self.ema.load_state_dict(self.net.state_dict())
         self.model: nn.Module = self.net
@@ -376,6 +428,12 @@ class Trainer:
         )
 
 
-def train(cfg: TrainConfig, command: str | None = None, resume: str | Path | None = None) -> TrainResult:
-    """Build a trainer for ``cfg`` (optionally continuing a checkpoint) and run it to the end."""
-    return Trainer(cfg, command, resume).run()
+def train(
+    cfg: TrainConfig,
+    command: str | None = None,
+    resume: str | Path | None = None,
+    init: str | Path | None = None,
+) -> TrainResult:
+    """Build a trainer for ``cfg`` (continuing a checkpoint, or starting from a served model's
+    weights with ``init``) and run it to the end."""
+    return Trainer(cfg, command, resume, init).run()

@@ -6,12 +6,14 @@ conftest module of their own).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -20,8 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMTOOL = Path("/usr/bin/promtool")
 
-# Grafana macros and template variables, replaced by values plain PromQL accepts.
-GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$model": ".*"}
+
+def load_compose_check() -> ModuleType:
+    """deploy/compose_check.py, the on-demand checker of a running compose stack (not a package)."""
+    spec = importlib.util.spec_from_file_location("compose_check", DEPLOY / "compose_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Grafana macros and template variables, replaced by values plain PromQL accepts: the same ones the
+# compose check uses against a live stack.
+GRAFANA_SUBSTITUTIONS: dict[str, str] = load_compose_check().GRAFANA_SUBSTITUTIONS
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,11 @@ def grafana_to_promql(expr: str) -> str:
         expr = expr.replace(macro, value)
     assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
     return expr
+
+
+@pytest.fixture(scope="session")
+def compose_check() -> ModuleType:
+    return load_compose_check()
 
 
 @pytest.fixture(scope="session")

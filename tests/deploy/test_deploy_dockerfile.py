@@ -42,7 +42,8 @@ def test_variants_select_base_and_torch_index() -> None:
     assert "FROM python:3.11-slim AS python-cpu" in text
     assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS python-cuda$", text, flags=re.M)
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-runtime-", text, flags=re.M)
-    assert "download.pytorch.org/whl/${index}" in text and "index=cpu" in text
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl$", text, flags=re.M)
+    assert '--index-url "$TORCH_INDEX/$index"' in text and "index=cpu" in text
     assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, flags=re.M)
 
 

@@ -153,3 +153,39 @@ def test_gpu_real_shape_and_torch_compile(close: Close) -> None:
 
     compiled = torch.compile(step, fullgraph=True)(x, m)
     close(compiled, step(x, m))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_per_row_streams_equal_each_row_at_its_own_stream(impl: str, device: torch.device) -> None:
+    """A running batch holds rows at different steps: row b draws from (seeds[b], stream[b])."""
+    x, m, prev, coef, seeds = _inputs((4, 3, 4, 4), torch.float32, device)
+    coef[1, 4] = 0.0  # a row with no x0_prev term (DPM-Solver++'s first step) and one without noise
+    coef[2, 5] = 0.0
+    streams = torch.tensor([1, 7, 3, 250])
+    full = kernels.sampler_update(x, m, coef, x0_prev=prev, seeds=seeds, stream=streams, impl=impl)  # type: ignore[arg-type]
+    for i, stream in enumerate(streams.tolist()):
+        rows = slice(i, i + 1)
+        uses_prev, uses_noise = bool(coef[i, 4] != 0), bool(coef[i, 5] != 0)
+        alone = kernels.sampler_update(
+            x[rows],
+            m[rows],
+            coef[rows],
+            x0_prev=prev[rows] if uses_prev else None,
+            seeds=seeds[rows] if uses_noise else None,
+            stream=stream,
+            impl=impl,  # type: ignore[arg-type]
+        )
+        for a, f in zip(alone, full, strict=True):
+            if impl == "reference":
+                assert torch.equal(a[0], f[i])
+            else:
+                torch.testing.assert_close(a[0].cpu(), f[i].cpu(), atol=1e-5, rtol=0)
+
+
+def test_randn_rows_per_row_stream() -> None:
+    seeds = torch.tensor([3, 3, 8])
+    rows = rng.randn_rows(seeds, torch.tensor([0, 5, 2]), 10)
+    for i, stream in enumerate((0, 5, 2)):
+        assert torch.equal(rows[i], rng.randn_rows(seeds[i : i + 1], stream, 10)[0])
+    with pytest.raises(ValueError, match="one per seed"):
+        rng.randn_rows(seeds, torch.tensor([1, 2]), 10)

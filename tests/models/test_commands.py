@@ -166,7 +166,10 @@ def test_bad_inputs_and_models(ckpt: Path, tmp_path: Path, capsys: pytest.Captur
         main(["purify", "--model", str(ckpt), "--out", str(tmp_path / "o.png"), str(tmp_path / "wrong.npy")])
         == 2
     )
-    assert "the model takes (1, 16, 16)" in capsys.readouterr().err
+    assert (
+        "a .npy image [3, 16, 16], but the model takes grey (1 channel) 16x16 images"
+        in capsys.readouterr().err
+    )
     assert (
         main(["sample", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o.png")]) == 2
     )
@@ -247,3 +250,52 @@ def test_a_classifier_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixtu
         f"robustdiff sample: error: --model: {path} is a classifier checkpoint, not a diffusion or consistency model"
     ]
     assert not (tmp_path / "o.png").exists()
+
+
+def _purify(ckpt: Path | str, tmp_path: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> int:
+    out = tmp_path / "p.png"
+    return main(
+        ["purify", "--model", str(ckpt), "--steps", "1", "--out", str(out), *extra, *map(str, inputs)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "size", "said"),
+    [
+        ("RGB", "PNG", 16, "a PNG of mode RGB (3 channels), 16x16"),
+        ("RGBA", "PNG", 16, "a PNG of mode RGBA (4 channels, read as RGB), 16x16"),
+        ("CMYK", "JPEG", 16, "a JPEG of mode CMYK (4 channels, read as RGB), 16x16"),
+        ("L", "PNG", 14, "a PNG of mode L (1 channel), 14x14"),
+    ],
+)
+def test_purify_converts_only_with_resize(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str, fmt: str, size: int, said: str
+) -> None:
+    """The HTTP API's rule and words: an image of other channels or size is refused, naming what it
+    is, unless --resize (resize: true over HTTP) asks for the conversion."""
+    from PIL import Image
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new(mode, (size, size), 0).save(path, format=fmt)
+    assert _purify(ckpt, tmp_path, path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err and "(use --resize to convert it)" in err, err
+    assert _purify(ckpt, tmp_path, path, extra=("--resize", "--npy", str(tmp_path / "p.npy"))) == 0
+    assert np.load(tmp_path / "p.npy").shape == (1, 1, 16, 16)
+
+
+def test_model_names_resolve_like_the_server(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model takes a served model's name (ROBUSTDIFF_MODELS, as GET /models lists them) as well as a path."""
+    from PIL import Image
+
+    Image.new("L", (16, 16), 0).save(tmp_path / "a.png")
+    monkeypatch.setenv("ROBUSTDIFF_MODELS", f"mine={ckpt},{ckpt}")
+    assert _purify("mine", tmp_path, tmp_path / "a.png") == 0
+    assert _purify("tiny-diffusion", tmp_path, tmp_path / "a.png") == 0  # the name in its header
+    assert _purify("theirs", tmp_path, tmp_path / "a.png") == 2
+    err = capsys.readouterr().err
+    assert (
+        "--model: 'theirs' is neither a checkpoint file nor a served model (mine, tiny-diffusion)" in err
+    ), err

@@ -1,3 +1,4 @@
+import math
 import pickle
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 
 from models.data import (
     FASHION_MNIST_DIR,
+    downsample,
     gaussian_noise,
     load_cifar10,
     load_dataset,
@@ -64,6 +66,37 @@ def test_cifar_batches(tmp_path: Path) -> None:
     assert len(load_cifar10(tmp_path, "test")) == 3
 
 
+def write_cifar10_bin(folder: Path, per_file: int = 3, seed: int = 0) -> np.ndarray:
+    """CIFAR-10's binary layout (label byte + R, G, B planes); returns the test batch's pixels [N, 3, 32, 32]."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, (per_file, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+    return pixels.reshape(-1, 3, 32, 32)
+
+
+def test_cifar_binary_batches_are_raw_bytes(tmp_path: Path) -> None:
+    pixels = write_cifar10_bin(tmp_path)
+    assert len(load_cifar10(tmp_path, "train")) == 15
+    test = load_cifar10(tmp_path, "test")
+    # Channel planes in R, G, B order, exactly the bytes (x / 127.5 - 1).
+    assert torch.equal(test.images, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0))
+    raw = (tmp_path / "test_batch.bin").read_bytes()
+    assert test.labels.tolist() == [raw[i * 3073] for i in range(3)]
+    (tmp_path / "test_batch.bin").write_bytes(raw[:-1])
+    with pytest.raises(UserError, match="whole 3073-byte"):
+        load_cifar10(tmp_path, "test")
+    (tmp_path / "test_batch.bin").write_bytes(b"\x0a" + raw[1:])
+    with pytest.raises(UserError, match="label byte above 9"):
+        load_cifar10(tmp_path, "test")
+    (tmp_path / "data_batch_3.bin").unlink()
+    with pytest.raises(UserError, match=r"data_batch_3\.bin not found"):
+        load_cifar10(tmp_path, "train")
+
+
 def test_cifar_refuses_foreign_pickles(tmp_path: Path) -> None:
     with (tmp_path / "test_batch").open("wb") as f:
         pickle.dump({b"data": Path("/"), b"labels": []}, f)
@@ -112,6 +145,26 @@ def test_gaussian_noise_statistics() -> None:
     assert abs(float(mask.float().mean()) - 0.9) < 0.02
     assert abs(float(out[mask].std()) - 0.2) < 0.005  # sigma on the [0, 1] scale is 2*sigma in [-1, 1]
     assert torch.equal(out[~mask], x[~mask])
+
+
+def test_unclamped_noise_is_zero_mean_where_the_clamp_is_biased() -> None:
+    """On a -1 background the clamp half-rectifies the noise (mean shift 2 sigma / sqrt(2 pi)); unclamped it is zero-mean."""
+    x = torch.full((2000, 1, 8, 8), -1.0)
+    sigma = 0.2
+    out, _ = gaussian_noise(x, sigma, 1.0, torch.Generator().manual_seed(0), clamp=False)
+    shift = out - x
+    se = 2 * sigma / math.sqrt(shift.numel())
+    assert abs(float(shift.mean())) < 4 * se and float(out.min()) < -1.0
+    assert abs(float(shift.std()) - 2 * sigma) < 0.005
+    clamped, _ = gaussian_noise(x, sigma, 1.0, torch.Generator().manual_seed(0))
+    assert abs(float((clamped - x).mean()) - 2 * sigma / math.sqrt(2 * math.pi)) < 4 * se
+    assert float(clamped.min()) == -1.0
+
+
+def test_downsample_averages_blocks() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(downsample(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    assert downsample(x, 1) is x
 
 
 def test_outliers_and_salt_and_pepper() -> None:

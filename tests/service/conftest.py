@@ -1,6 +1,6 @@
 """Service test harness: a real redis-server on a free port, real worker processes, the real API.
 
-The session shares one Redis and one worker (serving a tiny diffusion, a tiny class-conditional and a
+The whole test run shares one Redis and one worker (serving a tiny diffusion, a tiny class-conditional and a
 tiny consistency model); fault tests start their own Redis and workers so that killing or stopping
 them cannot disturb other tests.
 """

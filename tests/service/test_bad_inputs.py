@@ -411,3 +411,47 @@ def test_api_keys(client: TestClient, redis_server: Any, make_client: Any) -> No
         assert c.get("/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.get("/models", headers={"Authorization": "Bearer k2"}).status_code == 200
         assert c.post("/sample", json={}, headers={"Authorization": "Basic k1"}).status_code == 401
+
+
+def _encoded(mode: str, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (16, 16)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "said"),
+    [
+        ("RGBA", "PNG", "a PNG of mode RGBA (4 channels, read as RGB), 16x16"),
+        ("CMYK", "JPEG", "a JPEG of mode CMYK (4 channels, read as RGB), 16x16"),
+    ],
+)
+def test_an_image_of_another_mode_is_named_by_its_mode(
+    client: TestClient, mode: str, fmt: str, said: str
+) -> None:
+    """Not "shape [3, 16, 16]", the shape it had after conversion: the mode and channels it was sent in."""
+    r = client.post("/purify", json=purify(images=[b64(_encoded(mode, fmt))]))
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["errors"]
+    assert error["field"] == "images[0]" and said in error["reason"], error
+    assert "grey (1 channel) 16x16" in error["reason"] and "resize: true" in error["reason"], error
+    converted = client.post("/purify", json=purify(images=[b64(_encoded(mode, fmt))], resize=True, seeds=[1]))
+    assert converted.status_code == 200, converted.text
+
+
+def test_too_many_files_names_the_field_and_the_limit(client: TestClient) -> None:
+    """One file over ROBUSTDIFF_MAX_IMAGES (8 in these tests) stops the multipart parser; the answer
+    says so, not "malformed multipart body (400: Too many files...)"."""
+    files = [("files", (f"{i}.png", png(), "image/png")) for i in range(9)]
+    r = client.post("/purify", files=files, data={"model": "tiny", "steps": "2"})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"] == [
+        {
+            "field": "files",
+            "reason": "more than the maximum of 8 files (ROBUSTDIFF_MAX_IMAGES) in one request",
+        }
+    ]
+    fields = {f"x{i}": "1" for i in range(70)}
+    r = client.post("/purify", files=files[:1], data=fields)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body", r.text
+    assert "64 form fields" in r.json()["errors"][0]["reason"]

@@ -1,4 +1,4 @@
-"""End to end through HTTP: the API app, the session's real Redis and a real worker process."""
+"""End to end through HTTP: the API app, the test run's real Redis and a real worker process."""
 
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ def test_two_requests_batched_equal_each_alone(client: TestClient, wait_for: Any
     together = [
         wait_for(lambda loc=loc: (j := client.get(loc).json())["status"] == "done" and j) for loc in locations
     ]
-    assert [t["result"]["timings"]["batch_images"] for t in together] == [5, 5]
+    # They shared the running batch (an earlier test's job may still have been in it too).
+    assert all(t["result"]["timings"]["batch_images"] >= 5 for t in together)
     for body, both in zip(bodies, together, strict=True):
         alone = client.post("/sample", json={**body, "async": False}).json()
         assert alone["timings"]["batch_images"] == body["num_images"]
@@ -258,3 +259,56 @@ def test_long_dead_workers_are_forgotten(client: TestClient, redis_server: Any) 
 def test_unknown_job(client: TestClient) -> None:
     assert client.get(f"/jobs/{uuid.uuid4().hex}").status_code == 404
     assert client.delete(f"/jobs/{uuid.uuid4().hex}").status_code == 404
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr.astype(np.float32))
+    return buf.getvalue()
+
+
+def test_a_short_request_overtakes_a_running_long_one_with_the_same_images(
+    private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
+) -> None:
+    """Step-level batching through HTTP and a real Redis: rows of different samplers, steps, kinds
+    and models join a running long job, finish first, and equal each request run alone."""
+    url = private_redis.url
+    spawn_worker(url, ROBUSTDIFF_FAULT_STEP_DELAY_S="0.05", ROBUSTDIFF_MAX_WAIT_MS="0")
+    image = {"images": [base64.b64encode(_npy(np.linspace(-1, 1, 256).reshape(1, 1, 16, 16))).decode()]}
+    short = [
+        {"model": "tiny", "sampler": "ddim", "steps": 2, "eta": 0.5, "seeds": 7},
+        {"model": "tiny", "sampler": "dpm-solver++", "steps": 3, "num_images": 2, "seeds": 8},
+        {"model": "tiny-cond", "sampler": "ddpm", "steps": 3, "labels": [1], "seeds": 9},
+        {"model": "tiny-cm", "sampler": "consistency", "times": [0.5], "seeds": 10},
+    ]
+    purify = {
+        "model": "tiny",
+        "steps": 2,
+        "t_star": 0.3,
+        "npy_range": "-1,1",
+        "draws": 2,
+        "seeds": 11,
+        **image,
+    }
+    with make_client(url, default_model="tiny") as c:
+        long = c.post(
+            "/sample", json={"sampler": "ddpm", "steps": 20, "num_images": 3, "seeds": 1, "async": True}
+        ).headers["location"]
+        wait_for(lambda: c.get(long).json().get("progress", {}).get("step", 0) >= 2)
+        mixed = [c.post("/sample", json={**b, "async": True}).headers["location"] for b in short]
+        mixed.append(c.post("/purify", json={**purify, "async": True}).headers["location"])
+        results = [
+            wait_for(lambda loc=loc: (j := c.get(loc).json())["status"] == "done" and j) for loc in mixed
+        ]
+        long_status = c.get(long).json()
+        assert long_status["status"] == "running", "the short requests waited for the long one"
+        assert long_status["progress"]["step"] < 20
+        for body, result in zip([*short, purify], results, strict=True):
+            route = "/purify" if "images" in body else "/sample"
+            alone = c.post(route, json=body).json()
+            assert alone["images"] == result["result"]["images"], body
+            if body["model"] == "tiny":  # one running batch per model: beside the long job's 3 images
+                outputs = len(alone["images"]) * body.get("draws", 1)  # type: ignore[operator]
+                assert result["result"]["timings"]["batch_images"] >= outputs + 3
+        done = wait_for(lambda: (j := c.get(long).json())["status"] == "done" and j, 60)
+        assert done["progress"] == {"step": 20, "steps": 20}

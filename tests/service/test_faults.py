@@ -140,7 +140,9 @@ def test_sigterm_finishes_running_batch_and_hands_back_the_rest(
     private_redis: Any, spawn_worker: Any, make_client: Any, wait_for: Any
 ) -> None:
     url = private_redis.url
-    worker = spawn_worker(url, **{FAULT_STEP_DELAY_ENV: "0.3", "ROBUSTDIFF_MAX_WAIT_MS": "0"})
+    # A one-image running batch, so the second job waits whenever the signal comes.
+    one = {"ROBUSTDIFF_MAX_IMAGES": "1", "ROBUSTDIFF_MAX_BATCH_IMAGES": "1"}
+    worker = spawn_worker(url, **{FAULT_STEP_DELAY_ENV: "0.3", "ROBUSTDIFF_MAX_WAIT_MS": "0", **one})
     with make_client(url, default_model="tiny") as c:
         running = c.post("/sample", json={"steps": 5, "seeds": 1, "async": True}).json()["id"]
         waiting = c.post("/sample", json={"steps": 4, "seeds": 2, "async": True}).json()["id"]

@@ -103,7 +103,7 @@ def _start_serve(
     full.update({
         "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ROBUSTDIFF_MODELS": str(checkpoints["tiny"]),
         "ROBUSTDIFF_WORKER_METRICS_PORT": "0", "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5",
-        **env,
+        "ROBUSTDIFF_WORKERS": "1", **env,
     })  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -206,7 +206,7 @@ def _serve_env(**env: str) -> dict[str, str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
     full.update({
         "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ROBUSTDIFF_WORKER_METRICS_PORT": "0",
-        "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5", **env,
+        "ROBUSTDIFF_DEVICE": "cpu", "ROBUSTDIFF_HEARTBEAT_S": "0.5", "ROBUSTDIFF_WORKERS": "1", **env,
     })  # fmt: skip
     return full
 

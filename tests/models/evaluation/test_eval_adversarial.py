@@ -210,7 +210,7 @@ def test_abandoned_claims_are_taken_over(tmp_path: Path) -> None:
     store = AdversarialStore(tmp_path / "s", SETTINGS, batch=2)
     store.open(torch.zeros(4, 1, 1, 1))
     _foreign_claim(store, 0, dead.pid, socket.gethostname())  # its process is gone
-    stale = _foreign_claim(store, 2, os.getpid(), "another-host")  # cannot be checked, but silent too long
+    stale = _foreign_claim(store, 2, os.getpid(), "another-host")  # cannot be checked, but quiet too long
     old = time.time() - adversarial.STALE_S - 1
     os.utime(stale, (old, old))
     assert store.claim() == slice(0, 2) and store.claim() == slice(2, 4)
@@ -239,7 +239,7 @@ def test_a_helper_that_does_not_wait_leaves_the_batches_others_hold(tmp_path: Pa
 
 
 def test_the_cross_host_claim_timeout_is_a_knob(tmp_path: Path) -> None:
-    """A claim from another host, silent for 60 s: abandoned under a 30 s timeout, live under the default."""
+    """A claim from another host, quiet for 60 s: abandoned under a 30 s timeout, live under the default."""
     x = torch.zeros(2, 1, 1, 1)
     patient = AdversarialStore(tmp_path / "s", SETTINGS, batch=2)
     patient.open(x)

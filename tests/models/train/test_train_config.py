@@ -82,3 +82,21 @@ def test_corruption_is_applied_once_and_reproducibly(kind: str) -> None:
     changed = (a.images != clean.images).flatten(1).any(dim=1).float().mean().item()
     assert 0.4 < changed < 0.6
     assert float(a.images.min()) >= -1.0 and float(a.images.max()) <= 1.0
+
+
+def test_the_readme_tiny_config_trains_on_fashion_mnist(tmp_path: Path) -> None:
+    """models/train/configs/fmnist-tiny.toml (README: "train your own model") runs on the 28x28 data
+    and exports a servable 32x32 model; a preset too small for the data says how to fix it."""
+    from service.cli import main
+
+    config = Path(__file__).resolve().parents[3] / "models/train/configs/fmnist-tiny.toml"
+    out = tmp_path / "tiny.safetensors"
+    args = ["train", str(config), "--updates", "2", "--out-dir", str(tmp_path / "run"), "--export", str(out)]
+    assert main([*args, "--set", "progress=false", "--set", "sample_count=0", "--device", "cpu"]) == 0
+    from models.pipeline import Pipeline
+
+    assert Pipeline.from_checkpoint(out).info.image_shape == (1, 32, 32)
+    with pytest.raises(
+        UserError, match=r"28x28, larger than the model's 16x16; train at --set model.image_size=32"
+    ):
+        load_data(load_config(config, ["model.image_size=16"]))

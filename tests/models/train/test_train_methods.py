@@ -12,7 +12,14 @@ import torch
 from models.schedules import Schedule
 from models.testing import GaussianEps
 from models.train.config import TrainConfig
-from models.train.methods import DroAT, EquivariantAT, get_method, project_box, project_l2
+from models.train.methods import (
+    DroAT,
+    EquivariantAT,
+    equivariance_residual,
+    get_method,
+    project_box,
+    project_l2,
+)
 from models.train.trainer import Trainer
 
 
@@ -139,7 +146,8 @@ def test_gaussian_equivariance_residual_matches_reference_formula() -> None:
 
 def test_equivariant_box_and_adversarial_step_stay_in_box() -> None:
     ctx = GaussianContext(0.0, 0.5)
-    method = get_method("equivariant-at", {"variant": "adversarial", "adv_step": 3.0})
+    opts = {"variant": "adversarial", "adv_step": 3.0, "radius": "pixel-floor", "attack": "residual"}
+    method = get_method("equivariant-at", opts)
     assert isinstance(method, EquivariantAT)
     t = torch.tensor([0.001, 0.2, 0.9])
     s = ctx.schedule.s(t).float().reshape(-1, 1, 1, 1)
@@ -150,6 +158,64 @@ def test_equivariant_box_and_adversarial_step_stay_in_box() -> None:
     out = method.ascend(ctx, x_t, t.double(), s, w, r, ctx.eps(x_t, t.double()))
     assert bool((out.abs() <= r).all())
     assert bool((out.abs() == r).any())
+
+
+def test_paper_radius_values_and_random_bias() -> None:
+    """r(t) = r_max s_t^rho + b, b ~ U[b_min, b_max] per row, in noise units; b_min is 8/255 on the [0, 1] scale."""
+    sch = Schedule()
+    t = torch.tensor([0.001, 0.25, 0.5, 1.0], dtype=torch.float64)
+    s = sch.s(t).reshape(-1, 1, 1, 1)
+    fixed = get_method("equivariant-at", {"r_max": 0.5, "rho": 2.0, "b_min": 0.1, "b_max": 0.1})
+    assert isinstance(fixed, EquivariantAT)
+    r = fixed.radius(s, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r, 0.5 * (1 - sch.alphabar(t)).reshape(-1, 1, 1, 1) + 0.1)
+    assert float(r[-1]) == pytest.approx(0.6, abs=1e-4) and float(r[0]) < 0.1 + 1e-3  # s_1 = 0.01
+    default = get_method("equivariant-at", {})
+    assert isinstance(default, EquivariantAT) and default.options.radius == "paper"
+    assert default.options.b_min == pytest.approx(16 / 255) and default.options.rho == 2.0
+    many = default.radius(torch.full((4000, 1), 1e-3), torch.Generator().manual_seed(1)).flatten()
+    assert float(many.min()) >= 16 / 255 and float(many.max()) <= 32 / 255 + 1e-6
+    assert abs(float(many.mean()) - 24 / 255) < 0.002  # uniform bias: mean (b_min + b_max) / 2
+    old = get_method("equivariant-at", {"radius": "pixel-floor"})
+    assert isinstance(old, EquivariantAT)
+    torch.testing.assert_close(old.radius(s), torch.maximum(16 / 255 / s, torch.full_like(s, 0.1)))
+    with pytest.raises(ValueError, match="b_max"):
+        get_method("equivariant-at", {"b_min": 0.2, "b_max": 0.1})
+
+
+def test_lambda_t_noise_weights_by_s_squared() -> None:
+    s = torch.tensor([0.1, 0.5, 1.0]).reshape(-1, 1)
+    const = get_method("equivariant-at", {"lambda": 0.3})
+    noise = get_method("equivariant-at", {"lambda": 0.3, "lambda_t": "noise"})
+    assert isinstance(const, EquivariantAT) and isinstance(noise, EquivariantAT)
+    torch.testing.assert_close(const.weight(s), torch.full_like(s, 0.3))
+    torch.testing.assert_close(noise.weight(s), 0.3 * s**2)
+
+
+def test_exact_gaussian_denoiser_equivariance_residual_metric() -> None:
+    """equivariance_residual for the exact N(mu, v I) denoiser is (s^2 / (alphabar v + s^2) - 1) w."""
+    mu, v = -0.2, 0.5
+    sch = Schedule()
+    net = GaussianEps(sch, mu, v)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.01, 0.2, 0.6, 0.95], dtype=torch.float64)
+    ab = sch.alphabar(t).reshape(-1, 1)
+    s = (1 - ab).sqrt()
+    x_t = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    w = 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    res = equivariance_residual(lambda x: net(x, sch.net_time(t)), x_t, s, w)
+    torch.testing.assert_close(res, (s**2 / (ab * v + s**2) - 1) * w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("attack", ["output", "residual"])
+@pytest.mark.parametrize("lambda_t", ["constant", "noise"])
+def test_equivariant_options_train(
+    make_config: Callable[..., TrainConfig], attack: str, lambda_t: str
+) -> None:
+    losses, tr = one_step(
+        make_config(method="equivariant-at", options={"attack": attack, "lambda_t": lambda_t})
+    )
+    assert len(losses) == 1 and math.isfinite(losses[0]) and tr.state.updates == 1
 
 
 def test_replay_performs_m_updates_per_batch(make_config: Callable[..., TrainConfig]) -> None:

@@ -1,0 +1,390 @@
+"""Seed A and seed B on 16x16 Fashion-MNIST, several training seeds per arm, paired across seeds.
+
+``seed-a``: 90% of the training images carry N(0, sigma^2) noise (unclamped, zero-mean); standard
+vs equivariant-at (adversarial, random) with the paper's radius. A small sweep of (lambda, r_max) on
+seed 0 picks the setting, then every arm runs ``--seeds`` seeds. FD/KID against the *clean* test split.
+
+``seed-b``: pre-train standard on clean data (FD measured along the way, to see the plateau), then
+fine-tune standard and dro-at from that one checkpoint for equal *minibatches* (dro-at spends m
+updates per minibatch); FD/KID at NFE 5 and 10 and the exposure bias per sampling step.
+
+FD and KID are measured in the feature space of the project's classifier on 32x32 inputs: both the
+16x16 samples and the 16x16 test images are upsampled (nearest) to 32x32 the same way. Results are
+written after every run (``OUT.json``), so a run cut short still reports what it finished.
+
+    OMP_NUM_THREADS=1 nice -n 10 robustdiff bench images16 seed-a --out bench/results/images16_seed_a
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _toy import machine
+
+from models.bench_cli import BenchParser, positive_int
+from models.data import downsample, load_fashion_mnist
+from models.denoisers import EpsDenoiser
+from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
+from models.evaluation.quality import extract_features, fd_of_features
+from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid, paired
+from models.generate import generate
+from models.noise import NoiseSource
+from models.train.config import build
+from models.train.trainer import Trainer
+
+
+class Judge:
+    """FD and KID of 16x16 samples against the clean 16x16 test split, in the classifier's features."""
+
+    def __init__(self, n_real: int) -> None:
+        self.net, _ = load_classifier(DEFAULT_CLASSIFIER, "cpu")
+        test = downsample(load_fashion_mnist("test").images, 2)
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n_real]
+        self.test16 = test[idx]
+        self.real = self.features(self.test16)
+
+    def features(self, images16: torch.Tensor) -> np.ndarray:
+        return extract_features(self.net, F.interpolate(images16, scale_factor=2, mode="nearest"))
+
+    def score(self, images16: torch.Tensor) -> dict[str, Any]:
+        fake = self.features(images16)
+        return {
+            "fd": fd_of_features(fake, self.real),
+            "fd_ci95": bootstrap_ci(self.real, fake, fd_of_features, rounds=30),
+            "kid": kid(self.real, fake),
+            "kid_ci95": bootstrap_ci(self.real, fake, kid, rounds=30),
+            "n": len(images16),
+        }
+
+
+@torch.no_grad()
+def samples(trainer: Trainer, steps: int, n: int) -> torch.Tensor:
+    den = EpsDenoiser(trainer.ema, trainer.schedule)
+    return generate(den, NoiseSource(range(n), (1, 16, 16)), sampler="ddim", steps=steps)
+
+
+def base_config(args: Any, out: Path, **fields: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "preset": "fmnist16-cpu",
+        "data": {"name": "fashion-mnist", "downsample": 2},
+        "batch_size": args.batch,
+        "device": "cpu",
+        "num_threads": 1,
+        "out_dir": str(out),
+        "checkpoint_every": 10**9,
+        "sample_count": 0,
+        "progress": False,
+        "log_every": 50,
+        "export_dtype": "float32",
+        "optim": {"lr": args.lr, "warmup_updates": 50},
+    }
+    cfg.update(fields)
+    return cfg
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def header(args: Any, experiment: str) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "command": "robustdiff bench images16 " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": list(os.getloadavg()),
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "feature_space": "penultimate layer of models/weights/fmnist-classifier.safetensors; 16x16 upsampled x2 (nearest)",
+    }
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["loadavg_end"] = list(os.getloadavg())
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+
+
+def seed_a(args: Any) -> None:
+    out, work = Path(args.out), Path(args.work) / "seed_a"
+    judge = Judge(args.n_real)
+    corruption = {"kind": "gaussian", "fraction": 0.9, "sigma": args.sigma, "clamp": False, "seed": 0}
+    report = header(args, "seed A, 16x16 Fashion-MNIST, 90% noisy (unclamped)") | {
+        "runs": [],
+        "sweep": [],
+    }
+
+    def run(arm: str, seed: int, method: str, options: dict[str, Any]) -> dict[str, Any]:
+        cfg = base_config(
+            args,
+            work / f"{arm}-s{seed}",
+            method=method,
+            options=options,
+            seed=seed,
+            updates=args.updates,
+            data={"name": "fashion-mnist", "downsample": 2, "corruption": corruption},
+        )
+        t0 = time.time()
+        tr = Trainer(build(cfg))
+        tr.run()
+        row = {"arm": arm, "seed": seed, "options": options, "train_s": time.time() - t0}
+        row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
+        log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
+        return row
+
+    report["runs"].append(run("standard", 0, "standard", {}))
+    write(out, report)
+    for lam, r_max in args.sweep:
+        opts = {"variant": "adversarial", "lambda": lam, "r_max": r_max}
+        row = run(f"sweep-l{lam}-r{r_max}", 0, "equivariant-at", opts)
+        report["sweep"].append(row)
+        write(out, report)
+    key = f"nfe{args.nfe[-1]}"
+    best = min(report["sweep"], key=lambda r: r[key]["fd"])["options"]
+    report["chosen"] = {
+        "lambda": best["lambda"],
+        "r_max": best["r_max"],
+        "by": f"lowest FD at {key} on seed 0",
+    }
+    log(f"chosen lambda {best['lambda']}, r_max {best['r_max']}")
+    arms = {
+        "standard": ("standard", {}),
+        "equivariant adversarial": ("equivariant-at", dict(best)),
+        "equivariant random": ("equivariant-at", {**best, "variant": "random"}),
+    }
+    sweep_row = next(r for r in report["sweep"] if r["options"] == best)
+    report["runs"].append({**sweep_row, "arm": "equivariant adversarial"})
+    for seed in range(args.seeds):
+        for arm, (method, options) in arms.items():
+            if seed == 0 and arm != "equivariant random":
+                continue  # standard and the chosen adversarial setting already ran on seed 0
+            report["runs"].append(run(arm, seed, method, options))
+            report["comparisons"] = compare(report["runs"], "standard", list(arms)[1:], args.nfe)
+            write(out, report)
+    plot_a(report, out.with_suffix(".png"), args.nfe)
+    log(f"wrote {out}.json/.png")
+
+
+def compare(runs: list[dict[str, Any]], base: str, arms: list[str], nfe: list[int]) -> dict[str, Any]:
+    """Each arm vs ``base`` over the seeds both finished, per NFE, for FD and KID."""
+    out: dict[str, Any] = {}
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    for arm in arms:
+        seeds = sorted(s for (a, s) in by if a == arm and (base, s) in by)
+        if len(seeds) < 2:
+            continue
+        for s in nfe:
+            for metric in ("fd", "kid"):
+                a = [by[(arm, x)][f"nfe{s}"][metric] for x in seeds]
+                b = [by[(base, x)][f"nfe{s}"][metric] for x in seeds]
+                out[f"{arm} vs {base}, {metric} @ NFE {s}"] = paired(a, b) | {"seed_ids": seeds}
+    return out
+
+
+def seed_b(args: Any) -> None:
+    out, work = Path(args.out), Path(args.work) / "seed_b"
+    judge = Judge(args.n_real)
+    report = header(args, "seed B, 16x16 Fashion-MNIST, pre-train then fine-tune from one checkpoint") | {
+        "pretrain": [],
+        "runs": [],
+    }
+    pre_dir = work / "pretrain"
+    served = work / "pretrain.safetensors"
+    chunk = args.pretrain // args.pretrain_evals
+    for i in range(1, args.pretrain_evals + 1):
+        cfg = build(
+            base_config(args, pre_dir, seed=0, updates=chunk * i, export_path=str(served))
+            | {"ema_decay": 0.995}
+        )
+        resume = pre_dir if i > 1 else None
+        tr = Trainer(cfg, resume=resume)
+        tr.run()
+        row = {"updates": chunk * i} | {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
+        report["pretrain"].append(row)
+        log(
+            f"pre-train {chunk * i} updates: "
+            + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe)
+        )
+        write(out, report)
+    key = f"nfe{args.nfe[-1]}"
+    fds = [r[key]["fd"] for r in report["pretrain"]]
+    report["plateau"] = {
+        "last_relative_change": (fds[-1] - fds[-2]) / fds[-2] if len(fds) > 1 else None,
+        "rule": "plateau when the last pre-training chunk changed FD by less than 10%",
+    }
+    m = 3
+    arms = {
+        "standard": ("standard", {}, args.finetune),
+        "dro-at": ("dro-at", {"m": m}, args.finetune * m),  # equal minibatches: m updates each
+    }
+    for seed in range(args.seeds):
+        for arm, (method, options, updates) in arms.items():
+            cfg = base_config(
+                args,
+                work / f"{arm}-s{seed}",
+                method=method,
+                options=options,
+                seed=seed + 1,
+                updates=updates,
+                optim={"lr": args.finetune_lr, "warmup_updates": 10},
+                ema_decay=0.99,
+            )
+            t0 = time.time()
+            tr = Trainer(build(cfg), init=served)
+            tr.run()
+            row: dict[str, Any] = {"arm": arm, "seed": seed, "updates": updates, "minibatches": args.finetune}
+            row["train_s"] = time.time() - t0
+            row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
+            den = EpsDenoiser(tr.ema, tr.schedule)
+            row["exposure"] = {
+                f"nfe{s}": exposure_bias(den, judge.test16, steps=s, n=args.n) for s in args.nfe
+            }
+            log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
+            report["runs"].append(row)
+            report["comparisons"] = compare(report["runs"], "standard", ["dro-at"], args.nfe)
+            report["exposure_comparison"] = exposure_compare(report["runs"], args.nfe)
+            write(out, report)
+    plot_b(report, out.with_suffix(".png"), args.nfe)
+    log(f"wrote {out}.json/.png")
+
+
+def exposure_compare(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, Any]:
+    """Per NFE and step: dro-at minus standard in |variance ratio - 1| and |eps-norm gap|, paired by seed."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (a, s) in by if a == "dro-at" and ("standard", s) in by)
+    if len(seeds) < 2:
+        return {}
+    out: dict[str, Any] = {}
+    for s in nfe:
+        for metric in ("variance_ratio", "eps_norm_gap"):
+            steps = []
+            for i in range(s):
+                t = by[("standard", seeds[0])]["exposure"][f"nfe{s}"][i]["t"]
+                a = [deviation(by[("dro-at", x)], s, i, metric) for x in seeds]
+                b = [deviation(by[("standard", x)], s, i, metric) for x in seeds]
+                steps.append({"t": t} | paired(a, b))
+            out[f"{metric} @ NFE {s}"] = steps
+    return out
+
+
+def deviation(run: dict[str, Any], nfe: int, step: int, metric: str) -> float:
+    """|variance ratio - 1| or |eps-norm gap| of one run at one sampling step (0 = no exposure bias)."""
+    v = float(run["exposure"][f"nfe{nfe}"][step][metric])
+    return abs(v - 1) if metric == "variance_ratio" else abs(v)
+
+
+def _bars(ax: Any, comparisons: dict[str, Any], title: str) -> None:
+    keys = [k for k in comparisons if ", fd @" in k]
+    means = [100 * comparisons[k]["relative"] for k in keys]
+    lo = [100 * (comparisons[k]["relative"] - comparisons[k]["relative_ci95"][0]) for k in keys]
+    hi = [100 * (comparisons[k]["relative_ci95"][1] - comparisons[k]["relative"]) for k in keys]
+    ax.errorbar(means, range(len(keys)), xerr=[lo, hi], fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(keys)), [k.replace(" vs ", "\nvs ") for k in keys], fontsize=6)
+    ax.set_xlabel("FD change vs standard, % (95% CI over seeds)", fontsize=8)
+    ax.set_title(title, fontsize=8)
+
+
+def plot_a(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    key = f"nfe{nfe[-1]}"
+    for arm, colour in (
+        ("standard", "grey"),
+        ("equivariant adversarial", "tab:green"),
+        ("equivariant random", "tab:blue"),
+    ):
+        rows = [r for r in report["runs"] if r["arm"] == arm]
+        axes[0].scatter([r["seed"] for r in rows], [r[key]["fd"] for r in rows], label=arm, color=colour)
+    axes[0].set_xlabel("training seed")
+    axes[0].set_ylabel(f"FD vs clean test @ NFE {nfe[-1]}")
+    axes[0].legend(fontsize=7)
+    _bars(axes[1], report.get("comparisons", {}), "seed A, 90% noisy 16x16 Fashion-MNIST")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_b(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    key = f"nfe{nfe[-1]}"
+    axes[0].plot([r["updates"] for r in report["pretrain"]], [r[key]["fd"] for r in report["pretrain"]], "o-")
+    axes[0].set_xlabel("pre-training updates")
+    axes[0].set_ylabel(f"FD @ NFE {nfe[-1]}")
+    axes[0].set_title("pre-training (standard, clean)", fontsize=8)
+    _bars(axes[1], report.get("comparisons", {}), "seed B fine-tune, equal minibatches")
+    for arm, colour in (("standard", "grey"), ("dro-at", "tab:red")):
+        rows = [r for r in report["runs"] if r["arm"] == arm]
+        for j, r in enumerate(rows):
+            e = r["exposure"][key]
+            axes[2].plot(
+                [x["t"] for x in e],
+                [x["variance_ratio"] for x in e],
+                color=colour,
+                alpha=0.6,
+                label=arm if j == 0 else None,
+            )
+    axes[2].axhline(1, color="black", lw=0.6)
+    axes[2].invert_xaxis()
+    axes[2].set_xlabel("t (sampling runs right)")
+    axes[2].set_ylabel("||x_t||^2 sampled / forward")
+    axes[2].set_title(f"exposure bias per DDIM step, NFE {nfe[-1]}", fontsize=8)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def pairs(text: str) -> list[tuple[float, float]]:
+    return [(float(a), float(b)) for a, b in (p.split(":") for p in text.split(","))]
+
+
+def main() -> None:
+    p = BenchParser(description=__doc__.split("\n")[0])
+    p.add_argument("experiment", choices=("seed-a", "seed-b"))
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--updates", type=positive_int, default=300, help="seed-a: updates per model")
+    p.add_argument("--sigma", type=float, default=0.2, help="seed-a: noise std on the [0, 1] scale")
+    p.add_argument(
+        "--sweep", type=pairs, default=pairs("0.3:0.5,1:0.5,3:0.5,1:1.5"), help="seed-a: lambda:r_max,..."
+    )
+    p.add_argument("--pretrain", type=positive_int, default=800, help="seed-b: pre-training updates")
+    p.add_argument(
+        "--pretrain-evals", type=positive_int, default=4, help="seed-b: FD checks along pre-training"
+    )
+    p.add_argument(
+        "--finetune", type=positive_int, default=100, help="seed-b: fine-tuning minibatches per arm"
+    )
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n", type=positive_int, default=500, help="samples per FD/KID")
+    p.add_argument("--n-real", type=positive_int, default=2000, help="clean test images in the reference")
+    p.add_argument("--nfe", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10])
+    p.add_argument("--work", default="runs/images16", help="training run folders")
+    p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    (seed_a if args.experiment == "seed-a" else seed_b)(args)
+
+
+if __name__ == "__main__":
+    main()

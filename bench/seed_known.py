@@ -1,0 +1,355 @@
+"""Seed A and B on known distributions, >= 5 training seeds per arm, paired across seeds with 95% CIs.
+
+``subspace`` (seed A's "linearized" data): x = U z, U in R^{D x K} orthonormal (D = 256, K = 16),
+z ~ N(0, diag(s_i^2)). Training sets: clean; 90% of points + N(0, sigma^2 I) for each ``--sigmas``;
+10% outliers N(0, 0.25^2 I_D). Small MLP eps-model; samples (DDIM, no clipping) are scored by the
+off-subspace residual mean ||(I - U U^T) x|| / sqrt(D) (truth 0), the in-subspace covariance error
+||U^T C U - diag(s^2)||_F / ||diag(s^2)||_F and the largest principal angle between span(U) and the
+samples' top-K principal subspace. Arms: standard, equivariant random / adversarial (the paper's
+radius), the invariance ablation and the earlier pixel-floor radius.
+
+``plane``: the 3-D plane toy of bench/seed_a_plane.py (6-Gaussian mixture on a plane, 10% uniform
+outliers) with the same arms; off-support fraction and mean distance to the plane.
+
+``mixture``: seed B's fine-tune regime on the Gaussian mixtures of bench/seed_b_mixture.py: one
+standard pre-training per dimension, then standard and dro-at fine-tuned from it for equal
+minibatches (dro-at: m updates each) per seed; sliced W2 to the true mixture at few DDIM steps and
+the exposure bias per sampling step (variance ratio, eps-norm gap).
+
+    OMP_NUM_THREADS=1 nice -n 10 robustdiff bench seed_known subspace --out bench/results/seed_known/subspace
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _toy import VectorTrainer, machine, sliced_wasserstein
+from seed_a_plane import distance_to_plane, plane_basis, training_set
+from seed_b_mixture import Mixture
+
+from models.bench_cli import BenchParser, positive_int
+from models.denoisers import EpsDenoiser
+from models.evaluation.seeds import exposure_bias, mean_ci, paired
+
+ARMS_A: dict[str, tuple[str, dict[str, Any]]] = {
+    "standard": ("standard", {}),
+    "equivariant random": ("equivariant-at", {"variant": "random"}),
+    "equivariant adversarial": ("equivariant-at", {"variant": "adversarial"}),
+    "invariance ablation": ("equivariant-at", {"variant": "adversarial", "target": "invariance"}),
+    "old radius rule": (
+        "equivariant-at",
+        {"variant": "adversarial", "radius": "pixel-floor", "attack": "residual"},
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def header(args: Any, experiment: str) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "command": "robustdiff bench seed_known " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": list(os.getloadavg()),
+        "args": vars(args),
+    }
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["loadavg_end"] = list(os.getloadavg())
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+
+
+def summarise(per_seed: dict[str, dict[str, list[float]]], base: str = "standard") -> dict[str, Any]:
+    """Per arm and metric: mean with 95% CI over seeds, and the paired difference to ``base``."""
+    out: dict[str, Any] = {}
+    for arm, metrics in per_seed.items():
+        out[arm] = {}
+        for m, values in metrics.items():
+            row: dict[str, Any] = mean_ci(values)
+            b = per_seed.get(base, {}).get(m)
+            if arm != base and b is not None and len(b) == len(values) and len(values) >= 2:
+                row["vs_" + base] = paired(values, b)
+            out[arm][m] = row
+    return out
+
+
+# Linearized subspace ---------------------------------------------------------------------------
+
+
+class Subspace:
+    def __init__(self, dim: int, k: int, seed: int = 11) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.u, _ = torch.linalg.qr(torch.randn(dim, k, generator=g, dtype=torch.float64))
+        self.scales = 0.4 * 0.85 ** torch.arange(k, dtype=torch.float64)  # s_i: 0.4 .. 0.036
+        self.dim, self.k = dim, k
+
+    def clean(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return ((torch.randn(n, self.k, generator=g, dtype=torch.float64) * self.scales) @ self.u.T).float()
+
+    def training(self, condition: str, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = self.clean(n, g)
+        if condition == "clean":
+            return x
+        if condition == "outliers":
+            bad = torch.rand(n, generator=g) < 0.1
+            x[bad] = 0.25 * torch.randn(int(bad.sum()), self.dim, generator=g)
+            return x
+        sigma = float(condition.removeprefix("noisy sigma "))
+        hit = torch.rand(n, generator=g) < 0.9
+        x[hit] += sigma * torch.randn(int(hit.sum()), self.dim, generator=g)
+        return x
+
+    def metrics(self, x: torch.Tensor) -> dict[str, float]:
+        x = x.double()
+        proj = x @ self.u
+        off = (x - proj @ self.u.T).norm(dim=1) / math.sqrt(self.dim)
+        cov = torch.cov(proj.T)
+        truth = torch.diag(self.scales**2)
+        pcs = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[: self.k].T
+        cosines = torch.linalg.svdvals(self.u.T @ pcs).clamp(max=1.0)
+        return {
+            "off_subspace": float(off.mean()),
+            "cov_error": float((cov - truth).norm() / truth.norm()),
+            "in_subspace_variance_ratio": float(torch.diagonal(cov).sum() / truth.trace()),
+            "max_principal_angle_deg": float(torch.rad2deg(torch.arccos(cosines.min()))),
+        }
+
+
+def subspace(args: Any) -> None:
+    out = Path(args.out)
+    space = Subspace(args.dim, args.k)
+    conditions = ["clean", *[f"noisy sigma {s:g}" for s in args.sigmas], "outliers"]
+    report = header(args, "seed A: linearized subspace data, D x K") | {"results": {}}
+    for cond in conditions:
+        train_metrics = space.metrics(space.training(cond, args.n_train, 0))
+        per_seed: dict[str, dict[str, list[float]]] = {}
+        for arm, (method, options) in ARMS_A.items():
+            per_seed[arm] = {}
+            for seed in range(args.seeds):
+                data = space.training(cond, args.n_train, seed)
+                tr = VectorTrainer(
+                    args.dim, method, options, args.updates, seed, lr=args.lr, hidden=args.hidden
+                )
+                tr.fit(data, args.batch)
+                m = space.metrics(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)))
+                for key, v in m.items():
+                    per_seed[arm].setdefault(key, []).append(v)
+            log(f"{cond:16s} {arm:24s} off-subspace {mean_ci(per_seed[arm]['off_subspace'])['mean']:.4f}")
+            report["results"][cond] = {
+                "training_set": train_metrics,
+                "per_seed": per_seed,
+                "summary": summarise(per_seed),
+            }
+            write(out, report)
+    plot_subspace(report, out.with_suffix(".png"))
+    log(f"wrote {out}.json/.png")
+
+
+def plot_subspace(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = list(report["results"])
+    metrics = ["off_subspace", "cov_error", "max_principal_angle_deg"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8))
+    width = 0.8 / len(ARMS_A)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for j, arm in enumerate(ARMS_A):
+            means, lo, hi = [], [], []
+            for c in conds:
+                row = report["results"][c]["summary"].get(arm, {}).get(metric)
+                means.append(row["mean"] if row else float("nan"))
+                lo.append(row["mean"] - row["ci95"][0] if row else 0)
+                hi.append(row["ci95"][1] - row["mean"] if row else 0)
+            xs = [i + (j - len(ARMS_A) / 2 + 0.5) * width for i in range(len(conds))]
+            ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=arm)
+        ax.set_xticks(range(len(conds)), conds, fontsize=7)
+        ax.set_title(f"{metric} (mean, 95% CI over seeds)", fontsize=8)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# Plane -----------------------------------------------------------------------------------------
+
+
+def plane(args: Any) -> None:
+    out = Path(args.out)
+    basis = plane_basis()
+    report = header(args, "seed A: 6-Gaussian mixture on a 2-D plane in 3-D, 10% uniform outliers") | {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    for arm, (method, options) in ARMS_A.items():
+        per_seed[arm] = {"off_support": [], "mean_distance": []}
+        for seed in range(args.seeds):
+            data = training_set(args.n_train, args.outliers, seed, basis)
+            tr = VectorTrainer(3, method, options, args.updates, seed, lr=args.lr)
+            tr.fit(data, args.batch)
+            d = distance_to_plane(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)), basis)
+            per_seed[arm]["off_support"].append(float((d > args.tau).float().mean()))
+            per_seed[arm]["mean_distance"].append(float(d.mean()))
+        log(f"plane {arm:24s} off-support {mean_ci(per_seed[arm]['off_support'])['mean']:.4f}")
+        report["per_seed"], report["summary"] = per_seed, summarise(per_seed)
+        write(out, report)
+    train_d = distance_to_plane(training_set(args.n_train, args.outliers, 0, basis), basis)
+    report["training_set_off_support"] = float((train_d > args.tau).float().mean())
+    write(out, report)
+    plot_simple(report["summary"], ["off_support", "mean_distance"], out.with_suffix(".png"), "plane toy")
+    log(f"wrote {out}.json/.png")
+
+
+def plot_simple(summary: dict[str, Any], metrics: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    arms = list(summary)
+    for ax, metric in zip(axes, metrics, strict=True):
+        means = [summary[a][metric]["mean"] for a in arms]
+        lo = [summary[a][metric]["mean"] - summary[a][metric]["ci95"][0] for a in arms]
+        hi = [summary[a][metric]["ci95"][1] - summary[a][metric]["mean"] for a in arms]
+        ax.bar(range(len(arms)), means, yerr=[lo, hi], capsize=3)
+        ax.set_xticks(range(len(arms)), [a.replace(" ", "\n", 1) for a in arms], fontsize=6)
+        ax.set_title(f"{title}: {metric} (95% CI over seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# Mixture, seed B fine-tune regime ----------------------------------------------------------------
+
+
+def mixture(args: Any) -> None:
+    out = Path(args.out)
+    report = header(args, "seed B: Gaussian mixtures, pre-train then fine-tune standard vs dro-at") | {
+        "results": {}
+    }
+    m = 3
+    for dim in args.dims:
+        mix = Mixture(dim)
+        pre = VectorTrainer(dim, "standard", {}, args.pretrain, 0, lr=args.lr)
+        pre.fit(mix.sample(args.n_train, 1000), args.batch)
+        start = pre.net.state_dict()
+        per_seed: dict[str, dict[str, list[float]]] = {}
+        exposure: dict[str, list[list[dict[str, float]]]] = {}
+        arms = {
+            "standard": ("standard", {}, args.finetune),
+            "dro-at": ("dro-at", {"m": m}, args.finetune * m),
+        }
+        for arm, (method, options, updates) in arms.items():
+            per_seed[arm], exposure[arm] = {}, []
+            for seed in range(args.seeds):
+                tr = VectorTrainer(
+                    dim, method, options, updates, seed + 1, lr=args.finetune_lr, init=start, warmup=10
+                )
+                tr.fit(mix.sample(args.n_train, 1000), args.batch)
+                ref = mix.sample(args.n_samples, 2000 + seed)
+                for n in args.nfe:
+                    x = tr.sample(args.n_samples, n, seed=10_000 * (seed + 1), clip=True)
+                    per_seed[arm].setdefault(f"sw_nfe{n}", []).append(sliced_wasserstein(x, ref, seed=seed))
+                rows = exposure_bias(
+                    EpsDenoiser(tr.ema, tr.schedule), ref, steps=args.nfe[1], n=args.n_samples
+                )
+                exposure[arm].append(rows)
+                per_seed[arm].setdefault("mean_abs_log_variance_ratio", []).append(
+                    sum(abs(math.log(r["variance_ratio"])) for r in rows) / len(rows)
+                )
+                per_seed[arm].setdefault("mean_abs_eps_norm_gap", []).append(
+                    sum(abs(r["eps_norm_gap"]) for r in rows) / len(rows)
+                )
+            log(
+                f"d={dim} {arm}: "
+                + ", ".join(f"{k} {mean_ci(v)['mean']:.4f}" for k, v in per_seed[arm].items())
+            )
+        report["results"][str(dim)] = {
+            "per_seed": per_seed,
+            "summary": summarise(per_seed),
+            "exposure_per_step": {arm: rows for arm, rows in exposure.items()},
+            "exposure_nfe": args.nfe[1],
+        }
+        write(out, report)
+    plot_mixture(report, out.with_suffix(".png"))
+    log(f"wrote {out}.json/.png")
+
+
+def plot_mixture(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = list(report["results"])
+    fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 3.6), squeeze=False)
+    for ax, dim in zip(axes[0], dims, strict=True):
+        res = report["results"][dim]
+        for arm, colour in (("standard", "grey"), ("dro-at", "tab:red")):
+            for j, rows in enumerate(res["exposure_per_step"][arm]):
+                ax.plot(
+                    [r["t"] for r in rows],
+                    [r["variance_ratio"] for r in rows],
+                    color=colour,
+                    alpha=0.5,
+                    label=arm if j == 0 else None,
+                )
+        ax.axhline(1, color="black", lw=0.6)
+        ax.invert_xaxis()
+        ax.set_xlabel("t (sampling runs right)")
+        ax.set_ylabel("||x_t||^2 sampled / forward")
+        ax.set_title(
+            f"d = {dim}: exposure bias per DDIM step (NFE {res['exposure_nfe']}), one line per seed",
+            fontsize=8,
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = BenchParser(description=__doc__.split("\n")[0])
+    p.add_argument("experiment", choices=("subspace", "plane", "mixture"))
+    p.add_argument("--seeds", type=positive_int, default=5)
+    p.add_argument("--updates", type=positive_int, default=1500, help="subspace/plane: updates per model")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--n-train", type=positive_int, default=4000)
+    p.add_argument("--n-samples", type=positive_int, default=2000)
+    p.add_argument("--steps", type=positive_int, default=50, help="subspace/plane: DDIM steps")
+    p.add_argument("--dim", type=positive_int, default=256, help="subspace: D")
+    p.add_argument("--k", type=positive_int, default=16, help="subspace: K")
+    p.add_argument("--hidden", type=positive_int, default=256, help="subspace: MLP width")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.2], help="subspace: noise levels")
+    p.add_argument("--outliers", type=float, default=0.1, help="plane: outlier share")
+    p.add_argument("--tau", type=float, default=0.05, help="plane: off-support distance")
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="mixture: dimensions")
+    p.add_argument("--pretrain", type=positive_int, default=3000, help="mixture: pre-training updates")
+    p.add_argument("--finetune", type=positive_int, default=500, help="mixture: fine-tune minibatches")
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 10], help="mixture: DDIM NFEs")
+    p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    {"subspace": subspace, "plane": plane, "mixture": mixture}[args.experiment](args)
+
+
+if __name__ == "__main__":
+    main()

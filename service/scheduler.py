@@ -1,0 +1,164 @@
+"""Step-level ("continuous") batching policy: which job's rows run at the next network evaluation.
+
+Pure and torch-free, so its rules are unit-tested in-process; the worker owns the tensors.
+
+Each model has one running batch. At every step boundary the worker asks for a ``StepPlan``:
+cancelled jobs' rows leave, then waiting jobs join oldest first (by first-submitted time, so a job
+reclaimed from a dead worker keeps its place) while their images fit within ``max_rows``; the first
+that does not fit stops admission for its model, so a large job is never overtaken for ever by small
+ones. After the evaluation ``advance`` moves every running job one step on and retires those that
+reached t = 0. Jobs of any sampler, step count, t* or kind share a batch: each row carries its own
+time and update.
+
+A reclaimed job (its worker died while holding it) is *isolated*: it runs alone, once every running
+batch has drained, and nothing joins while it runs. If it is what killed the worker it then takes no
+healthy job down with it, and only it reaches the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A job as the scheduler sees it."""
+
+    job_id: str
+    model: str
+    rows: int  # output images: one row of the running batch each
+    steps: int  # network evaluations until its rows reach t = 0
+    submitted: float  # first-submitted time (kept across requeues and reclaims)
+    isolated: bool = False
+    kind: str = "sample"
+
+
+@dataclass
+class Running:
+    ticket: Ticket
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What happens at one step boundary."""
+
+    admitted: list[Ticket]  # join the running batch now (in order)
+    evicted: list[str]  # cancelled jobs whose rows leave now
+    running: dict[str, list[str]]  # model -> job ids in the batch for this step (admitted included)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.running.values())
+
+
+@dataclass
+class Scheduler:
+    """Waiting and running jobs of one worker; ``max_rows`` caps each model's running batch."""
+
+    max_rows: int
+    waiting: list[Ticket] = field(default_factory=list)
+    running: dict[str, list[Running]] = field(default_factory=dict)
+    _cancelled: set[str] = field(default_factory=set)
+
+    def submit(self, ticket: Ticket) -> None:
+        if ticket.rows > self.max_rows:
+            raise ValueError(f"job {ticket.job_id} has {ticket.rows} images, over the cap of {self.max_rows}")
+        if ticket.steps < 1:
+            raise ValueError(f"job {ticket.job_id} needs at least one step")
+        if self._known(ticket.job_id):
+            raise ValueError(f"job {ticket.job_id} is already scheduled")
+        self.waiting.append(ticket)
+        self.waiting.sort(key=lambda t: (t.submitted, t.job_id))
+
+    def _known(self, job_id: str) -> bool:
+        return any(t.job_id == job_id for t in self.waiting) or any(
+            r.ticket.job_id == job_id for rows in self.running.values() for r in rows
+        )
+
+    def cancel(self, job_id: str) -> str | None:
+        """'waiting' (dropped now), 'running' (its rows leave at the next boundary) or None."""
+        for i, t in enumerate(self.waiting):
+            if t.job_id == job_id:
+                del self.waiting[i]
+                return "waiting"
+        if any(r.ticket.job_id == job_id for rows in self.running.values() for r in rows):
+            self._cancelled.add(job_id)
+            return "running"
+        return None
+
+    def drop(self, job_id: str) -> None:
+        """Forget a job wherever it is, at once (it failed, or the worker hands it back)."""
+        self.waiting = [t for t in self.waiting if t.job_id != job_id]
+        for model, rows in self.running.items():
+            self.running[model] = [r for r in rows if r.ticket.job_id != job_id]
+        self._cancelled.discard(job_id)
+
+    def rows(self, model: str) -> int:
+        return sum(r.ticket.rows for r in self.running.get(model, []))
+
+    def _isolated_running(self) -> bool:
+        return any(r.ticket.isolated for rows in self.running.values() for r in rows)
+
+    def _busy(self) -> bool:
+        return any(self.running.values())
+
+    def plan(self, admit: bool = True) -> StepPlan:
+        """Evict cancelled rows, admit waiting jobs (unless ``admit`` is False: the worker is
+        stopping), and say which jobs the next evaluation runs."""
+        evicted = sorted(self._cancelled)
+        for job_id in evicted:
+            self.drop(job_id)
+        admitted: list[Ticket] = []
+        if admit and not self._isolated_running():
+            admitted = self._admit()
+        running = {model: [r.ticket.job_id for r in rows] for model, rows in self.running.items() if rows}
+        return StepPlan(admitted, evicted, running)
+
+    def _admit(self) -> list[Ticket]:
+        heads: dict[str, Ticket] = {}  # each model's oldest waiting job
+        for t in self.waiting:
+            heads.setdefault(t.model, t)
+        if any(t.isolated for t in heads.values()):
+            # Drain: an isolated job at the front of its model's order runs once nothing else does.
+            oldest = min((t for t in heads.values() if t.isolated), key=lambda t: (t.submitted, t.job_id))
+            if self._busy():
+                return []
+            self.waiting.remove(oldest)
+            self.running.setdefault(oldest.model, []).append(Running(oldest))
+            return [oldest]
+        admitted = []
+        blocked: set[str] = set()
+        for t in list(self.waiting):
+            if t.model in blocked:
+                continue
+            if self.rows(t.model) + t.rows > self.max_rows:
+                blocked.add(t.model)  # oldest first: nobody younger overtakes it
+                continue
+            self.waiting.remove(t)
+            self.running.setdefault(t.model, []).append(Running(t))
+            admitted.append(t)
+        return admitted
+
+    def advance(self, model: str) -> list[Ticket]:
+        """After one evaluation of ``model``'s batch: every job moves one step; those at t = 0 retire."""
+        done: list[Running] = []
+        keep: list[Running] = []
+        for r in self.running.get(model, []):
+            r.step += 1
+            (done if r.step >= r.ticket.steps else keep).append(r)
+        self.running[model] = keep
+        for r in done:
+            self._cancelled.discard(r.ticket.job_id)
+        return [r.ticket for r in done]
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        """(steps done, steps) of a running job."""
+        for rows in self.running.values():
+            for r in rows:
+                if r.ticket.job_id == job_id:
+                    return r.step, r.ticket.steps
+        return None
+
+    def idle(self) -> bool:
+        return not self.waiting and not self._busy()

@@ -1,0 +1,113 @@
+"""The CPU engine's batch invariance: an image's bytes never depend on the rows evaluated beside it.
+
+Bitwise checks on the served weights (models/weights) and on a class-conditional, scale/shift tiny
+network (the label and modulation paths the served models do not use), with micro-batches small
+enough that a batch spans several of them and ends in a partial one.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.pipeline import CpuOptions, Pipeline, cpu_bf16_support
+from models.testing import tiny_checkpoint
+from models.unet import Conv2d, Linear
+from service.settings import _committed_weights
+
+SERVED = {Path(p).stem: p for p in _committed_weights()}
+
+
+def _rows(pipe: Pipeline, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *pipe.info.image_shape), generator=gen)
+    t = torch.rand(n, generator=gen, dtype=torch.float64).float() * 999
+    classes = pipe.info.num_classes
+    y = torch.randint(0, classes, (n,), generator=gen) if classes else None
+    return x, t, y
+
+
+def _alone(pipe: Pipeline, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return torch.cat(
+        [pipe.forward(x[i : i + 1], t[i : i + 1], None if y is None else y[i : i + 1]) for i in range(len(x))]
+    )
+
+
+def _check_compositions(pipe: Pipeline) -> None:
+    """Every row of batches of many sizes (several micro-batches, a partial last one) and in shuffled
+    positions equals the same row evaluated alone, bitwise."""
+    x, t, y = _rows(pipe, 11, seed=1)
+    with torch.inference_mode():
+        alone = _alone(pipe, x, t, y)
+        for n in (2, 3, 5, 11):
+            out = pipe.forward(x[:n], t[:n], None if y is None else y[:n])
+            assert torch.equal(out, alone[:n]), f"batch of {n}"
+        perm = torch.randperm(11, generator=torch.Generator().manual_seed(2))
+        out = pipe.forward(x[perm], t[perm], None if y is None else y[perm])
+        assert torch.equal(out, alone[perm]), "shuffled rows"
+
+
+@pytest.mark.parametrize("name", ["fmnist-dro-at", "fmnist-cd-at"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_served_models_are_bitwise_batch_invariant(name: str, pad: bool) -> None:
+    pipe = Pipeline.from_checkpoint(SERVED[name], cpu=CpuOptions(micro_batch=4, pad=pad))
+    _check_compositions(pipe)
+
+
+def test_default_micro_batch_is_invariant_past_one_micro_batch() -> None:
+    """The served default: one row alone vs the same row inside a batch larger than a micro-batch."""
+    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"])
+    n = pipe.cpu.micro_batch + 3
+    x, t, _ = _rows(pipe, n, seed=3)
+    with torch.inference_mode():
+        out = pipe.forward(x, t)
+        for i in (0, pipe.cpu.micro_batch - 1, pipe.cpu.micro_batch, n - 1):
+            assert torch.equal(out[i : i + 1], pipe.forward(x[i : i + 1], t[i : i + 1])), f"row {i}"
+
+
+def test_conditional_scale_shift_network_is_bitwise_batch_invariant(tmp_path: Path) -> None:
+    path = tiny_checkpoint(tmp_path / "cond.safetensors", num_classes=3, scale_shift_norm=True)
+    _check_compositions(Pipeline.from_checkpoint(path, cpu=CpuOptions(micro_batch=4)))
+
+
+def test_sampling_a_seed_gives_the_same_bytes_in_any_request() -> None:
+    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=CpuOptions(micro_batch=4))
+    alone = pipe.sample([42], sampler="ddim", steps=2)
+    crowd = pipe.sample([7, 8, 9, 10, 11, 42, 12], sampler="ddim", steps=2)
+    assert torch.equal(crowd[5], alone[0])
+
+
+def test_invariant_kernels_compute_the_plain_layers(tmp_path: Path) -> None:
+    """The pinned kernels are the same function as nn.Conv2d / nn.Linear (to float32 rounding), and
+    only the batch-invariant pipeline switches them on (training and the attacks keep torch's)."""
+    torch.manual_seed(0)
+    conv, lin = Conv2d(8, 16, 1), Linear(8, 5)
+    x, v = torch.randn(3, 8, 6, 6), torch.randn(4, 8)
+    plain = conv(x), lin(v)
+    conv.batch_invariant = lin.batch_invariant = True
+    assert torch.allclose(conv(x), plain[0], atol=1e-5) and torch.allclose(lin(v), plain[1], atol=1e-6)
+    path = tiny_checkpoint(tmp_path / "t.safetensors")
+    fast = Pipeline.from_checkpoint(path, batch_invariant=False)
+    assert not any(getattr(mod, "batch_invariant", False) for mod in fast.net.modules())
+    assert all(
+        mod.batch_invariant for mod in Pipeline.from_checkpoint(path).net.modules() if isinstance(mod, Conv2d)
+    )
+
+
+def test_micro_batch_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="micro_batch: 0 must be >= 1"):
+        Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "t.safetensors"), cpu=CpuOptions(micro_batch=0))
+
+
+def test_bf16_is_batch_invariant_where_the_cpu_has_it_and_refused_elsewhere() -> None:
+    """bfloat16 autocast keeps the bitwise guarantee and stays near float32 (4% at DDIM 3, 1.0% at DDIM 10)."""
+    opts = CpuOptions(micro_batch=4, dtype="bfloat16")
+    if cpu_bf16_support() is None:
+        with pytest.raises(ValueError, match="needs a CPU with avx512_bf16 or AMX"):
+            Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=opts)
+        return
+    pipe = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=opts)
+    _check_compositions(pipe)
+    ref = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"]).sample([1, 2], steps=3)
+    out = pipe.sample([1, 2], steps=3)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.08
