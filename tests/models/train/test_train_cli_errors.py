@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -161,28 +160,3 @@ def test_unparsable_configs_are_one_line(
     assert main(["train", str(path), "--out-dir", str(tmp_path / "run")]) == 2
     one_line(capsys, f"robustdiff train: error: config: {path} {message}")
     assert not (tmp_path / "run").exists()
-
-
-def test_training_never_overwrites_a_served_file_without_force(
-    run1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Before: `train` and `export` replaced an existing served file (the committed weights) silently."""
-    served = tmp_path / "served.safetensors"
-    served.write_bytes(b"committed weights")
-    config = tmp_path / "c.toml"
-    config.write_text('name = "tiny"\n')
-    argv = ["--export", str(served), "--out-dir", str(tmp_path / "run")]
-    assert main(["train", str(config), *TINY, *argv]) == 2
-    one_line(capsys, f"robustdiff train: error: --export: {served} exists; add --force")
-    assert main(["export", str(run1), "--out", str(served)]) == 2
-    one_line(capsys, f"robustdiff export: error: --out: {served} exists; add --force")
-    assert served.read_bytes() == b"committed weights"
-    assert main(["export", str(run1), "--out", str(served), "--force"]) == 0
-    assert served.stat().st_mode & 0o777 == 0o644  # the container's own user reads it
-
-
-@pytest.mark.parametrize("config", sorted(Path("models/train/configs").glob("*.toml")), ids=lambda p: p.stem)
-def test_shipped_configs_write_no_committed_weights(config: Path) -> None:
-    """Before: `robustdiff train models/train/configs/fmnist-dro-at.toml` replaced the served file."""
-    data = tomllib.loads(config.read_text())
-    assert "models/weights" not in str(data.get("export_path", "")), f"{config} writes the committed weights"
