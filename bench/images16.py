@@ -141,37 +141,56 @@ def seed_a(args: Any) -> None:
         log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
         return row
 
-    report["runs"].append(run("standard", 0, "standard", {}))
-    write(out, report)
-    for lam, r_max in args.sweep:
-        opts = {"variant": "adversarial", "lambda": lam, "r_max": r_max}
-        row = run(f"sweep-l{lam}-r{r_max}", 0, "equivariant-at", opts)
-        report["sweep"].append(row)
+    wanted = [SEED_A_ARMS[a] for a in args.arms_a]
+    if args.sweep:
+        report["runs"].append(run("standard", 0, "standard", {}))
         write(out, report)
-    key = f"nfe{args.nfe[-1]}"
-    best = min(report["sweep"], key=lambda r: r[key]["fd"])["options"]
-    report["chosen"] = {
-        "lambda": best["lambda"],
-        "r_max": best["r_max"],
-        "by": f"lowest FD at {key} on seed 0",
-    }
+        for lam, r_max in args.sweep:
+            opts = {"variant": "adversarial", "lambda": lam, "r_max": r_max}
+            row = run(f"sweep-l{lam}-r{r_max}", 0, "equivariant-at", opts)
+            report["sweep"].append(row)
+            write(out, report)
+        key = f"nfe{args.nfe[-1]}"
+        best = min(report["sweep"], key=lambda r: r[key]["fd"])["options"]
+        report["chosen"] = {
+            "lambda": best["lambda"],
+            "r_max": best["r_max"],
+            "by": f"lowest FD at {key} on seed 0",
+        }
+        sweep_row = next(r for r in report["sweep"] if r["options"] == best)
+        report["runs"].append({**sweep_row, "arm": "equivariant adversarial"})
+    else:
+        lam, r_max = args.chosen
+        best = {"variant": "adversarial", "lambda": lam, "r_max": r_max}
+        report["chosen"] = {"lambda": lam, "r_max": r_max, "by": "given (--chosen), no sweep"}
     log(f"chosen lambda {best['lambda']}, r_max {best['r_max']}")
     arms = {
-        "standard": ("standard", {}),
-        "equivariant adversarial": ("equivariant-at", dict(best)),
-        "equivariant random": ("equivariant-at", {**best, "variant": "random"}),
+        name: spec
+        for name, spec in {
+            "standard": ("standard", {}),
+            "equivariant adversarial": ("equivariant-at", dict(best)),
+            "equivariant random": ("equivariant-at", {**best, "variant": "random"}),
+        }.items()
+        if name in wanted
     }
-    sweep_row = next(r for r in report["sweep"] if r["options"] == best)
-    report["runs"].append({**sweep_row, "arm": "equivariant adversarial"})
+    done = {(r["arm"], r["seed"]) for r in report["runs"]}
     for seed in range(args.seeds):
         for arm, (method, options) in arms.items():
-            if seed == 0 and arm != "equivariant random":
-                continue  # standard and the chosen adversarial setting already ran on seed 0
+            if (arm, seed) in done:
+                continue  # standard and the chosen adversarial setting already ran on seed 0 in the sweep
             report["runs"].append(run(arm, seed, method, options))
-            report["comparisons"] = compare(report["runs"], "standard", list(arms)[1:], args.nfe)
+            others = [a for a in arms if a != "standard"]
+            report["comparisons"] = compare(report["runs"], "standard", others, args.nfe)
             write(out, report)
     plot_a(report, out.with_suffix(".png"), args.nfe)
     log(f"wrote {out}.json/.png")
+
+
+SEED_A_ARMS = {
+    "standard": "standard",
+    "adversarial": "equivariant adversarial",
+    "random": "equivariant random",
+}
 
 
 def compare(runs: list[dict[str, Any]], base: str, arms: list[str], nfe: list[int]) -> dict[str, Any]:
@@ -197,35 +216,10 @@ def seed_b(args: Any) -> None:
         "pretrain": [],
         "runs": [],
     }
-    pre_dir = work / "pretrain"
-    served = work / "pretrain.safetensors"
-    chunk = args.pretrain // args.pretrain_evals
-    for i in range(1, args.pretrain_evals + 1):
-        cfg = build(
-            base_config(args, pre_dir, seed=0, updates=chunk * i, export_path=str(served))
-            | {"ema_decay": 0.995}
-        )
-        resume = pre_dir if i > 1 else None
-        tr = Trainer(cfg, resume=resume)
-        tr.run()
-        row = {"updates": chunk * i} | {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
-        report["pretrain"].append(row)
-        log(
-            f"pre-train {chunk * i} updates: "
-            + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe)
-        )
-        write(out, report)
-    key = f"nfe{args.nfe[-1]}"
-    fds = [r[key]["fd"] for r in report["pretrain"]]
-    report["plateau"] = {
-        "last_relative_change": (fds[-1] - fds[-2]) / fds[-2] if len(fds) > 1 else None,
-        "rule": "plateau when the last pre-training chunk changed FD by less than 10%",
-    }
-    m = 3
-    arms = {
-        "standard": ("standard", {}, args.finetune),
-        "dro-at": ("dro-at", {"m": m}, args.finetune * m),  # equal minibatches: m updates each
-    }
+    served = Path(args.init) if args.init else pretrain(args, work, judge, report, out)
+    report["init"] = str(served)
+    arms = seed_b_arms(args.arms_b, args.finetune, args.m)
+    report["arms"] = {a: {"method": m, "options": o, "updates": u} for a, (m, o, u) in arms.items()}
     for seed in range(args.seeds):
         for arm, (method, options, updates) in arms.items():
             cfg = base_config(
@@ -246,21 +240,87 @@ def seed_b(args: Any) -> None:
             row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
             den = EpsDenoiser(tr.ema, tr.schedule)
             row["exposure"] = {
-                f"nfe{s}": exposure_bias(den, judge.test16, steps=s, n=args.n) for s in args.nfe
+                f"nfe{s}": exposure_bias(den, judge.test16, steps=s, n=args.n_exposure) for s in args.nfe
             }
             log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
             report["runs"].append(row)
-            report["comparisons"] = compare(report["runs"], "standard", ["dro-at"], args.nfe)
-            report["exposure_comparison"] = exposure_compare(report["runs"], args.nfe)
+            report["comparisons"] = {}
+            report["exposure_comparison"] = {}
+            for a, base in B_COMPARISONS:
+                if a in arms and base in arms:
+                    report["comparisons"] |= compare(report["runs"], base, [a], args.nfe)
+                    report["exposure_comparison"] |= exposure_compare(report["runs"], args.nfe, a, base)
             write(out, report)
     plot_b(report, out.with_suffix(".png"), args.nfe)
     log(f"wrote {out}.json/.png")
 
 
-def exposure_compare(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, Any]:
-    """Per NFE and step: dro-at minus standard in |variance ratio - 1| and |eps-norm gap|, paired by seed."""
+SEED_B_ARMS = ("standard", "standard-equal-updates", "dro-at")
+# (arm, baseline): dro-at against both standards; the equal-updates control against plain standard.
+B_COMPARISONS = (
+    ("dro-at", "standard"),
+    ("dro-at", "standard-equal-updates"),
+    ("standard-equal-updates", "standard"),
+)
+
+
+def seed_b_arms(names: list[str], minibatches: int, m: int) -> dict[str, tuple[str, dict[str, Any], int]]:
+    """Fine-tuning arms: (method, options, updates). dro-at spends ``m`` updates per minibatch, so
+    equal minibatches give it ``m`` times standard's updates; ``standard-equal-updates`` is standard
+    with dro-at's update count, the control for "more updates alone"."""
+    table = {
+        "standard": ("standard", {}, minibatches),
+        "standard-equal-updates": ("standard", {}, minibatches * m),
+        "dro-at": ("dro-at", {"m": m}, minibatches * m),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown seed-b arm(s) {unknown}; choose from {list(table)}")
+    return {n: table[n] for n in names}
+
+
+def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: Path) -> Path:
+    """Standard on clean data in chunks until FD at the last NFE changes by less than ``args.plateau``
+    (relative) over one chunk, or ``args.pretrain`` updates; returns the exported checkpoint."""
+    pre_dir = work / "pretrain"
+    served = work / "pretrain.safetensors"
+    chunk = args.pretrain_chunk
+    key = f"nfe{args.nfe[-1]}"
+    rule = f"plateau when |FD@{args.nfe[-1]} change| over one {chunk}-update chunk < {args.plateau:.0%}"
+    report["plateau"] = {"rule": rule, "reached": False}
+    updates = 0
+    while updates < args.pretrain:
+        updates = min(updates + chunk, args.pretrain)
+        cfg = build(
+            base_config(args, pre_dir, seed=0, updates=updates, export_path=str(served))
+            | {"ema_decay": 0.995}
+        )
+        tr = Trainer(cfg, resume=pre_dir if updates > chunk else None)
+        tr.run()
+        last = args.nfe[-1]  # the plateau rule reads one NFE; scoring only it halves the cost of a check
+        row = {"updates": updates, key: judge.score(samples(tr, last, args.n))}
+        report["pretrain"].append(row)
+        fds = [r[key]["fd"] for r in report["pretrain"]]
+        change = (fds[-1] - fds[-2]) / fds[-2] if len(fds) > 1 else None
+        report["plateau"] |= {"last_relative_change": change, "updates": updates}
+        log(
+            f"pre-train {updates} updates: FD@{last} {row[key]['fd']:.2f}"
+            + (f" (change {change:+.1%})" if change is not None else "")
+        )
+        write(out, report)
+        if change is not None and abs(change) < args.plateau:
+            report["plateau"]["reached"] = True
+            break
+    write(out, report)
+    return served
+
+
+def exposure_compare(
+    runs: list[dict[str, Any]], nfe: list[int], arm: str = "dro-at", base: str = "standard"
+) -> dict[str, Any]:
+    """Per NFE and step: ``arm`` minus ``base`` in |variance ratio - 1| and |eps-norm gap|, paired by seed."""
     by = {(r["arm"], r["seed"]): r for r in runs}
-    seeds = sorted(s for (a, s) in by if a == "dro-at" and ("standard", s) in by)
+    seeds = sorted(s for (a, s) in by if a == arm and (base, s) in by)
     if len(seeds) < 2:
         return {}
     out: dict[str, Any] = {}
@@ -268,11 +328,11 @@ def exposure_compare(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, An
         for metric in ("variance_ratio", "eps_norm_gap"):
             steps = []
             for i in range(s):
-                t = by[("standard", seeds[0])]["exposure"][f"nfe{s}"][i]["t"]
-                a = [deviation(by[("dro-at", x)], s, i, metric) for x in seeds]
-                b = [deviation(by[("standard", x)], s, i, metric) for x in seeds]
+                t = by[(base, seeds[0])]["exposure"][f"nfe{s}"][i]["t"]
+                a = [deviation(by[(arm, x)], s, i, metric) for x in seeds]
+                b = [deviation(by[(base, x)], s, i, metric) for x in seeds]
                 steps.append({"t": t} | paired(a, b))
-            out[f"{metric} @ NFE {s}"] = steps
+            out[f"{arm} vs {base}, {metric} @ NFE {s}"] = steps
     return out
 
 
@@ -290,7 +350,7 @@ def _bars(ax: Any, comparisons: dict[str, Any], title: str) -> None:
     ax.errorbar(means, range(len(keys)), xerr=[lo, hi], fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(keys)), [k.replace(" vs ", "\nvs ") for k in keys], fontsize=6)
-    ax.set_xlabel("FD change vs standard, % (95% CI over seeds)", fontsize=8)
+    ax.set_xlabel("FD change, % (paired 95% CI over seeds)", fontsize=8)
     ax.set_title(title, fontsize=8)
 
 
@@ -330,8 +390,8 @@ def plot_b(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
     axes[0].set_xlabel("pre-training updates")
     axes[0].set_ylabel(f"FD @ NFE {nfe[-1]}")
     axes[0].set_title("pre-training (standard, clean)", fontsize=8)
-    _bars(axes[1], report.get("comparisons", {}), "seed B fine-tune, equal minibatches")
-    for arm, colour in (("standard", "grey"), ("dro-at", "tab:red")):
+    _bars(axes[1], report.get("comparisons", {}), "seed B fine-tune from one checkpoint")
+    for arm, colour in (("standard", "grey"), ("standard-equal-updates", "tab:blue"), ("dro-at", "tab:red")):
         rows = [r for r in report["runs"] if r["arm"] == arm]
         for j, r in enumerate(rows):
             e = r["exposure"][key]
@@ -354,6 +414,8 @@ def plot_b(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
 
 
 def pairs(text: str) -> list[tuple[float, float]]:
+    if text == "none":
+        return []
     return [(float(a), float(b)) for a, b in (p.split(":") for p in text.split(","))]
 
 
@@ -366,10 +428,36 @@ def main() -> None:
     p.add_argument(
         "--sweep", type=pairs, default=pairs("0.3:0.5,1:0.5,3:0.5,1:1.5"), help="seed-a: lambda:r_max,..."
     )
-    p.add_argument("--pretrain", type=positive_int, default=800, help="seed-b: pre-training updates")
     p.add_argument(
-        "--pretrain-evals", type=positive_int, default=4, help="seed-b: FD checks along pre-training"
+        "--arms-a",
+        type=lambda t: t.split(","),
+        default=["standard", "adversarial", "random"],
+        help="seed-a: arms among standard,adversarial,random",
     )
+    p.add_argument(
+        "--chosen",
+        type=lambda t: pairs(t)[0],
+        default=(1.0, 0.5),
+        help="seed-a: lambda:r_max used when --sweep none",
+    )
+    p.add_argument("--pretrain", type=positive_int, default=4000, help="seed-b: most pre-training updates")
+    p.add_argument(
+        "--pretrain-chunk", type=positive_int, default=400, help="seed-b: updates between FD checks"
+    )
+    p.add_argument(
+        "--plateau",
+        type=float,
+        default=0.03,
+        help="seed-b: stop pre-training when FD changes less (relative)",
+    )
+    p.add_argument("--init", help="seed-b: fine-tune from this checkpoint instead of pre-training")
+    p.add_argument(
+        "--arms-b",
+        type=lambda t: t.split(","),
+        default=list(SEED_B_ARMS),
+        help="seed-b: arms among " + ",".join(SEED_B_ARMS),
+    )
+    p.add_argument("--m", type=positive_int, default=3, help="seed-b: dro-at updates per minibatch")
     p.add_argument(
         "--finetune", type=positive_int, default=100, help="seed-b: fine-tuning minibatches per arm"
     )
@@ -377,11 +465,20 @@ def main() -> None:
     p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n", type=positive_int, default=500, help="samples per FD/KID")
+    p.add_argument(
+        "--n-exposure", type=positive_int, default=200, help="seed-b: samples per exposure-bias curve"
+    )
     p.add_argument("--n-real", type=positive_int, default=2000, help="clean test images in the reference")
     p.add_argument("--nfe", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10])
     p.add_argument("--work", default="runs/images16", help="training run folders")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = p.parse_args()
+    try:
+        seed_b_arms(args.arms_b, args.finetune, args.m)
+    except ValueError as e:
+        p.error(str(e))
+    if unknown := set(args.arms_a) - set(SEED_A_ARMS):
+        p.error(f"unknown seed-a arm(s) {sorted(unknown)}; choose from {list(SEED_A_ARMS)}")
     torch.set_num_threads(1)
     (seed_a if args.experiment == "seed-a" else seed_b)(args)
 
