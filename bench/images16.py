@@ -4,9 +4,11 @@
 vs equivariant-at (adversarial, random) with the paper's radius. A small sweep of (lambda, r_max) on
 seed 0 picks the setting, then every arm runs ``--seeds`` seeds. FD/KID against the *clean* test split.
 
-``seed-b``: pre-train standard on clean data (FD measured along the way, to see the plateau), then
-fine-tune standard and dro-at from that one checkpoint for equal *minibatches* (dro-at spends m
-updates per minibatch); FD/KID at NFE 5 and 10 and the exposure bias per sampling step.
+``seed-b``: pre-train standard on clean data in chunks until FD stops changing (``--plateau``) or
+``--pretrain`` updates (or start from ``--init``), then fine-tune from that one checkpoint: standard
+and dro-at for equal *minibatches* (dro-at spends m updates per minibatch), and standard with dro-at's
+update count (``standard-equal-updates``, the control for "more updates alone"); FD/KID at NFE 5 and
+10 and the exposure bias per sampling step, every arm paired against the others across seeds.
 
 FD and KID are measured in the feature space of the project's classifier on 32x32 inputs: both the
 16x16 samples and the 16x16 test images are upsampled (nearest) to 32x32 the same way. Results are
