@@ -121,7 +121,7 @@ def test_times_choose_the_consistency_grid(
             ["--sampler", "ddpm", "--eta", "0.5"],
             "--eta: only the ddim sampler uses eta; ddpm would ignore it",
         ),
-        (["--sampler", "consistency"], "--sampler: 'consistency' is not available for diffusion models"),
+        (["--sampler", "consistency"], "--sampler: 'consistency' needs a consistency model"),
     ],
 )
 def test_bad_grids_are_one_line_before_any_progress_bar(
