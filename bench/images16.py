@@ -94,6 +94,15 @@ def base_config(args: Any, out: Path, **fields: Any) -> dict[str, Any]:
     return cfg
 
 
+def finish(tr: Trainer) -> None:
+    """Run ``tr`` to its end; a run stopped early (SIGINT/SIGTERM, time limit) ends the experiment
+    instead of being scored as if it had finished (results so far are already in OUT.json)."""
+    tr.run()
+    if tr.stop_reason is not None:
+        log(f"training stopped ({tr.stop_reason}) at {tr.state.updates} updates: experiment ends here")
+        raise SystemExit(1)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -137,7 +146,7 @@ def seed_a(args: Any) -> None:
         )
         t0 = time.time()
         tr = Trainer(build(cfg))
-        tr.run()
+        finish(tr)
         row = {"arm": arm, "seed": seed, "options": options, "train_s": time.time() - t0}
         row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
         log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
@@ -236,7 +245,7 @@ def seed_b(args: Any) -> None:
             )
             t0 = time.time()
             tr = Trainer(build(cfg), init=served)
-            tr.run()
+            finish(tr)
             row: dict[str, Any] = {"arm": arm, "seed": seed, "updates": updates, "minibatches": args.finetune}
             row["train_s"] = time.time() - t0
             row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
@@ -298,7 +307,7 @@ def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: P
             | {"ema_decay": 0.995}
         )
         tr = Trainer(cfg, resume=pre_dir if updates > chunk else None)
-        tr.run()
+        finish(tr)
         last = args.nfe[-1]  # the plateau rule reads one NFE; scoring only it halves the cost of a check
         row = {"updates": updates, key: judge.score(samples(tr, last, args.n))}
         report["pretrain"].append(row)

@@ -56,3 +56,17 @@ def test_dro_at_is_paired_against_both_standards() -> None:
     steps = exp["dro-at vs standard-equal-updates, variance_ratio @ NFE 10"]
     assert len(steps) == 10
     assert steps[0]["difference"] == pytest.approx(c["difference"] / 100)
+
+
+def test_a_stopped_training_run_ends_the_experiment() -> None:
+    class Stopped:
+        stop_reason = "SIGTERM"
+        state = type("S", (), {"updates": 3})()
+
+        def run(self) -> None:
+            pass
+
+    with pytest.raises(SystemExit):
+        images16.finish(Stopped())  # type: ignore[arg-type]
+    Stopped.stop_reason = None  # type: ignore[assignment]
+    images16.finish(Stopped())  # type: ignore[arg-type]
