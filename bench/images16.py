@@ -185,7 +185,7 @@ def seed_a(args: Any) -> None:
         if name in wanted
     }
     done = {(r["arm"], r["seed"]) for r in report["runs"]}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm, (method, options) in arms.items():
             if (arm, seed) in done:
                 continue  # standard and the chosen adversarial setting already ran on seed 0 in the sweep
@@ -227,11 +227,22 @@ def seed_b(args: Any) -> None:
         "pretrain": [],
         "runs": [],
     }
+    if args.append and out.with_suffix(".json").exists():  # more seeds for a finished report
+        prev = json.loads(out.with_suffix(".json").read_text())
+        report["runs"] = prev["runs"]
+        report["earlier_commands"] = [*prev.get("earlier_commands", []), prev["command"]]
+    if args.pretrain_report:  # the curve of the run that made --init's checkpoint
+        prev = json.loads(Path(args.pretrain_report).read_text())
+        report |= {
+            "pretrain": prev["pretrain"],
+            "plateau": prev["plateau"],
+            "pretrain_command": prev["command"],
+        }
     served = Path(args.init) if args.init else pretrain(args, work, judge, report, out)
     report["init"] = str(served)
     arms = seed_b_arms(args.arms_b, args.finetune, args.m)
     report["arms"] = {a: {"method": m, "options": o, "updates": u} for a, (m, o, u) in arms.items()}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm, (method, options, updates) in arms.items():
             cfg = base_config(
                 args,
@@ -434,6 +445,12 @@ def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=("seed-a", "seed-b"))
     p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="training seeds run from here (to add seeds to a finished run)",
+    )
     p.add_argument("--updates", type=positive_int, default=300, help="seed-a: updates per model")
     p.add_argument("--sigma", type=float, default=0.2, help="seed-a: noise std on the [0, 1] scale")
     p.add_argument(
@@ -462,6 +479,8 @@ def main() -> None:
         help="seed-b: stop pre-training when FD changes less (relative)",
     )
     p.add_argument("--init", help="seed-b: fine-tune from this checkpoint instead of pre-training")
+    p.add_argument("--pretrain-report", help="seed-b with --init: OUT.json of the run that pre-trained it")
+    p.add_argument("--append", action="store_true", help="seed-b: keep OUT.json's runs and add these seeds")
     p.add_argument(
         "--arms-b",
         type=lambda t: t.split(","),
