@@ -125,9 +125,13 @@ def simulate(
     overhead_ms: float,
     closed: list[Job] | None = None,
     clients: int = 8,
+    gap_ms: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run to the end; open-loop ``arrivals`` (time, job), or ``clients`` closed-loop clients sharing
-    the jobs ``closed`` (each sends its next as soon as its previous one is done)."""
+    the jobs ``closed`` (each sends its next a uniform 0..``gap_ms`` after its previous one is done:
+    the HTTP round trips that keep real clients out of step)."""
+    rng = random.Random(seed)
     heap = [(t, i, job) for i, (t, job) in enumerate(arrivals)]
     heapq.heapify(heap)
     todo = list(closed or [])
@@ -135,7 +139,7 @@ def simulate(
     latency: dict[str, list[float]] = {}
     now, seq, images, work, weighted, evaluations = 0.0, len(heap), 0, 0, 0.0, 0
     for _ in range(min(clients, len(todo))):
-        heapq.heappush(heap, (0.0, seq, todo.pop(0)))
+        heapq.heappush(heap, (rng.uniform(0, gap_ms) / 1000, seq, todo.pop(0)))
         seq += 1
 
     def submit_due() -> None:
@@ -163,7 +167,7 @@ def simulate(
             latency.setdefault(job.cls, []).append(now - submitted)
             images += job.rows
             if todo:
-                heapq.heappush(heap, (now, seq, todo.pop(0)))
+                heapq.heappush(heap, (now + rng.uniform(0, gap_ms) / 1000, seq, todo.pop(0)))
                 seq += 1
     return {
         "elapsed_s": now,
@@ -222,6 +226,7 @@ def main() -> int:
     parser.add_argument("--b-requests", type=int, default=400)
     parser.add_argument("--c-requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--client-gap-ms", type=float, default=0.0, help="closed-loop clients' 0..X ms gaps")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -235,10 +240,12 @@ def main() -> int:
                 per["A"].append(simulate(make(policy, args.max_rows, max_defer), workload_a(args, seed, solo_s),
                                          cost, args.overhead_ms))  # fmt: skip
                 per["B"].append(simulate(make(policy, args.max_rows, max_defer), [], cost, args.overhead_ms,
-                                         closed=workload_b(args.b_requests, seed), clients=args.clients))  # fmt: skip
+                                         closed=workload_b(args.b_requests, seed), clients=args.clients,
+                                         gap_ms=args.client_gap_ms, seed=seed))  # fmt: skip
                 c_jobs = [Job("ddim-10x4", 4, 10)] * args.c_requests
                 per["C"].append(simulate(make(policy, args.max_rows, max_defer), [], cost, args.overhead_ms,
-                                         closed=c_jobs, clients=args.clients))  # fmt: skip
+                                         closed=c_jobs, clients=args.clients,
+                                         gap_ms=args.client_gap_ms, seed=seed))  # fmt: skip
             a = per["A"]
             row = {
                 "policy": policy,
