@@ -6,7 +6,7 @@ Each model has one running batch. At every step boundary the worker asks for a `
 cancelled jobs' rows leave, then waiting jobs join oldest first (by first-submitted time, so a job
 reclaimed from a dead worker keeps its place) while their images fit within ``max_rows``; the first
 that does not fit stops admission for its model, so a large job is never overtaken for ever by small
-ones. After the evaluation ``advance`` moves every running job one step on and retires those that
+ones. After the evaluation ``advance`` moves the jobs it took one step on and retires those that
 reached t = 0. Jobs of any sampler, step count, t* or kind share a batch: each row carries its own
 time and update.
 
@@ -15,9 +15,9 @@ running row (a bigger batch is nearly free on a GPU); ``srpt`` takes the job wit
 left (images x steps left) and those within ``srpt_fill`` times that much. On the CPU a step costs
 about the rows it holds, so under ``fifo`` a 1-image request pays for a 4-image long job's rows at
 every one of its steps; under ``srpt`` the long job's rows wait while short requests run (see
-``bench/sim_scheduler.py`` for the policies compared). Rows left out simply wait a step: a row's result depends only on
-its own seed and step, so deferring it never changes an image. Starvation is bounded: a job left
-out of ``max_defer_steps`` boundaries in a row is taken at the next.
+``bench/sim_scheduler.py`` for the policies compared). Rows left out simply wait a step: a row's
+result depends only on its own seed and step, so deferring it never changes an image. Starvation is
+bounded: a job left out of ``max_defer_steps`` boundaries in a row is taken at the next.
 
 A reclaimed job (its worker died while holding it) is *isolated*: it runs alone, once every running
 batch has drained, and nothing joins while it runs. If it is what killed the worker it then takes no
