@@ -386,7 +386,11 @@ class Worker:
         if any(h.ticket.isolated for h in admitted) and self._completing:
             # It may be what killed a worker: store the results already computed before it runs.
             await asyncio.gather(*self._completing, return_exceptions=True)
-        statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        try:
+            statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        except REDIS_ERRORS:  # not running yet (no rows in the batch): admit them again once Redis answers
+            self.scheduler.unadmit([h.ticket for h in admitted])
+            raise
         run = []
         for h, status in zip(admitted, statuses, strict=True):
             if status == "running":

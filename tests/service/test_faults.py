@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from service.queue import DEAD_STREAM, job_key
-from service.redis_server import free_port
-from service.worker import CRASH_EXIT_CODE, FAULT_CRASH_SEED_ENV, FAULT_STEP_DELAY_ENV
+from service.queue import DEAD_STREAM, REDIS_ERRORS, job_key
+from service.redis_server import RedisServer, free_port
+from service.settings import Settings
+from service.worker import CRASH_EXIT_CODE, FAULT_CRASH_SEED_ENV, FAULT_STEP_DELAY_ENV, Worker, load_pipelines
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_ENV = {"ROBUSTDIFF_WORKER_METRICS_PORT": "0", "ROBUSTDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
@@ -235,3 +238,64 @@ def test_worker_stopped_while_redis_is_unreachable_exits_cleanly(
             proc.wait()
     text = log_path.read_text()
     assert "Traceback" not in text and "stopped before Redis" in text, text
+
+
+def test_redis_lost_while_the_worker_marks_jobs_running_strands_none(
+    checkpoints: dict[str, Path], make_client: Any
+) -> None:
+    """kill -9 of Redis under load once left a job 'queued' for good: the scheduler had admitted it, the
+    worker's start (the mark 'running') failed, and the job sat in the running batch without rows, held
+    (so never reclaimed) and never run. Redis stops exactly then here, and comes back with its data."""
+    server = RedisServer(persistent=True).start()
+    settings = Settings(
+        redis_url=server.url,
+        models=[str(checkpoints["tiny"])],
+        device="cpu",
+        max_wait_ms=200,
+        heartbeat_s=0.5,
+    )
+    worker = Worker(settings, load_pipelines(settings))
+    real_start = worker.queue.start
+    outages = 0
+
+    async def start_during_an_outage(*args: Any) -> list[str]:
+        nonlocal outages
+        if outages == 0:
+            outages += 1
+            server.stop()
+            try:
+                return await real_start(*args)
+            finally:
+                server.start()
+        return await real_start(*args)
+
+    worker.queue.start = start_during_an_outage  # type: ignore[method-assign]
+
+    async def run_until_final(c: Any) -> list[dict[str, str]]:
+        task = asyncio.create_task(worker.run())
+        while "tiny" not in await worker.queue.models():
+            await asyncio.sleep(0.05)
+        body = {"steps": 3, "async": True}
+        answers = [await asyncio.to_thread(c.post, "/sample", json={**body, "seeds": i}) for i in range(3)]
+        ids = [a.json()["id"] for a in answers]
+        deadline = time.monotonic() + 30
+        records: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            try:
+                records = [await worker.queue.get(j) or {} for j in ids]
+            except REDIS_ERRORS:
+                records = []
+            if records and all(r.get("status") == "done" for r in records):
+                break
+            await asyncio.sleep(0.1)
+        worker._on_signal()
+        await asyncio.wait_for(task, 30)
+        return records
+
+    try:
+        with make_client(server.url, default_model="tiny") as c:
+            records = asyncio.run(run_until_final(c))
+    finally:
+        server.close()
+    assert outages == 1
+    assert [(r.get("status"), r.get("finishes")) for r in records] == [("done", "1")] * 3

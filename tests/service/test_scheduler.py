@@ -187,3 +187,21 @@ def test_bad_tickets_are_refused() -> None:
         s.submit(ticket("x"))
     s.drop("x")
     assert s.idle()
+
+
+def test_unadmitted_jobs_wait_again_in_their_order_and_run_from_step_zero() -> None:
+    """The worker's mark 'running' failed (Redis went away): the boundary's admissions are undone."""
+    s = Scheduler(max_rows=8)
+    s.submit(ticket("old", steps=2, at=1.0))
+    s.plan()
+    s.advance("m")  # old is one step in
+    s.submit(ticket("b", at=3.0))
+    s.submit(ticket("a", at=2.0))
+    admitted = s.plan().admitted
+    assert [t.job_id for t in admitted] == ["a", "b"]
+    s.unadmit(admitted)
+    assert [t.job_id for t in s.waiting] == ["a", "b"]
+    assert [r.ticket.job_id for r in s.running["m"]] == ["old"]
+    assert s.plan().admitted == admitted
+    assert [[t.job_id for t in s.advance("m")]] == [["old"]]
+    assert run_to_end(s) == [["a", "b"]]  # their two steps, counted from the re-admission
