@@ -270,8 +270,9 @@ async def fault_run(
     records = statuses(redis_url, list(c.requests))
     finished_after = [float(h["finished"]) for h in records.values() if float(h.get("finished", 0)) > t_kill]
     t_recovered = min(finished_after) if finished_after else float("nan")
-    ready_back = next((t for t, code in c.ready_log if t > t_kill and code == 200), float("nan"))
     ready_down = [t for t, code in c.ready_log if t > t_kill and code != 200]
+    first_down = ready_down[0] if ready_down else t_kill
+    ready_back = next((t for t, code in c.ready_log if t > first_down and code == 200), float("nan"))
     windows: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
     for t, who, what in c.log:
         window = "before_kill" if t < t_kill else "until_recovery" if t < t_recovered else "after_recovery"
@@ -282,8 +283,10 @@ async def fault_run(
         "accepted_jobs": len(c.requests),
         "accepted_during_load": len(c.requests) - len(main_ids),
         "recovery_s_first_job_done_after_kill": round(t_recovered - t_kill, 2),
-        "recovery_s_readyz_200_again": round(ready_back - t_kill, 2) if ready_down else 0.0,
-        "readyz_not_200_after_kill": len(ready_down),
+        "readyz_not_200_s_after_kill": [round(first_down - t_kill, 2), round(ready_back - t_kill, 2)]
+        if ready_down
+        else None,
+        "readyz_not_200_answers": len(ready_down),
         "client_statuses": {w: {k: dict(v) for k, v in ws.items()} for w, ws in windows.items()},
         "exactly_once": dict(
             Counter(f"finishes={h.get('finishes')} status={h.get('status')}" for h in records.values())
