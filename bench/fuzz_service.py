@@ -96,7 +96,9 @@ def run_schemathesis(
     return {
         "schemathesis_exit_code": proc.returncode,
         "schemathesis_version": report["schemathesis_version"],
-        "command": shlex.join(["schemathesis", *cmd[1:]]).replace(base, "http://127.0.0.1:PORT"),
+        "command": shlex.join(["schemathesis", *cmd[1:]])
+        .replace(base, "http://127.0.0.1:PORT")
+        .replace(f"{ROOT}/", ""),
         "max_examples_per_operation_and_phase": max_examples,
         "seed": seed,
         "phases": report["phases"],

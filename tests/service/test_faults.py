@@ -240,12 +240,16 @@ def test_worker_stopped_while_redis_is_unreachable_exits_cleanly(
     assert "Traceback" not in text and "stopped before Redis" in text, text
 
 
-def test_redis_lost_while_the_worker_marks_jobs_running_strands_none(
-    checkpoints: dict[str, Path], make_client: Any
+@pytest.mark.parametrize("call", ["start", "finish"])
+def test_redis_lost_at_a_workers_call_loses_and_reruns_nothing(
+    call: str, checkpoints: dict[str, Path], make_client: Any
 ) -> None:
-    """kill -9 of Redis under load once left a job 'queued' for good: the scheduler had admitted it, the
-    worker's start (the mark 'running') failed, and the job sat in the running batch without rows, held
-    (so never reclaimed) and never run. Redis stops exactly then here, and comes back with its data."""
+    """Redis stops exactly during one call of the worker's and comes back with its data.
+
+    start (the mark 'running'): kill -9 of Redis under load once left jobs 'queued' for good; the
+    scheduler had admitted them, and they sat in the running batch without rows, held (so never
+    reclaimed) and never run. finish (storing a computed result): the result was dropped and the job
+    waited RECLAIM_IDLE_MS to be reclaimed and run again; now the worker stores it once Redis is back."""
     server = RedisServer(persistent=True).start()
     settings = Settings(
         redis_url=server.url,
@@ -253,23 +257,24 @@ def test_redis_lost_while_the_worker_marks_jobs_running_strands_none(
         device="cpu",
         max_wait_ms=200,
         heartbeat_s=0.5,
+        reclaim_idle_ms=60_000,  # longer than the test: no job is done by being reclaimed
     )
     worker = Worker(settings, load_pipelines(settings))
-    real_start = worker.queue.start
+    real = getattr(worker.queue, call)
     outages = 0
 
-    async def start_during_an_outage(*args: Any) -> list[str]:
+    async def during_an_outage(*args: Any, **kwargs: Any) -> Any:
         nonlocal outages
         if outages == 0:
             outages += 1
             server.stop()
             try:
-                return await real_start(*args)
+                return await real(*args, **kwargs)
             finally:
                 server.start()
-        return await real_start(*args)
+        return await real(*args, **kwargs)
 
-    worker.queue.start = start_during_an_outage  # type: ignore[method-assign]
+    setattr(worker.queue, call, during_an_outage)
 
     async def run_until_final(c: Any) -> list[dict[str, str]]:
         task = asyncio.create_task(worker.run())
@@ -278,7 +283,7 @@ def test_redis_lost_while_the_worker_marks_jobs_running_strands_none(
         body = {"steps": 3, "async": True}
         answers = [await asyncio.to_thread(c.post, "/sample", json={**body, "seeds": i}) for i in range(3)]
         ids = [a.json()["id"] for a in answers]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 20
         records: list[dict[str, str]] = []
         while time.monotonic() < deadline:
             try:
@@ -299,3 +304,5 @@ def test_redis_lost_while_the_worker_marks_jobs_running_strands_none(
         server.close()
     assert outages == 1
     assert [(r.get("status"), r.get("finishes")) for r in records] == [("done", "1")] * 3
+    if call == "finish":
+        assert [r.get("attempts") for r in records] == ["1"] * 3  # stored, not run again
