@@ -147,6 +147,13 @@ class Scheduler:
             self.running[model] = [r for r in rows if r.ticket.job_id != job_id]
         self._cancelled.discard(job_id)
 
+    def unadmit(self, tickets: list[Ticket]) -> None:
+        """Put jobs admitted at this boundary back in the waiting order, before any step ran them (the
+        worker could not mark them running): admitted again at a later boundary."""
+        for ticket in tickets:
+            self.drop(ticket.job_id)
+            self.submit(ticket)
+
     def rows(self, model: str) -> int:
         return sum(r.ticket.rows for r in self.running.get(model, []))
 

@@ -410,7 +410,11 @@ class Worker:
         if any(h.ticket.isolated for h in admitted) and self._completing:
             # It may be what killed a worker: store the results already computed before it runs.
             await asyncio.gather(*self._completing, return_exceptions=True)
-        statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        try:
+            statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        except REDIS_ERRORS:  # not running yet (no rows in the batch): admit them again once Redis answers
+            self.scheduler.unadmit([h.ticket for h in admitted])
+            raise
         run = []
         for h, status in zip(admitted, statuses, strict=True):
             if status == "running":
@@ -454,12 +458,24 @@ class Worker:
             self.batches[model] = self.pipelines[model].running_batch()
 
     async def _complete(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
-        try:
-            await self._store(finished)
-        except REDIS_ERRORS as err:  # unacknowledged: the jobs are reclaimed and run again
-            log.warning("results not stored (%s); the jobs will be reclaimed", err)
-        except Exception:
-            log.exception("results not stored; the jobs will be reclaimed")
+        """Store computed results. A Redis outage is waited out for up to RECLAIM_IDLE_MS (storing late
+        beats running the jobs again); past that, or once the worker stops, the jobs are left
+        unacknowledged, to be reclaimed and run again. A second store is harmless: a job's final
+        status is written once."""
+        deadline = time.monotonic() + self.settings.reclaim_idle_ms / 1000
+        while True:
+            try:
+                await self._store(finished)
+                return
+            except REDIS_ERRORS as err:
+                if self.stopping or time.monotonic() > deadline:
+                    log.warning("results not stored (%s); the jobs will be reclaimed", err)
+                    return
+                log.warning("results not stored (%s); retrying", err)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("results not stored; the jobs will be reclaimed")
+                return
 
     async def _store(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
         results = await asyncio.to_thread(self._encode, finished)

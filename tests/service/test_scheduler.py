@@ -313,3 +313,19 @@ def test_bad_policy_settings_are_refused() -> None:
         Scheduler(4, policy="srpt", srpt_fill=0.5)
     with pytest.raises(ValueError, match="max_defer_steps must be >= 0"):
         Scheduler(4, max_defer_steps=-1)
+def test_unadmitted_jobs_wait_again_in_their_order_and_run_from_step_zero() -> None:
+    """The worker's mark 'running' failed (Redis went away): the boundary's admissions are undone."""
+    s = Scheduler(max_rows=8)
+    s.submit(ticket("old", steps=2, at=1.0))
+    s.plan()
+    s.advance("m")  # old is one step in
+    s.submit(ticket("b", at=3.0))
+    s.submit(ticket("a", at=2.0))
+    admitted = s.plan().admitted
+    assert [t.job_id for t in admitted] == ["a", "b"]
+    s.unadmit(admitted)
+    assert [t.job_id for t in s.waiting] == ["a", "b"]
+    assert [r.ticket.job_id for r in s.running["m"]] == ["old"]
+    assert s.plan().admitted == admitted
+    assert [[t.job_id for t in s.advance("m")]] == [["old"]]
+    assert run_to_end(s) == [["a", "b"]]  # their two steps, counted from the re-admission
