@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models.errors import UserError
+from models.noise import NoiseSource
 from models.pipeline import Pipeline
 from models.sampling_spec import default_sampler
 from models.testing import (
@@ -53,6 +54,7 @@ DDPM_256_NARROW = {**DDPM_256_REDUCED, "block_out_channels": [8, 8, 16, 16, 32, 
 class Served:
     redis: RedisServer
     folders: dict[str, Path]  # served name -> diffusers folder
+    cifar: torch.nn.Module  # diffusers' own UNet2DModel behind "cifar32"
 
 
 def _old_key_names(folder: Path) -> None:
@@ -67,12 +69,14 @@ def _old_key_names(folder: Path) -> None:
     save_file(old, str(path))
 
 
-def _folders(root: Path) -> dict[str, Path]:
-    """One folder per supported layout, each with its own random weights (seed) so a mix-up shows."""
+def _folders(root: Path) -> tuple[dict[str, Path], torch.nn.Module]:
+    """One folder per supported layout, each with its own random weights (seed) so a mix-up shows;
+    and diffusers' network of the ddpm-cifar10-32 one."""
+    cifar = diffusers_unet(DDPM_CIFAR10_32, seed=1, sharpen=1.0)
     cosine_v = {**DDPM_SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
     folders = {
         "cifar32": write_diffusers_folder(  # google/ddpm-cifar10-32's exact public config
-            root / "ddpm-cifar10-32", diffusers_unet(DDPM_CIFAR10_32, seed=1, sharpen=1.0), DDPM_SCHEDULER
+            root / "ddpm-cifar10-32", cifar, DDPM_SCHEDULER
         ),
         "ddpm256": write_diffusers_folder(  # the 256x256 DDPM layout at reduced widths
             root / "ddpm-256", diffusers_unet(DDPM_256_NARROW, seed=2, sharpen=1.0), DDPM_SCHEDULER
@@ -94,20 +98,20 @@ def _folders(root: Path) -> dict[str, Path]:
     )
     folders["ddim16"] = root / "ddim"
     assert json.loads((root / "ddim" / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
-    return folders
+    return folders, cifar
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One Redis and ONE worker serving every layout (its start-up and warm-up paid once)."""
-    folders = _folders(tmp_path_factory.mktemp("diffusers"))
+    folders, cifar = _folders(tmp_path_factory.mktemp("diffusers"))
     redis = RedisServer().start()
     worker = WorkerProc(
         redis.url, [Path(f"{name}={path}") for name, path in folders.items()], tmp_path_factory.mktemp("logs")
     )
     try:
         worker.start()
-        yield Served(redis, folders)
+        yield Served(redis, folders, cifar)
     finally:
         worker.kill()
         redis.close()
@@ -133,7 +137,8 @@ def _rgb(text: str) -> np.ndarray:
 
 # name -> (sample request fields, purify request fields); few steps: the point is exactness, not quality
 REQUESTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "cifar32": ({"steps": 2}, {"t_star": 0.3, "steps": 1}),
+    # diffusers' DDIMPipeline call: leading spacing, the network's eps kept after clipping x0
+    "cifar32": ({"steps": 2, "spacing": "leading", "ddim_eps": "model"}, {"t_star": 0.3, "steps": 1}),
     "ddpm256": ({"steps": 1}, {"t_star": 0.3, "steps": 1}),  # the costly one: few evaluations
     "cm64": ({"times": [0.45], "labels": [7, 998]}, {"t_star": 0.5, "steps": 1, "labels": [3]}),
     "ddim16": ({"steps": 3}, {"t_star": 0.4, "steps": 2}),
@@ -143,7 +148,7 @@ REQUESTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 SIZES = {"cifar32": 32, "ddpm256": 256, "cm64": 64, "ddim16": 16, "bare16": 16, "old16": 16}
 
 
-def test_every_layout_served_equals_the_library(served: Served) -> None:
+def test_every_layout_served_equals_the_library(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     seeds = [5, 6]  # one job each: seed 5 as float32 .npy (compared bitwise), seed 6 as a PNG
     photos = {name: _photo(size, i) for i, (name, size) in enumerate(SIZES.items())}
     with api_client(served.redis.url, default_model="cifar32") as c:
@@ -195,6 +200,16 @@ def test_every_layout_served_equals_the_library(served: Served) -> None:
         assert _rgb(served_purified).shape == (SIZES[name],) * 2 + (3,)
         assert served_purified == imgs.png_b64(purified[0].numpy()), f"{name}: purify differs"
         assert not np.array_equal(_rgb(served_purified), photos[name])  # it did change the input
+
+    # What is served is what diffusers computes: DDIMPipeline from the same starting noise.
+    noise = NoiseSource(seeds[:1], (3, 32, 32)).initial()
+    monkeypatch.setattr("diffusers.pipelines.ddim.pipeline_ddim.randn_tensor", lambda *a, **k: noise.clone())
+    scheduler = diffusers.DDIMScheduler.from_config(DDPM_SCHEDULER, timestep_spacing="leading")
+    theirs = diffusers.DDIMPipeline(unet=served.cifar, scheduler=scheduler)(
+        batch_size=1, num_inference_steps=2, eta=0.0, output_type="np"
+    ).images
+    served_cifar = imgs.load_npy_b64(results[("cifar32", "sample-npy")]["array"])
+    assert np.abs((served_cifar / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1) - theirs).max() < 1e-4
 
 
 def test_consistency_model_labels_and_a_request_too_long_for_the_timeout(served: Served) -> None:
