@@ -177,6 +177,24 @@ class Settings(BaseSettings):
         description="How long an idle worker waits for more jobs to start its running batch with (a busy "
         "one admits new jobs at the next step).",
     )
+    scheduler_policy: Literal["auto", "fifo", "srpt"] = Field(
+        "auto",
+        description="Which running jobs each network evaluation takes: fifo (every running row), srpt (the job "
+        "with the least work left, images x steps, and those within SCHEDULER_SRPT_FILL times it; the rest wait "
+        "a step, which never changes an image) or auto (srpt on the CPU, where a step costs about its rows; "
+        "fifo on a GPU, where a bigger batch is nearly free).",
+    )
+    scheduler_srpt_fill: float = Field(
+        4.0,
+        ge=1,
+        description="srpt: a job steps with the least-work one while its work left is within this factor.",
+    )
+    scheduler_max_defer_steps: int = Field(
+        8,
+        ge=0,
+        description="srpt: a job left out of this many evaluations in a row is taken at the next (the "
+        "starvation bound; 0 never defers).",
+    )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(
         30000,
