@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         description="Rows per network call on the CPU: a batch runs as micro-batches of this many "
         "images (kernels pinned so each image's bytes never depend on its batch).",
     )
+    cpu_micro_batch_pixels: int = Field(
+        16 * 64 * 64,
+        ge=1,
+        description="Most pixels per CPU network call: large images run fewer rows per call (16 up to "
+        "64x64, 4 at 128x128, 1 at 256x256), which bounds a worker's memory whatever its batch holds.",
+    )
     cpu_pad_micro_batch: bool = Field(
         False,
         description="Pad the last CPU micro-batch to CPU_MICRO_BATCH rows, so every call has one shape "

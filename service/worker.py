@@ -119,6 +119,7 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
                 gpu_dtype=settings.gpu_dtype,
                 cpu=CpuOptions(
                     micro_batch=settings.cpu_micro_batch,
+                    micro_batch_pixels=settings.cpu_micro_batch_pixels,
                     pad=settings.cpu_pad_micro_batch,
                     dtype=settings.cpu_dtype,
                     compile=settings.cpu_compile,
