@@ -21,6 +21,7 @@ the exposure bias per sampling step (variance ratio, eps-norm gap).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -101,17 +102,21 @@ class Subspace:
         return ((torch.randn(n, self.k, generator=g, dtype=torch.float64) * self.scales) @ self.u.T).float()
 
     def training(self, condition: str, n: int, seed: int) -> torch.Tensor:
+        """``clean``, ``outliers`` (10% of points replaced by N(0, 0.25^2 I_D)), ``noisy sigma S``
+        (90% of points + N(0, S^2 I_D)) or ``noisy sigma S + outliers`` (10% outliers, and 90% of the
+        rest noisy)."""
         g = torch.Generator().manual_seed(seed)
         x = self.clean(n, g)
-        if condition == "clean":
-            return x
-        if condition == "outliers":
+        bad = torch.zeros(n, dtype=torch.bool)
+        if condition == "outliers" or condition.endswith(" + outliers"):
             bad = torch.rand(n, generator=g) < 0.1
             x[bad] = 0.25 * torch.randn(int(bad.sum()), self.dim, generator=g)
-            return x
-        sigma = float(condition.removeprefix("noisy sigma "))
-        hit = torch.rand(n, generator=g) < 0.9
-        x[hit] += sigma * torch.randn(int(hit.sum()), self.dim, generator=g)
+        if condition.startswith("noisy sigma "):
+            sigma = float(condition.removeprefix("noisy sigma ").removesuffix(" + outliers"))
+            hit = (torch.rand(n, generator=g) < 0.9) & ~bad
+            x[hit] += sigma * torch.randn(int(hit.sum()), self.dim, generator=g)
+        elif condition not in ("clean", "outliers"):
+            raise ValueError(f"unknown condition {condition!r}")
         return x
 
     def metrics(self, x: torch.Tensor) -> dict[str, float]:
@@ -133,22 +138,39 @@ class Subspace:
 def subspace(args: Any) -> None:
     out = Path(args.out)
     space = Subspace(args.dim, args.k)
-    conditions = ["clean", *[f"noisy sigma {s:g}" for s in args.sigmas], "outliers"]
+    extra = " + outliers" if args.outliers_with_noise else ""
+    conditions = ["clean", *[f"noisy sigma {s:g}{extra}" for s in args.sigmas]]
+    conditions += [] if args.outliers_with_noise else ["outliers"]
     report = header(args, "seed A: linearized subspace data, D x K") | {"results": {}}
     for cond in conditions:
         train_metrics = space.metrics(space.training(cond, args.n_train, 0))
         per_seed: dict[str, dict[str, list[float]]] = {}
-        for arm, (method, options) in ARMS_A.items():
+        arms = args.clean_arms if cond == "clean" else list(ARMS_A)
+        for arm in arms:
+            method, options = ARMS_A[arm]
             per_seed[arm] = {}
             for seed in range(args.seeds):
                 data = space.training(cond, args.n_train, seed)
+                sigma_data = float(data.pow(2).mean().sqrt()) if args.skip == "sigma-data" else None
                 tr = VectorTrainer(
-                    args.dim, method, options, args.updates, seed, lr=args.lr, hidden=args.hidden
+                    args.dim,
+                    method,
+                    options,
+                    args.updates,
+                    seed,
+                    lr=args.lr,
+                    hidden=args.hidden,
+                    sigma_data=sigma_data,
                 )
+                start = time.perf_counter()
                 tr.fit(data, args.batch)
                 m = space.metrics(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)))
                 for key, v in m.items():
                     per_seed[arm].setdefault(key, []).append(v)
+                log(
+                    f"  {cond} {arm} seed {seed}: off-subspace {m['off_subspace']:.4f}, in-subspace "
+                    f"variance ratio {m['in_subspace_variance_ratio']:.3f} ({time.perf_counter() - start:.0f} s)"
+                )
             log(f"{cond:16s} {arm:24s} off-subspace {mean_ci(per_seed[arm]['off_subspace'])['mean']:.4f}")
             report["results"][cond] = {
                 "training_set": train_metrics,
@@ -338,6 +360,25 @@ def main() -> None:
     p.add_argument("--k", type=positive_int, default=16, help="subspace: K")
     p.add_argument("--hidden", type=positive_int, default=256, help="subspace: MLP width")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.2], help="subspace: noise levels")
+    p.add_argument(
+        "--outliers-with-noise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subspace: 10%% outliers inside each noisy set (default), or a separate outliers-only set",
+    )
+    p.add_argument(
+        "--clean-arms",
+        nargs="+",
+        choices=list(ARMS_A),
+        default=["standard", "equivariant adversarial"],
+        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them)",
+    )
+    p.add_argument(
+        "--skip",
+        choices=("sigma-data", "none"),
+        default="sigma-data",
+        help="subspace: the MLP's skip path c(t) x with sigma_data = the training set's RMS (see _toy.MLP), or none",
+    )
     p.add_argument("--outliers", type=float, default=0.1, help="plane: outlier share")
     p.add_argument("--tau", type=float, default=0.05, help="plane: off-support distance")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="mixture: dimensions")
