@@ -31,7 +31,7 @@ class MLP(nn.Module):
     every t. Why: without it, wherever data is thin (near t = 1 everywhere, and off a
     low-dimensional support at every t) the target eps is ~x_t / s_t, an identity-like map that a
     SiLU MLP learns slowly and not at all through a hidden layer narrower than the off-support
-    dimension; deterministic DDIM multiplies whatever part of x_t it misses by up to a_0 / a_1 = 152
+    dimension; deterministic DDIM multiplies whatever part of x_t it misses by up to a_0 / a_1 = 157
     on the way to t = 0 (a 256-d subspace run ended 119 off the subspace). With the skip alone, an
     unscaled MLP still extrapolates wildly on a rare sample at mid t (one sample in 2,000 reached
     norm 10^5); c_out shrinks its say where the Gaussian answer is already nearly exact.
