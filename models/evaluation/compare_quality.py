@@ -59,7 +59,7 @@ def _read(path_text: str) -> tuple[Path, dict[str, Any]]:
         f"{path} is not an eval quality report (no results with sampler and fd)",
     )
     check(
-        all("kid" in r and "fd_ci95" in r and "kid_ci95" in r for r in rows),
+        all("kid" in r and "fd_ci95" in r and "kid_ci95" in r for r in rows or []),
         "reports",
         f"{path} has no KID or bootstrap intervals (written before they were stored); rerun its eval quality command",
     )
