@@ -22,6 +22,7 @@ the exposure bias per sampling step (variance ratio, eps-norm gap).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,9 @@ from seed_b_mixture import Mixture
 from models.bench_cli import BenchParser, positive_int
 from models.denoisers import EpsDenoiser
 from models.evaluation.seeds import exposure_bias, mean_ci, paired
+from models.generate import sampler_grid
+from models.schedules import Schedule
+from models.train.methods import B_MIN
 
 ARMS_A: dict[str, tuple[str, dict[str, Any]]] = {
     "standard": ("standard", {}),
@@ -181,6 +185,97 @@ def subspace(args: Any) -> None:
             write(out, report)
     plot_subspace(report, out.with_suffix(".png"))
     log(f"wrote {out}.json/.png")
+
+
+def penalty_scale(
+    s: torch.Tensor, variant: str, lam: float, r_max: float, radius: str = "paper", rho: float = 2.0
+) -> torch.Tensor:
+    """c(t) = lambda E[w^2] per coordinate, for a linear eps-model (k x).
+
+    Boxes (EquivariantOptions' defaults): ``paper`` r = r_max s^rho + b, b ~ U[b_min, b_max];
+    ``pixel-floor`` r = max(r_floor / s, r_scale). random: w ~ U[-r, r], E w^2 = E r^2 / 3.
+    adversarial: for a linear model either attack objective's gradient in w has the sign of w, so the
+    one signed step of r from a random start always lands on the face: E w^2 = E r^2.
+    """
+    if radius == "paper":
+        b_min, b_max = B_MIN, 2 * B_MIN
+        m = r_max * s.pow(rho)
+        er2 = m * m + m * (b_min + b_max) + (b_max**3 - b_min**3) / (3 * (b_max - b_min))
+    else:
+        er2 = torch.maximum(2 * 8 / 255 / s, torch.full_like(s, 0.1)).pow(2)
+    return lam * er2 / (3.0 if variant == "random" else 1.0)
+
+
+def linear_gaussian_std_ratio(
+    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x.
+
+    The loss E(k x_t - eps)^2 + lambda E[w^2] (k s_t - 1)^2 (the equivariance residual of a linear
+    model is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)): the exact denoiser of
+    variance v / (1 + c). Returns the std of deterministic DDIM samples (``steps`` on the bench's grid)
+    with that k over the std with the standard k (c = 0): how much the regulariser can shrink the
+    noise the training set holds in that direction.
+    """
+    sch = Schedule()
+    ts = sampler_grid(sch, "ddim", steps=steps)
+
+    def final_std(with_penalty: bool) -> float:
+        var = torch.tensor(1.0, dtype=torch.float64)
+        for t, t_next in itertools.pairwise(ts):
+            ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
+            st = (1 - ab).sqrt()
+            c = (
+                penalty_scale(st, variant, lam, r_max)
+                if with_penalty
+                else torch.zeros((), dtype=torch.float64)
+            )
+            k = st * (1 + c) / (ab * v + st**2 * (1 + c))
+            var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
+        return float(var.sqrt())
+
+    return final_std(True) / final_std(False)
+
+
+def subspace_theory(args: Any) -> None:
+    """Off-subspace std of AT samples / standard's, exact for the linear-Gaussian model, over a grid of
+    (lambda, r_max): what the regulariser can do at best on this data, before any training noise."""
+    out = Path(args.out)
+    report = header(args, "seed A: linear-Gaussian bound for the subspace data's off-subspace noise") | {
+        "rows": []
+    }
+    for sigma in args.sigmas:
+        # off the subspace the training set holds 81% noisy points, 10% outliers N(0, 0.25^2), 9% clean
+        v = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
+        for variant in ("random", "adversarial"):
+            for lam in args.lambdas:
+                for r_max in args.r_maxes:
+                    ratio = linear_gaussian_std_ratio(v, variant, lam, r_max, args.steps)
+                    report["rows"].append(
+                        {
+                            "sigma": sigma,
+                            "variant": variant,
+                            "lambda": lam,
+                            "r_max": r_max,
+                            "std_ratio": ratio,
+                        }
+                    )
+                    log(
+                        f"sigma {sigma:g} {variant:11s} lambda {lam:g} r_max {r_max:g}: AT / standard {ratio:.4f}"
+                    )
+        # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
+        ratio = linear_gaussian_std_ratio(v, "adversarial", 0.3, 0.0, args.steps, radius="pixel-floor")
+        report["rows"].append(
+            {
+                "sigma": sigma,
+                "variant": "adversarial",
+                "radius": "pixel-floor",
+                "lambda": 0.3,
+                "std_ratio": ratio,
+            }
+        )
+        log(f"sigma {sigma:g} adversarial, pixel-floor radius, lambda 0.3: AT / standard {ratio:.4f}")
+    write(out, report)
 
 
 def plot_subspace(report: dict[str, Any], path: Path) -> None:
@@ -349,7 +444,7 @@ def plot_mixture(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("subspace", "plane", "mixture"))
+    p.add_argument("experiment", choices=("subspace", "subspace-theory", "plane", "mixture"))
     p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--updates", type=positive_int, default=1500, help="subspace/plane: updates per model")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -380,6 +475,12 @@ def main() -> None:
         default="sigma-data",
         help="subspace: the MLP's skip path c(t) x with sigma_data = the training set's RMS (see _toy.MLP), or none",
     )
+    p.add_argument(
+        "--lambdas", type=float, nargs="+", default=[0.3, 1, 3, 10], help="subspace-theory: lambdas"
+    )
+    p.add_argument(
+        "--r-maxes", type=float, nargs="+", default=[0.5, 1.5, 3], help="subspace-theory: r_max values"
+    )
     p.add_argument("--outliers", type=float, default=0.1, help="plane: outlier share")
     p.add_argument("--tau", type=float, default=0.05, help="plane: off-support distance")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="mixture: dimensions")
@@ -390,7 +491,13 @@ def main() -> None:
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"subspace": subspace, "plane": plane, "mixture": mixture}[args.experiment](args)
+    experiments = {
+        "subspace": subspace,
+        "subspace-theory": subspace_theory,
+        "plane": plane,
+        "mixture": mixture,
+    }
+    experiments[args.experiment](args)
 
 
 if __name__ == "__main__":

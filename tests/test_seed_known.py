@@ -16,11 +16,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from _toy import MLP, VectorTrainer
-from seed_known import Subspace
+from seed_known import Subspace, linear_gaussian_std_ratio, penalty_scale
 
 from models.generate import sampler_grid
 from models.noise import NoiseSource
 from models.schedules import Schedule
+from models.train.methods import EquivariantAT, get_method
 
 
 class ExactSubspaceEps(nn.Module):
@@ -122,3 +123,46 @@ def test_corruptions_hit_the_stated_shares() -> None:
     assert float(untouched) == pytest.approx(0.9 * 0.1, abs=0.015)  # the rest: 90% noisy
     with pytest.raises(ValueError, match="unknown condition"):
         space.training("blurry", 10, 0)
+
+
+class LinearContext:
+    """A StepContext whose eps-model is k * x: the equivariance residual is then (k s_t - 1) w."""
+
+    def __init__(self, k: float) -> None:
+        self.schedule, self.device, self.k = Schedule(), torch.device("cpu"), k
+        self.generator = torch.Generator().manual_seed(0)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
+        return self.k * x
+
+
+@pytest.mark.parametrize(
+    ("variant", "radius"), [("random", "paper"), ("adversarial", "paper"), ("adversarial", "pixel-floor")]
+)
+def test_penalty_scale_is_the_methods_own_mean_squared_residual_for_a_linear_model(
+    variant: str, radius: str
+) -> None:
+    """subspace-theory's c(t) = lambda E[w^2] against EquivariantAT's radius draw and ascent step."""
+    ctx = LinearContext(k=0.7)
+    method = get_method("equivariant-at", {"variant": variant, "radius": radius, "lambda": 1.0})
+    assert isinstance(method, EquivariantAT)
+    n, d = 20_000, 4
+    for t_value in (0.05, 0.5):
+        t = torch.full((n,), t_value, dtype=torch.float64)
+        s = ctx.schedule.s(t).reshape(-1, 1).float()
+        x = torch.randn(n, d, generator=ctx.generator)
+        r = method.radius(s, ctx.generator)
+        w = (torch.rand(n, d, generator=ctx.generator) * 2 - 1) * r
+        anchor = ctx.eps(x, t)
+        if variant == "adversarial":
+            w = method.ascend(ctx, x, t, s, w, r, anchor)  # type: ignore[arg-type]
+        got = method.residual(ctx, x, t, s, w, anchor).pow(2).mean()  # type: ignore[arg-type]
+        s0 = ctx.schedule.s(torch.tensor(t_value, dtype=torch.float64))
+        scale = penalty_scale(s0, variant, 1.0, method.options.r_max, radius)
+        assert float(got) == pytest.approx(float(scale) * (0.7 * float(s0) - 1) ** 2, rel=0.03)
+
+
+def test_linear_gaussian_bound_is_1_without_penalty_and_shrinks_with_lambda() -> None:
+    assert linear_gaussian_std_ratio(0.04, "adversarial", 0.0, 0.5, steps=20) == pytest.approx(1.0)
+    ratios = [linear_gaussian_std_ratio(0.04, "adversarial", lam, 3.0, steps=20) for lam in (0.3, 3.0, 30.0)]
+    assert 1.0 > ratios[0] > ratios[1] > ratios[2]
