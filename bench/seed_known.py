@@ -318,7 +318,8 @@ def plane(args: Any) -> None:
         per_seed[arm] = {"off_support": [], "mean_distance": []}
         for seed in range(args.seeds):
             data = training_set(args.n_train, args.outliers, seed, basis)
-            tr = VectorTrainer(3, method, options, args.updates, seed, lr=args.lr)
+            sigma_data = float(data.pow(2).mean().sqrt()) if args.skip == "sigma-data" else None
+            tr = VectorTrainer(3, method, options, args.updates, seed, lr=args.lr, sigma_data=sigma_data)
             tr.fit(data, args.batch)
             d = distance_to_plane(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)), basis)
             per_seed[arm]["off_support"].append(float((d > args.tau).float().mean()))
@@ -473,7 +474,8 @@ def main() -> None:
         "--skip",
         choices=("sigma-data", "none"),
         default="sigma-data",
-        help="subspace: the MLP's skip path c(t) x with sigma_data = the training set's RMS (see _toy.MLP), or none",
+        help="subspace/plane: EDM preconditioning of the MLP with sigma_data = the training set's RMS (see _toy.MLP), "
+        "or none (the plane's runs before 2026-12-03 13:00)",
     )
     p.add_argument(
         "--lambdas", type=float, nargs="+", default=[0.3, 1, 3, 10], help="subspace-theory: lambdas"
