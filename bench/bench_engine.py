@@ -238,9 +238,16 @@ def network_gflop(net: UNet, shape: tuple[int, ...]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: int = 128) -> float:
+def conv_ceiling(
+    net: UNet,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    batch: int = 128,
+    fmt: torch.memory_format = torch.contiguous_format,
+) -> float:
     """GFLOP/s of oneDNN on this network's own convolutions (each shape once, batch ``batch``, in
-    ``dtype``): what the convolutions, ~all of the network's FLOPs, could run at on this machine."""
+    ``dtype`` and layout ``fmt``): what the convolutions, ~all of the network's FLOPs, could run at
+    on this machine."""
     seen: list[tuple[torch.nn.Conv2d, tuple[int, ...]]] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape[1:]))))
@@ -254,8 +261,9 @@ def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: i
     flops = seconds = 0.0
     with torch.inference_mode():
         for conv, in_shape in seen:
-            x = torch.randn(batch, *in_shape, dtype=dtype)
-            w, b = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+            x = torch.randn(batch, *in_shape, dtype=dtype).contiguous(memory_format=fmt)
+            w = conv.weight.to(dtype).contiguous(memory_format=fmt)
+            b = None if conv.bias is None else conv.bias.to(dtype)
 
             def run(
                 x: torch.Tensor = x, w: torch.Tensor = w, b: torch.Tensor | None = b, c: object = conv
@@ -296,12 +304,21 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
     ref = to_diffusers(net) if not args.no_diffusers else None
     times: dict[tuple[str, int, int], list[float]] = {}
     ceilings: dict[tuple[str, int], list[float]] = {}
+    layout_ceilings: dict[str, list[float]] = {}
+    loads: list[float] = []  # the 1-minute load average after every timed case
     for rnd in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
             for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 if dtype_name == "fp32" or cpu_bf16_support():
-                    ceilings.setdefault((dtype_name, threads), []).append(conv_ceiling(net, shape, dtype))
+                    # The ceiling is the better of the two layouts oneDNN takes (NHWC is faster here).
+                    by_layout = {
+                        name: conv_ceiling(net, shape, dtype, fmt=fmt)
+                        for name, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last))
+                    }
+                    for name, val in by_layout.items():
+                        layout_ceilings.setdefault(f"{dtype_name} {name} {threads} thread(s)", []).append(val)
+                    ceilings.setdefault((dtype_name, threads), []).append(max(by_layout.values()))
             for batch in args.batches:
                 seeds = list(range(batch))
                 cases: list[tuple[str, Callable[[], object]]] = [
@@ -321,6 +338,7 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
                     t0 = time.perf_counter()
                     fn()
                     times.setdefault((label, threads, batch), []).append(time.perf_counter() - t0)
+                    loads.append(os.getloadavg()[0])
                     print(
                         f"round {rnd} threads {threads} batch {batch:4d} {label:28s} "
                         f"{batch / times[(label, threads, batch)][-1]:7.2f} img/s  load {os.getloadavg()[0]:.1f}",
@@ -354,11 +372,13 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
         "ceilings_gflop_per_s": {
             f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
         },
+        "ceilings_by_layout_gflop_per_s": {k: statistics.median(v) for k, v in layout_ceilings.items()},
         "ceiling_images_per_s": {
             f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
             for (d, t), v in ceilings.items()
         },
         "startup_s": startup,
+        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "cpu_bf16": cpu_bf16_support(),
         "rows": rows,
     }
