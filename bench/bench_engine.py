@@ -306,7 +306,51 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
     ceilings: dict[tuple[str, int], list[float]] = {}
     layout_ceilings: dict[str, list[float]] = {}
     loads: list[float] = []  # the 1-minute load average after every timed case
+
+    def summary() -> dict[str, object]:
+        """The medians so far (written after every round: a long run that is stopped keeps them)."""
+        rows: list[dict[str, object]] = []
+        for (label, threads, batch), ts in times.items():
+            sec = statistics.median(ts)
+            base = times.get(("diffusers eager fp32", threads, batch))
+            fp32_ceiling = statistics.median(ceilings[("fp32", threads)])
+            bf16 = ceilings.get(("bf16", threads))
+            rows.append(
+                {
+                    "case": label,
+                    "threads": threads,
+                    "batch": batch,
+                    "steps": args.steps,
+                    "images_per_s": batch / sec,
+                    "latency_ms": sec * 1e3,
+                    "rounds_s": ts,
+                    "vs_diffusers_eager_fp32": statistics.median(base) / sec if base else None,
+                    "gflop_per_s": gflop * args.steps * batch / sec,
+                    "pct_of_fp32_ceiling": gflop * args.steps * batch / sec / fp32_ceiling,
+                    "pct_of_bf16_ceiling": gflop * args.steps * batch / sec / statistics.median(bf16)
+                    if bf16
+                    else None,
+                }
+            )
+        return {
+            "gflop_per_image_per_eval": gflop,
+            "ceilings_gflop_per_s": {
+                f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
+            },
+            "ceilings_by_layout_gflop_per_s": {k: statistics.median(v) for k, v in layout_ceilings.items()},
+            "ceiling_images_per_s": {
+                f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
+                for (d, t), v in ceilings.items()
+            },
+            "startup_s": startup,
+            "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+            "cpu_bf16": cpu_bf16_support(),
+            "rows": rows,
+        }
+
     for rnd in range(args.rounds):
+        if rnd and args.out:  # the rounds so far, in case a long run is stopped
+            write_cpu(args, summary())
         for threads in args.threads:
             torch.set_num_threads(threads)
             for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -333,8 +377,8 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
                         )
                     )
                 for label, fn in cases:
-                    if rnd == 0:
-                        fn()  # warm-up at this batch
+                    if rnd == 0 and batch <= 8:  # warm-up; a larger batch's first run is warm enough
+                        fn()
                     t0 = time.perf_counter()
                     fn()
                     times.setdefault((label, threads, batch), []).append(time.perf_counter() - t0)
@@ -344,44 +388,21 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
                         f"{batch / times[(label, threads, batch)][-1]:7.2f} img/s  load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
-    rows: list[dict[str, object]] = []
-    for (label, threads, batch), ts in times.items():
-        sec = statistics.median(ts)
-        base = times.get(("diffusers eager fp32", threads, batch))
-        fp32_ceiling = statistics.median(ceilings[("fp32", threads)])
-        bf16 = ceilings.get(("bf16", threads))
-        rows.append(
-            {
-                "case": label,
-                "threads": threads,
-                "batch": batch,
-                "steps": args.steps,
-                "images_per_s": batch / sec,
-                "latency_ms": sec * 1e3,
-                "rounds_s": ts,
-                "vs_diffusers_eager_fp32": statistics.median(base) / sec if base else None,
-                "gflop_per_s": gflop * args.steps * batch / sec,
-                "pct_of_fp32_ceiling": gflop * args.steps * batch / sec / fp32_ceiling,
-                "pct_of_bf16_ceiling": gflop * args.steps * batch / sec / statistics.median(bf16)
-                if bf16
-                else None,
-            }
-        )
-    return {
-        "gflop_per_image_per_eval": gflop,
-        "ceilings_gflop_per_s": {
-            f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
-        },
-        "ceilings_by_layout_gflop_per_s": {k: statistics.median(v) for k, v in layout_ceilings.items()},
-        "ceiling_images_per_s": {
-            f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
-            for (d, t), v in ceilings.items()
-        },
-        "startup_s": startup,
-        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
-        "cpu_bf16": cpu_bf16_support(),
-        "rows": rows,
+
+    return summary()
+
+
+def write_cpu(args: argparse.Namespace, result: dict[str, object]) -> None:
+    meta = {
+        "command": " ".join(sys.argv),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "loadavg_end": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
 
 
 def print_cpu(result: dict[str, object]) -> None:
@@ -429,18 +450,7 @@ def main() -> None:
         result = cpu_bench(args)
         print_cpu(result)
         if args.out:
-            import os
-
-            meta = {
-                "command": " ".join(sys.argv),
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                "torch": torch.__version__,
-                "loadavg_end": os.getloadavg(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            }
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+            write_cpu(args, result)
         return
     rows = bench(args)
     print("\nmodel         case                          batch  latency ms    img/s  TFLOP/s  x diffusers")
