@@ -117,6 +117,8 @@ def start_serve(args: argparse.Namespace, checkpoint: Path, port: int, log: Path
         ROBUSTDIFF_WORKER_METRICS_PORT="0",
         ROBUSTDIFF_LOG_LEVEL="WARNING",
     )
+    if args.workers:
+        env["ROBUSTDIFF_WORKERS"] = str(args.workers)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=out,
@@ -147,6 +149,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=positive_int, default=16)
     parser.add_argument("--requests", type=positive_int, default=128)
     parser.add_argument("--single-requests", type=positive_int, default=20)
+    parser.add_argument("--workers", type=positive_int, help="serve's workers (default: serve's own default)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=1, help="engine and service in turn this many times; medians"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -156,7 +162,6 @@ def main() -> int:
             from models.testing import tiny_checkpoint
 
             checkpoint = tiny_checkpoint(Path(tmp) / "tiny.safetensors", name="tiny")
-        engine = direct(args, checkpoint)
         proc = None
         url = args.url
         if url is None:
@@ -165,19 +170,32 @@ def main() -> int:
             port = free_port()
             proc = start_serve(args, checkpoint, port, Path(tmp) / "serve.log")
             url = f"http://127.0.0.1:{port}"
+        rounds: list[dict[str, Any]] = []
         try:
-            served = asyncio.run(service(args, url, engine["model"], engine["sampler"]))
+            for r in range(args.rounds):  # in turn, so both sides see the same load on a shared machine
+                engine = direct(args, checkpoint)
+                served = asyncio.run(service(args, url, engine["model"], engine["sampler"]))
+                ratio = served["images_per_s"] / engine["images_per_s"]
+                rounds.append(
+                    {"direct": engine, "service": served, "ratio": ratio, "loadavg": os.getloadavg()}
+                )
+                print(f"round {r}: direct {engine['images_per_s']:.2f} images/s, service "
+                      f"{served['images_per_s']:.2f} ({ratio:.1%}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(60)
+    mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the round with the median ratio
+    engine, served = mid["direct"], mid["service"]
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "direct": engine,
         "service": served,
-        "service_vs_direct_images_per_s": served["images_per_s"] / engine["images_per_s"],
+        "service_vs_direct_images_per_s": statistics.median(r["ratio"] for r in rounds),
         "added_latency_one_small_request_s": served["single_p50_s"] - served["single_compute_p50_s"],
         "added_latency_vs_direct_call_s": served["single_p50_s"] - engine["single_p50_s"],
+        "rounds": rounds,
+        "torch_threads_direct": os.environ.get("OMP_NUM_THREADS"),
     }
     print(f"direct engine : {engine['images_per_s']:.1f} images/s (batch {engine['batch']}), "
           f"1 image {engine['single_p50_s'] * 1e3:.1f} ms")  # fmt: skip
