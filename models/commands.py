@@ -20,7 +20,7 @@ from models.devices import device_option
 from models.errors import CheckpointError, UserError
 from models.grid import GRID_SUFFIXES, save_grid
 from models.paths import output_file
-from models.sampling_spec import default_sampler
+from models.sampling_spec import DDIM_EPS, DIFFUSERS_SPACINGS, default_sampler
 
 if TYPE_CHECKING:
     from models.pipeline import Pipeline
@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--npy", type=Path, default=None, help="also write the images as a .npy array in [-1, 1]"
     )
+    parser.add_argument(
+        "--ddim-eps",
+        choices=DDIM_EPS,
+        default="from-x0",
+        help="ddim after x0 clipping: step along the eps of the clipped x0 (ours, diffusers' "
+        "use_clipped_model_output=True) or the network's eps (diffusers' default)",
+    )
     if command == "sample":
         parser.add_argument("-n", "--num-images", type=int, default=16)
         parser.add_argument(
@@ -65,16 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         parser.add_argument(
             "--spacing",
-            choices=("leading", "trailing", "linspace"),
+            choices=DIFFUSERS_SPACINGS,
             default=None,
             help="diffusers' timestep spacing instead of ours, to reproduce a diffusers run (docs/IMPORTING.md)",
-        )
-        parser.add_argument(
-            "--ddim-eps",
-            choices=("from-x0", "model"),
-            default="from-x0",
-            help="ddim after x0 clipping: step along the eps of the clipped x0 (ours, diffusers' "
-            "use_clipped_model_output=True) or the network's eps (diffusers' default)",
         )
     else:
         parser.add_argument(
@@ -185,27 +185,33 @@ def run(args: argparse.Namespace) -> int:
         seeds = [args.seed + i for i in range(inputs.shape[0])]
     t_star = args.t_star if args.command == "purify" else None
     with _as_user_error():  # refuse before the progress bar appears
-        spacing = getattr(args, "spacing", None)
-        nfe = (
-            len(
-                pipe.grid(
-                    sampler, steps=steps, times=args.times, eta=args.eta, t_star=t_star, spacing=spacing
-                )
-            )
-            - 1
+        grid = pipe.grid(
+            sampler,
+            steps=steps,
+            times=args.times,
+            eta=args.eta,
+            t_star=t_star,
+            spacing=getattr(args, "spacing", None),
+            ddim_eps=args.ddim_eps,
         )
+        nfe = len(grid) - 1
     bar = tqdm(total=nfe, desc=f"{args.command} ({sampler}, {nfe} steps)", unit="step")
 
     def progress(i: int, n: int) -> None:
         bar.update(1)
 
-    common = {"sampler": sampler, "steps": steps, "times": args.times, "eta": args.eta, "callback": progress}
+    common = {
+        "sampler": sampler,
+        "steps": steps,
+        "times": args.times,
+        "eta": args.eta,
+        "callback": progress,
+        "ddim_eps": args.ddim_eps,
+    }
     try:
         with _as_user_error():
             if args.command == "sample":
-                images = pipe.sample(
-                    seeds, labels=args.labels, spacing=args.spacing, ddim_eps=args.ddim_eps, **common
-                )
+                images = pipe.sample(seeds, labels=args.labels, spacing=args.spacing, **common)
             else:
                 images = pipe.purify(inputs, seeds, t_star=args.t_star, **common)
     finally:

@@ -15,10 +15,11 @@ from models.sampling_spec import (
     SPACING,
     check_eta,
     check_known_sampler,
+    check_spacing,
     check_t_star,
     check_times,
 )
-from models.schedules import DIFFUSERS_SPACINGS, Schedule, Spacing, time_grid
+from models.schedules import Schedule, Spacing, time_grid
 
 __all__ = ["DEFAULT_STEPS", "SPACING", "generate", "purify", "sampler_grid", "start_state"]
 
@@ -47,13 +48,7 @@ def sampler_grid(
     if t_star is not None:
         check_t_star(t_star, schedule.T)
         start = t_star
-    if spacing is not None:
-        if spacing not in DIFFUSERS_SPACINGS:
-            raise UserError("spacing", f"unknown spacing {spacing!r}; known: {', '.join(DIFFUSERS_SPACINGS)}")
-        if sampler not in ("ddpm", "ddim", "dpm-solver++"):
-            raise UserError("spacing", f"diffusers' spacings are for diffusion samplers, not {sampler}")
-        if times is not None:
-            raise UserError("spacing", "give either times or a spacing, not both")
+    check_spacing(spacing, sampler, times=times is not None, purify=t_star is not None)
     if times is None:
         grid_spacing: Spacing = SPACING[sampler] if spacing is None else spacing  # type: ignore[assignment]
         return time_grid(schedule, DEFAULT_STEPS if steps is None else steps, grid_spacing, t_max=start)
@@ -128,6 +123,7 @@ def purify(
     clip_x0: bool = True,
     callback: Callback | None = None,
     cancel: Cancel | None = None,
+    ddim_eps: DdimEps = "from-x0",
 ) -> torch.Tensor:
     """DiffPure: diffuse ``images`` (in [-1, 1]) to t* with per-image noise, then reverse to t = 0.
 
@@ -139,6 +135,6 @@ def purify(
     ts = sampler_grid(denoiser.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star)
     x = start_state(denoiser, noise, images=images, t_star=t_star)
     out = SAMPLERS[sampler](
-        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0
+        denoiser, x, ts, noise, callback=callback, cancel=cancel, eta=eta, clip_x0=clip_x0, ddim_eps=ddim_eps
     )
     return out.clamp(-1.0, 1.0) if clip_x0 else out

@@ -32,8 +32,9 @@ from models.samplers import (
     DdimEps,
     Group,
     RunningBatch,
+    rule_for,
 )
-from models.sampling_spec import default_sampler, default_steps, samplers_for
+from models.sampling_spec import check_ddim_eps, check_sampler, default_sampler, default_steps, samplers_for
 from models.schedules import Schedule
 from models.unet import UNet, set_batch_invariant
 
@@ -299,11 +300,7 @@ class Pipeline:
         return torch.tensor(list(labels), dtype=torch.long, device=self.device)
 
     def _check_sampler(self, sampler: str) -> None:
-        if sampler not in self.info.samplers:
-            raise UserError(
-                "sampler",
-                f"{sampler!r} is not available for {self.info.kind} models; use one of {self.info.samplers}",
-            )
+        check_sampler(sampler, self.info.kind, self.info.name)
 
     def grid(
         self,
@@ -314,10 +311,12 @@ class Pipeline:
         eta: float = 0.0,
         t_star: float | None = None,
         spacing: str | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         """The time grid sample (``t_star=None``) or purify would run with these arguments (NFE is
         its length - 1), or their ValueError: lets a caller refuse a request before any work."""
         self._check_sampler(sampler)
+        check_ddim_eps(ddim_eps, sampler)
         return sampler_grid(
             self.schedule, sampler, steps=steps, times=times, eta=eta, t_star=t_star, spacing=spacing
         )
@@ -379,6 +378,7 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         callback: Callback | None = None,
         cancel: Cancel | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> torch.Tensor:
         """Purified images [B, C, H, W] float32 in [-1, 1] on the CPU; ``images`` in [-1, 1].
 
@@ -399,6 +399,7 @@ class Pipeline:
             eta=eta,
             callback=callback,
             cancel=cancel,
+            ddim_eps=ddim_eps,
         )
         return out.float().cpu()
 
@@ -429,11 +430,21 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         images: torch.Tensor | None = None,
         t_star: float | None = None,
+        spacing: str | None = None,
+        ddim_eps: DdimEps = "from-x0",
     ) -> tuple[Group, torch.Tensor]:
         """A sample (``images`` None) or purify request as a running batch's rows: its group and
         start state, checked exactly as ``sample`` / ``purify`` check them. The rows' images equal
         those calls' bit for bit on the CPU, whatever else shares the batch."""
-        ts = self.grid(sampler, steps=steps, times=times, eta=eta, t_star=None if images is None else t_star)
+        ts = self.grid(
+            sampler,
+            steps=steps,
+            times=times,
+            eta=eta,
+            t_star=None if images is None else t_star,
+            spacing=spacing,
+            ddim_eps=ddim_eps,
+        )
         if images is not None:
             self._check_images(images)
         noise, den = self._prepare(sampler, seeds, labels)
@@ -444,5 +455,5 @@ class Pipeline:
             t_start=float(ts[0]),
             t_star=t_star,
         )
-        plan = PLANS.get(sampler, den, ts, eta, self.device)
+        plan = PLANS.get(rule_for(sampler, ddim_eps), den, ts, eta, self.device)
         return Group(key, plan, noise.seeds_device, den.labels), x

@@ -23,15 +23,20 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
 from kernels import sampler_update
 from models.denoisers import ConsistencyDenoiser, Denoiser
-from models.errors import UserError
 from models.noise import NoiseSource
-from models.sampling_spec import CONSISTENCY_SAMPLERS, DIFFUSION_SAMPLERS, ETA_SAMPLERS
+from models.sampling_spec import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    ETA_SAMPLERS,
+    DdimEps,
+    check_ddim_eps,
+)
 
 __all__ = ["CONSISTENCY_SAMPLERS", "DIFFUSION_SAMPLERS", "ETA_SAMPLERS", "RULES", "SAMPLERS", "RunningBatch"]
 
@@ -126,7 +131,12 @@ RULES: dict[str, StepRule] = {
 }
 OUTPUT_R_RULES = ("ddim-model-eps",)
 """Rules whose r coefficient multiplies the network's raw output instead of the previous x0."""
-DdimEps = Literal["from-x0", "model"]
+
+
+def rule_for(sampler: str, ddim_eps: DdimEps = "from-x0") -> str:
+    """The update rule a sampler runs with ``ddim_eps`` (checked: ``model`` is for ddim only)."""
+    check_ddim_eps(ddim_eps, sampler)
+    return "ddim-model-eps" if ddim_eps == "model" else sampler
 
 
 def run_sampler(
@@ -151,12 +161,7 @@ def run_sampler(
     """
     if eta < 0:
         raise ValueError("eta must be >= 0")
-    if ddim_eps not in ("from-x0", "model") or (ddim_eps == "model" and rule != "ddim"):
-        raise UserError(
-            "ddim_eps", f"'from-x0', or 'model' with the ddim sampler; got {ddim_eps!r} with {rule}"
-        )
-    if ddim_eps == "model":
-        rule = "ddim-model-eps"
+    rule = rule_for(rule, ddim_eps)
     batch = RunningBatch(denoiser, clip_x0=clip_x0)
     group = Group(None, PLANS.get(rule, denoiser, ts, eta, x.device), noise.seeds_device, denoiser.labels)
     batch.add(group, x)

@@ -2,8 +2,9 @@
 
 The API (which never imports torch), the library (``models.generate.sampler_grid``), the CLI and
 ``eval`` all take the sampler names, which samplers each model kind runs, which read eta, the
-default spacing and steps, and the pure argument checks from here, so they accept and refuse the
-same requests with the same reasons. Every check raises ``UserError(field, reason)``.
+default spacing and steps, diffusers' spacings and DDIM's eps convention, and the pure argument
+checks from here, so they accept and refuse the same requests with the same reasons. Every check
+raises ``UserError(field, reason)``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
+
+import numpy as np
 
 from models.errors import UserError
 
@@ -28,6 +31,15 @@ SPACING: dict[str, Spacing] = {
     "dpm-solver++": "log-snr",
     "consistency": "linear",
 }
+DiffusersSpacing = Literal["leading", "trailing", "linspace"]
+DIFFUSERS_SPACINGS: tuple[DiffusersSpacing, ...] = ("leading", "trailing", "linspace")
+"""diffusers' ``timestep_spacing`` names, asked for by name to reproduce a diffusers run: grids of
+their timestep indices j (t = (j + 1) / T). They start below t = 1, so they are for sampling from
+noise only, and they replace the spacing of the diffusion samplers only."""
+DdimEps = Literal["from-x0", "model"]
+DDIM_EPS: tuple[DdimEps, ...] = ("from-x0", "model")
+"""DDIM after x0 clipping: step along the eps of the clipped x0 (ours, diffusers'
+``use_clipped_model_output=True``) or keep the network's eps (``model``: diffusers' default)."""
 DEFAULT_STEPS = 10
 """Steps when a library call names none (a consistency model's served default is 1: ``default_steps``)."""
 
@@ -102,3 +114,48 @@ def check_times(times: Sequence[float], start: float, timesteps: int, steps: int
 def steps_that_fit(sampler: str, t_star: float, timesteps: int) -> int | None:
     """Most steps below t* for samplers on the schedule's integer grid (ddpm, ddim); None: no limit."""
     return round(t_star * timesteps) if SPACING[sampler] == "uniform" else None
+
+
+def check_spacing(spacing: str | None, sampler: str, *, times: bool = False, purify: bool = False) -> None:
+    """A diffusers ``spacing`` (None: the sampler's own) fits the call: a diffusion sampler, sampling
+    from noise, and no ``times`` (which replace any spacing)."""
+    if spacing is None:
+        return
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise UserError("spacing", f"unknown spacing {spacing!r}; known: {', '.join(DIFFUSERS_SPACINGS)}")
+    if sampler not in DIFFUSION_SAMPLERS:
+        raise UserError("spacing", f"diffusers' spacings are for diffusion samplers, not {sampler}")
+    if times:
+        raise UserError("spacing", "give either times or a spacing, not both")
+    if purify:
+        raise UserError(
+            "spacing", f"{spacing!r} is diffusers' grid for sampling from noise, not for purification"
+        )
+
+
+def diffusers_timesteps(timesteps: int, steps: int, spacing: str) -> list[int]:
+    """diffusers' DDIM/DDPM ``set_timesteps`` (steps_offset 0) on a T = ``timesteps`` schedule: the
+    decreasing indices j it evaluates, in its own numpy arithmetic; a step count for which it gives
+    no strictly decreasing grid is refused."""
+    T = timesteps
+    if steps < 1:
+        raise UserError("steps", "must be >= 1")
+    if steps > T:
+        raise UserError("steps", f"at most {T} steps fit in T = {T}")
+    if spacing == "leading":
+        idx = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64)
+    elif spacing == "trailing":
+        idx = (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
+    else:
+        idx = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    if len(idx) != steps or (idx[1:] >= idx[:-1]).any() or idx[-1] < 0:
+        raise UserError("steps", f"diffusers' {spacing!r} spacing gives no {steps}-step grid for T = {T}")
+    return [int(j) for j in idx]
+
+
+def check_ddim_eps(ddim_eps: str, sampler: str) -> None:
+    """``model`` changes only the ddim update; elsewhere it would be silently ignored."""
+    if ddim_eps not in DDIM_EPS or (ddim_eps == "model" and sampler != "ddim"):
+        raise UserError(
+            "ddim_eps", f"'from-x0', or 'model' with the ddim sampler; got {ddim_eps!r} with {sampler}"
+        )

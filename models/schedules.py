@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import UserError
+from models.sampling_spec import DIFFUSERS_SPACINGS, diffusers_timesteps
 
 ScheduleName = Literal["linear", "cosine", "scaled-linear", "edm"]
 
@@ -137,18 +138,6 @@ class Schedule:
 
 
 Spacing = Literal["uniform", "log-snr", "linear", "leading", "trailing", "linspace"]
-DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
-"""diffusers' ``timestep_spacing`` names: a grid of their timestep indices j (t = (j + 1) / T), for
-reproducing a diffusers run; they start below t = 1, so they are for sampling from noise only."""
-
-
-def _diffusers_indices(T: int, steps: int, spacing: str) -> np.ndarray:
-    """diffusers' DDIM/DDPM ``set_timesteps`` (steps_offset 0), in its own numpy arithmetic."""
-    if spacing == "leading":
-        return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64)
-    if spacing == "trailing":
-        return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
-    return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
 
 
 def time_grid(
@@ -171,14 +160,8 @@ def time_grid(
             raise UserError(
                 "spacing", f"{spacing!r} is diffusers' grid for sampling from noise, not for purification"
             )
-        if steps > schedule.T:
-            raise UserError("steps", f"at most {schedule.T} steps fit in T = {schedule.T}")
-        idx = _diffusers_indices(schedule.T, steps, spacing)
-        if len(idx) != steps or (idx[1:] >= idx[:-1]).any() or idx[-1] < 0:
-            raise UserError(
-                "steps", f"diffusers' {spacing!r} spacing gives no {steps}-step grid for T = {schedule.T}"
-            )
-        ts = torch.from_numpy((idx + 1).astype(np.float64)) / schedule.T
+        idx = np.asarray(diffusers_timesteps(schedule.T, steps, spacing), dtype=np.float64)
+        ts = torch.from_numpy(idx + 1) / schedule.T
         return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
     if spacing == "linear":
         return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)

@@ -1,15 +1,18 @@
-"""The job contract between the API (which writes it) and the worker (which reads it): one
-definition, torch-free, stored as JSON in the job's Redis hash.
+"""The job contracts between the API and the worker: one definition each, torch-free, stored as
+JSON in the job's Redis hash.
 
-The API resolves every default (model, sampler, steps, seeds, labels, t*) before it writes a job,
-so the worker reads exactly what it will run; the result it writes back is ``schemas.JobResult``.
+The API writes a ``Job`` and resolves every default (model, sampler, steps, seeds, labels, t*)
+before it does, so the worker reads exactly what it will run. The worker writes back a
+``JobResult`` (which the API answers, adding the total time) or a ``JobError``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.sampling_spec import DdimEps, DiffusersSpacing
 
 Kind = Literal["sample", "purify"]
 
@@ -25,6 +28,8 @@ class Job(BaseModel):
     steps: int = Field(ge=1, description="network evaluations per image")
     times: list[float] | None = None
     eta: float = 0.0
+    spacing: DiffusersSpacing | None = Field(None, description="diffusers' spacing; None: the sampler's own")
+    ddim_eps: DdimEps = "from-x0"
     format: Literal["png", "npy"] = "png"
     seeds: list[int] = Field(min_length=1, description="one per output image (per image and draw)")
     labels: list[int] | None = Field(None, description="one per input image (per output for sample)")
@@ -51,3 +56,53 @@ class Job(BaseModel):
         if self.labels is None:
             return None
         return [c for c in self.labels for _ in range(self.draws)] if self.kind == "purify" else self.labels
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="Enqueue to joining the worker's running batch.")
+    compute_s: float = Field(description="Time of the network steps the job's images were part of.")
+    total_s: float = Field(0.0, description="Enqueue to the response (added by the API).")
+    batch_images: int = Field(
+        description="Mean images in the running batch over the job's steps (other jobs join and leave it)."
+    )
+
+
+class JobResult(BaseModel):
+    """A finished job's output: what the worker stores, and the response once the API adds timings.total_s."""
+
+    job_id: str
+    kind: Kind
+    model: str
+    model_hash: str
+    sampler: str
+    steps: int = Field(description="Network evaluations per image.")
+    times: list[float] | None = Field(None, description="The times asked for, if any.")
+    spacing: DiffusersSpacing | None = Field(None, description="diffusers' spacing asked for; null: ours.")
+    ddim_eps: DdimEps = Field("from-x0", description="DDIM's eps after x0 clipping (see the request).")
+    format: Literal["png", "npy"]
+    seeds: list[int] | list[list[int]] = Field(description="Per image (per image and draw for /purify).")
+    images: list[str] | list[list[str]] | None = Field(None, description="Base64 PNGs (format png).")
+    array: str | None = Field(
+        None, description="Base64 .npy float32 in [-1,1], [N,C,H,W] or [N,draws,C,H,W] (format npy)."
+    )
+    labels: list[int] | None = None
+    t_star: float | None = None
+    timings: Timings
+
+    def answer(self, total_s: float) -> dict[str, Any]:
+        """The response body: the output in its format only (images or array), t_star for purify."""
+        drop = {"array" if self.array is None else "images"} | (
+            {"t_star"} if self.kind == "sample" else set()
+        )
+        body = self.model_dump(mode="json", exclude=drop)
+        body["timings"]["total_s"] = round(total_s, 6)
+        return body
+
+
+class JobError(BaseModel):
+    """Why a job failed or was cancelled; ``code`` "invalid" when the worker refused the request
+    (answered 422, nothing broke), empty otherwise."""
+
+    field: str = "job"
+    reason: str = "failed"
+    code: str = ""

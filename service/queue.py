@@ -34,7 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs import Job
+from service.jobs import Job, JobError, JobResult
+from service.schemas import ModelEntry
 
 PREFIX = "robustdiff"
 GROUP = "workers"
@@ -208,7 +209,7 @@ redis.call('XDEL', KEYS[2], ARGV[1])
 return st
 """
 
-CANCELLED_ERROR = json.dumps({"field": "job", "reason": "cancelled by DELETE /jobs/{id}"})
+CANCELLED_ERROR = JobError(reason="cancelled by DELETE /jobs/{id}").model_dump_json()
 
 
 @dataclass
@@ -326,9 +327,16 @@ class JobQueue:
         args = [repr(time.time()), CANCELLED_ERROR, EVENTS_CHANNEL, job_id, self.job_ttl_s]
         return str(await self._scripts["cancel"](keys=[job_key(job_id)], args=args))
 
-    async def models(self) -> dict[str, dict[str, Any]]:
+    async def models(self) -> dict[str, ModelEntry]:
+        """The registry; an entry this API cannot read (a worker of another version) is left out."""
         raw: dict[str, str] = await self.redis.hgetall(MODELS_KEY)  # type: ignore[assignment]
-        return {name: json.loads(info) for name, info in raw.items()}
+        out = {}
+        for name, info in raw.items():
+            try:
+                out[name] = ModelEntry.model_validate_json(info)
+            except ValidationError as err:
+                log.warning("model %r: unreadable registry entry (%s)", name, err.errors()[0]["msg"])
+        return out
 
     async def connected_workers(self) -> set[str] | None:
         """Workers with an open Redis connection (named by ``connect(client_name=...)``): a worker
@@ -369,11 +377,11 @@ class JobQueue:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
                 await self.redis.xgroup_create(stream_key(name), GROUP, id="0", mkstream=True)
 
-    async def register(self, worker: str, infos: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    async def register(self, worker: str, infos: dict[str, ModelEntry], meta: dict[str, Any]) -> None:
         """Heartbeat: say which models this worker serves, and that it is alive now."""
         beat = dict(meta, ts=time.time(), models=sorted(infos))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(MODELS_KEY, mapping={name: json.dumps(info) for name, info in infos.items()})
+        pipe.hset(MODELS_KEY, mapping={name: info.model_dump_json() for name, info in infos.items()})
         pipe.hset(HEARTBEATS_KEY, worker, json.dumps(beat))
         await pipe.execute()
 
@@ -423,9 +431,7 @@ class JobQueue:
                 job = Job.model_validate_json(request)
             except ValidationError as err:  # written by an incompatible API: fail it, never lose it silently
                 reason = f"unreadable job record: {err.errors()[0]['msg']}"
-                await self.finish(
-                    stream, entry_id, data["id"], "failed", error={"field": "job", "reason": reason}
-                )
+                await self.finish(stream, entry_id, data["id"], "failed", error=JobError(reason=reason))
                 continue
             out.append(Delivery(entry_id, data["id"], job, float(created), reclaimed))
         return out
@@ -500,7 +506,7 @@ class JobQueue:
                 "ts": repr(time.time()),
             },
         )
-        await self.finish(stream, entry_id, job_id, "failed", error={"field": "job", "reason": reason})
+        await self.finish(stream, entry_id, job_id, "failed", error=JobError(reason=reason))
 
     async def touch(self, consumer: str, held: Iterable[Delivery]) -> None:
         """Reset the idle time of entries this live worker holds, so nobody reclaims them."""
@@ -537,8 +543,8 @@ class JobQueue:
         job_id: str,
         status: str,
         *,
-        result: dict[str, Any] | None = None,
-        error: dict[str, str] | None = None,
+        result: JobResult | None = None,
+        error: JobError | None = None,
         steps: int | None = None,
     ) -> bool:
         """Write the final status once (False if it already had one) and ack the entry.
@@ -547,8 +553,8 @@ class JobQueue:
         """
         args = [
             status,
-            json.dumps(result, separators=(",", ":")) if result is not None else "",
-            json.dumps(error) if error is not None else "",
+            result.model_dump_json() if result is not None else "",
+            error.model_dump_json() if error is not None else "",
             repr(time.time()),
             self.job_ttl_s,
             entry_id,

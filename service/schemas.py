@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from models.sampling_spec import DdimEps, DiffusersSpacing
+from service.jobs import JobResult
+
 MAX_SEED = 2**63 - 1
 STRENGTHS: dict[str, float] = {"light": 0.05, "medium": 0.1, "strong": 0.2}
 
@@ -43,6 +46,18 @@ class _JobRequest(BaseModel):
         ge=0.0,
         le=1.0,
         description="DDIM stochasticity (0: deterministic); only the ddim sampler uses it.",
+    )
+    spacing: DiffusersSpacing | None = Field(
+        None,
+        description="diffusers' timestep spacing (its DDIM/DDPM scheduler's timestep_spacing) instead of the "
+        "sampler's own, to reproduce a diffusers run: diffusion samplers, /sample only, not with times. "
+        "Omitted: ours (docs/IMPORTING.md says why it is the default).",
+    )
+    ddim_eps: DdimEps = Field(
+        "from-x0",
+        description="DDIM after x0 clipping: from-x0 steps along the eps of the clipped x0 (ours; diffusers' "
+        "use_clipped_model_output=True), model keeps the network's eps (diffusers' default); model is for the "
+        "ddim sampler only.",
     )
     seeds: list[Seed] | Seed | None = Field(
         None,
@@ -103,34 +118,6 @@ class ErrorBody(BaseModel):
     errors: list[ErrorItem]
 
 
-class Timings(BaseModel):
-    queue_s: float = Field(description="Enqueue to joining the worker's running batch.")
-    compute_s: float = Field(description="Time of the network steps the job's images were part of.")
-    total_s: float = Field(0.0, description="Enqueue to the response (added by the API).")
-    batch_images: int = Field(
-        description="Mean images in the running batch over the job's steps (other jobs join and leave it)."
-    )
-
-
-class JobResult(BaseModel):
-    job_id: str
-    kind: Literal["sample", "purify"]
-    model: str
-    model_hash: str
-    sampler: str
-    steps: int = Field(description="Network evaluations per image.")
-    times: list[float] | None = Field(None, description="The times asked for, if any.")
-    format: Literal["png", "npy"]
-    seeds: list[int] | list[list[int]] = Field(description="Per image (per image and draw for /purify).")
-    images: list[str] | list[list[str]] | None = Field(None, description="Base64 PNGs (format png).")
-    array: str | None = Field(
-        None, description="Base64 .npy float32 in [-1,1], [N,C,H,W] or [N,draws,C,H,W] (format npy)."
-    )
-    labels: list[int] | None = None
-    t_star: float | None = None
-    timings: Timings
-
-
 class JobStatus(BaseModel):
     id: str
     kind: str
@@ -142,6 +129,10 @@ class JobStatus(BaseModel):
 
 
 class ModelEntry(BaseModel):
+    """A served model as its worker registers it in Redis: what a request may ask of it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # a newer worker's extra field is not an error
+
     name: str
     kind: str
     method: str
@@ -152,15 +143,21 @@ class ModelEntry(BaseModel):
     hash: str
     samplers: list[str]
     default_steps: int
+    dataset: str = "unknown"
     eval_s: float = Field(
         0.0, description="Seconds per image per network evaluation, measured by the worker at warm-up."
     )
+
+
+class ServedModel(ModelEntry):
+    """A registered model as GET /models lists it."""
+
     workers: int = Field(description="Live workers serving it.")
     default: bool
 
 
 class ModelsResponse(BaseModel):
-    models: list[ModelEntry]
+    models: list[ServedModel]
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:

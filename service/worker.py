@@ -37,9 +37,10 @@ from models.errors import UserError
 from models.pipeline import CpuOptions, Pipeline, RunningBatch
 from service import images as imgs
 from service import metrics as m
+from service.jobs import JobError, JobResult, Timings
 from service.queue import REDIS_ERRORS, WORKER_CLIENT_PREFIX, Delivery, JobQueue, connect
 from service.scheduler import Scheduler, Ticket
-from service.schemas import JobResult, Timings
+from service.schemas import ModelEntry
 from service.settings import Settings, load_settings
 
 FAULT_CRASH_SEED_ENV = "ROBUSTDIFF_FAULT_CRASH_SEED"
@@ -149,10 +150,9 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
     return out
 
 
-def info_dict(pipe: Pipeline) -> dict[str, Any]:
-    info = dataclasses.asdict(pipe.info)
-    info["image_shape"] = list(info["image_shape"])
-    return info
+def model_entry(pipe: Pipeline) -> ModelEntry:
+    """The registry entry the API reads to check and resolve requests for this model."""
+    return ModelEntry.model_validate(dataclasses.asdict(pipe.info))
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Worker:
         self.settings = settings
         self.pipelines = pipelines
         self.models = sorted(pipelines)
-        self.infos = {name: info_dict(p) for name, p in pipelines.items()}
+        self.infos = {name: model_entry(p) for name, p in pipelines.items()}
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         self.redis = connect(
             settings.redis_url,
@@ -312,7 +312,13 @@ class Worker:
             job = d.job
             try:
                 grid = self.pipelines[d.model].grid(
-                    job.sampler, steps=job.steps, times=job.times, eta=job.eta, t_star=job.t_star
+                    job.sampler,
+                    steps=job.steps,
+                    times=job.times,
+                    eta=job.eta,
+                    t_star=job.t_star,
+                    spacing=job.spacing,
+                    ddim_eps=job.ddim_eps,
                 )
                 ticket = Ticket(d.job_id, d.model, job.outputs, len(grid) - 1, d.created, d.reclaimed, d.kind)
                 self.scheduler.submit(ticket)
@@ -326,7 +332,7 @@ class Worker:
         """A request the model cannot run (e.g. more DDIM steps than fit below t*)."""
         log.info("job %s refused: %s", d.job_id, err)
         field, reason = (err.field, err.reason) if isinstance(err, UserError) else ("job", str(err))
-        error = {"field": field, "reason": reason, "code": "invalid"}
+        error = JobError(field=field, reason=reason, code="invalid")
         if await self.queue.finish(d.stream, d.entry_id, d.job_id, "failed", error=error):
             m.JOBS.labels(kind=d.kind, status="failed").inc()
             m.WORKER_FAILURES.labels(reason="validation").inc()
@@ -423,7 +429,7 @@ class Worker:
                 self._forget(h.d.job_id)
                 if h.d.job_id in self.cancelled:
                     continue
-                error = {"field": "job", "reason": reason}
+                error = JobError(reason=reason)
                 if await self.queue.finish(h.d.stream, h.d.entry_id, h.d.job_id, "failed", error=error):
                     m.JOBS.labels(kind=h.d.kind, status="failed").inc()
                     m.WORKER_FAILURES.labels(reason="worker_error").inc()
@@ -456,7 +462,7 @@ class Worker:
     async def _finish_cancelled(self, d: Delivery) -> None:
         self.cancelled.add(d.job_id)
         self.scheduler.cancel(d.job_id)  # its rows leave at the next boundary
-        error = {"field": "job", "reason": "cancelled by DELETE /jobs/{id}"}
+        error = JobError(reason="cancelled by DELETE /jobs/{id}")
         if await self.queue.finish(d.stream, d.entry_id, d.job_id, "cancelled", error=error):
             m.JOBS.labels(kind=d.kind, status="cancelled").inc()
 
@@ -482,6 +488,8 @@ class Worker:
                     labels=job.output_labels(),
                     images=images,
                     t_star=job.t_star,
+                    spacing=job.spacing,
+                    ddim_eps=job.ddim_eps,
                 )
             except ValueError as err:
                 refused[h.d.job_id] = err
@@ -503,7 +511,7 @@ class Worker:
             time.sleep(self._step_delay)
         return sizes
 
-    def _encode(self, finished: list[tuple[Held, torch.Tensor]]) -> list[dict[str, Any]]:
+    def _encode(self, finished: list[tuple[Held, torch.Tensor]]) -> list[JobResult]:
         results = []
         for h, out in finished:
             d, job = h.d, h.d.job
@@ -520,30 +528,30 @@ class Worker:
                 images = [[imgs.png_b64(x) for x in row] for row in arr]
             else:
                 images = [imgs.png_b64(x) for x in arr]
-            result = JobResult(
-                job_id=d.job_id,
-                kind=job.kind,
-                model=d.model,
-                model_hash=str(self.infos[d.model]["hash"]),
-                sampler=job.sampler,
-                steps=job.steps,
-                times=job.times,
-                format=job.format,
-                seeds=seeds,
-                images=images,
-                array=array,
-                labels=job.labels,
-                t_star=job.t_star,
-                timings=Timings(
-                    queue_s=round(max(0.0, h.started - d.created), 6),
-                    compute_s=round(h.compute_s, 6),
-                    batch_images=round(h.batch_rows / h.ticket.steps),
-                ),
+            results.append(
+                JobResult(
+                    job_id=d.job_id,
+                    kind=job.kind,
+                    model=d.model,
+                    model_hash=self.infos[d.model].hash,
+                    sampler=job.sampler,
+                    steps=job.steps,
+                    times=job.times,
+                    spacing=job.spacing,
+                    ddim_eps=job.ddim_eps,
+                    format=job.format,
+                    seeds=seeds,
+                    images=images,
+                    array=array,
+                    labels=job.labels,
+                    t_star=job.t_star,
+                    timings=Timings(
+                        queue_s=round(max(0.0, h.started - d.created), 6),
+                        compute_s=round(h.compute_s, 6),
+                        batch_images=round(h.batch_rows / h.ticket.steps),
+                    ),
+                )
             )
-            drop = {"array" if array is None else "images"} | ({"t_star"} if d.kind == "sample" else set())
-            body = result.model_dump(mode="json", exclude=drop)
-            body["timings"].pop("total_s", None)  # the API adds it when it answers
-            results.append(body)
         return results
 
     # ---- background tasks ---------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: li
     Returns the sampler: ``sampler``, or when None the model's own (consistency for a CM, else ddim).
     """
     from models.checkpoint import read_header
-    from models.sampling_spec import default_sampler, samplers_for, steps_that_fit
+    from models.sampling_spec import check_sampler, default_sampler, steps_that_fit
     from models.schedules import Schedule
 
     header = read_header(model_path)
@@ -98,14 +98,9 @@ def check_purifier(model_path: str, sampler: str | None, steps: int, t_stars: li
         "model",
         "purification needs an unconditional model (labels are unknown)",
     )
-    allowed = samplers_for(header.kind)
     if sampler is None:
         sampler = default_sampler(header.kind)
-    check(
-        sampler in allowed,
-        "sampler",
-        f"{sampler!r} is not available for {header.kind} models; use one of {list(allowed)}",
-    )
+    check_sampler(sampler, header.kind, header.name)
     check(steps >= 1, "steps", "must be >= 1")
     T = Schedule(header.schedule).T
     for t in t_stars:

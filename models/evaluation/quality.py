@@ -22,7 +22,7 @@ from models.evaluation.classifier import DEFAULT_CLASSIFIER, feature_network_nam
 from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import report_header, save_plot
 from models.paths import output_dir
-from models.sampling_spec import samplers_for
+from models.sampling_spec import check_sampler
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,13 +183,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         "k, batch size >= 1; seed >= 0",
     )
     header = read_header(args.model)
-    allowed = samplers_for(header.kind)
     for s in samplers:
-        check(
-            s in allowed,
-            "sampler",
-            f"{s!r} is not available for {header.kind} models; use one of {list(allowed)}",
-        )
+        check_sampler(s, header.kind, header.name)
     check_classifier_fits(args.classifier, header.image_shape)
     return samplers, steps
 

@@ -61,6 +61,31 @@ def test_purify_reads_png_and_npy(ckpt: Path, tmp_path: Path) -> None:
     assert code == 0 and np.load(tmp_path / "p.npy").shape == (3, 1, 16, 16)
 
 
+def test_purify_takes_ddim_eps(ckpt: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = [
+        "purify",
+        "--model",
+        str(ckpt),
+        "--t-star",
+        "0.6",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--ddim-eps",
+        "model",
+    ]
+    code = main(
+        [*argv, "--out", str(tmp_path / "p.png"), "--npy", str(tmp_path / "p.npy"), str(tmp_path / "x.npy")]
+    )
+    ref = Pipeline.from_checkpoint(ckpt).purify(
+        torch.from_numpy(x), [5, 6], t_star=0.6, steps=4, ddim_eps="model"
+    )
+    assert code == 0 and torch.equal(torch.from_numpy(np.load(tmp_path / "p.npy")), ref)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -121,7 +146,12 @@ def test_times_choose_the_consistency_grid(
             ["--sampler", "ddpm", "--eta", "0.5"],
             "--eta: only the ddim sampler uses eta; ddpm would ignore it",
         ),
-        (["--sampler", "consistency"], "--sampler: 'consistency' is not available for diffusion models"),
+        (["--sampler", "consistency"], "--sampler: 'consistency' needs a consistency model"),
+        (
+            ["--sampler", "ddpm", "--ddim-eps", "model"],
+            "--ddim-eps: 'from-x0', or 'model' with the ddim sampler",
+        ),
+        (["--spacing", "trailing", "--times", "0.5"], "--spacing: give either times or a spacing, not both"),
     ],
 )
 def test_bad_grids_are_one_line_before_any_progress_bar(

@@ -78,3 +78,41 @@ def test_check_eta_and_t_star() -> None:
 def test_the_spec_imports_no_torch() -> None:
     code = "import sys, models.sampling_spec; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_diffusers_timesteps_are_diffusers_set_timesteps() -> None:
+    """The indices diffusers' DDIMScheduler.set_timesteps(10) gives at T = 1000 (steps_offset 0)."""
+    assert spec.diffusers_timesteps(1000, 10, "leading") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert spec.diffusers_timesteps(1000, 10, "trailing") == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert spec.diffusers_timesteps(1000, 10, "linspace") == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    with pytest.raises(UserError, match="steps: at most 1000 steps fit in T = 1000"):
+        spec.diffusers_timesteps(1000, 1001, "trailing")
+    # np.arange(50, 0, -50 / 29) has 30 points in float arithmetic: diffusers has no such grid either
+    with pytest.raises(
+        UserError, match="steps: diffusers' 'trailing' spacing gives no 29-step grid for T = 50"
+    ):
+        spec.diffusers_timesteps(50, 29, "trailing")
+
+
+def test_check_spacing_and_ddim_eps() -> None:
+    spec.check_spacing(None, "consistency", times=True, purify=True)
+    spec.check_spacing("trailing", "ddpm")
+    for spacing, sampler, kw, reason in [
+        ("cosine", "ddim", {}, "unknown spacing 'cosine'; known: leading, trailing, linspace"),
+        ("leading", "consistency", {}, "diffusers' spacings are for diffusion samplers, not consistency"),
+        ("leading", "ddim", {"times": True}, "give either times or a spacing, not both"),
+        (
+            "leading",
+            "ddim",
+            {"purify": True},
+            "'leading' is diffusers' grid for sampling from noise, not for",
+        ),
+    ]:
+        with pytest.raises(UserError) as err:
+            spec.check_spacing(spacing, sampler, **kw)
+        assert err.value.field == "spacing" and err.value.reason.startswith(reason)
+    spec.check_ddim_eps("model", "ddim")
+    spec.check_ddim_eps("from-x0", "consistency")
+    for eps, sampler in [("model", "ddpm"), ("model", "consistency"), ("x0", "ddim")]:
+        with pytest.raises(UserError, match="ddim_eps: 'from-x0', or 'model' with the ddim sampler"):
+            spec.check_ddim_eps(eps, sampler)

@@ -246,7 +246,7 @@ def test_long_dead_workers_are_forgotten(client: TestClient, redis_server: Any) 
 
     import redis
 
-    from service.api import DEAD_WORKER_RETENTION_S
+    from service.fleet import DEAD_WORKER_RETENTION_S
 
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     beat = {"ts": time.time() - DEAD_WORKER_RETENTION_S - 5, "models": ["tiny"], "pid": 1}

@@ -38,7 +38,7 @@ def _robust(model: Path, classifier: Path, out: Path, *extra: str) -> list[str]:
         (("--threat", "l1"), "threat: unknown threat 'l1'"),
         (("--eot", "0"), "eot: must be >= 1"),
         (("--steps", "200"), "steps: at most 100 steps fit below t*=0.1"),
-        (("--sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
+        (("--sampler", "consistency"), "sampler: 'consistency' needs a consistency model"),
         (("--no-wait",), "no-wait: only for --attack-only helpers"),
         (("--claim-timeout", "0"), "claim-timeout: must be > 0 seconds"),
         (("--restarts", "0"), "restarts: must be >= 1"),

@@ -204,7 +204,7 @@ def test_adversarial_training_end_to_end(
     [
         (("--purify-fraction", "0"), "purify-fraction: must be in (0, 1]"),
         (("--purify-steps", "500"), "steps: at most 400 steps fit below t*=0.4"),
-        (("--purify-sampler", "consistency"), "sampler: 'consistency' is not available for diffusion models"),
+        (("--purify-sampler", "consistency"), "sampler: 'consistency' needs a consistency model"),
         (("--train-n", "-1"), "train-n: must be >= 0"),
         (("--widths", "8,x"), "widths: expected a comma-separated list of int"),
         (("--adversarial-eps", "-0.1"), "adversarial-eps: must be >= 0"),
