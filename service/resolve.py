@@ -15,7 +15,7 @@ from models import sampling_spec as spec
 from models.errors import UserError
 from service.errors import ApiError
 from service.jobs import Job
-from service.schemas import MAX_SEED, STRENGTHS, ModelEntry, PurifyRequest, SampleRequest
+from service.schemas import MAX_SEED, ModelEntry, PurifyRequest, SampleRequest
 
 Labels = list[int | str] | int | str | None
 
@@ -150,9 +150,9 @@ def check_purify(req: PurifyRequest, files: int, max_images: int) -> None:
         raise ApiError(422, "images", f"{len(req.images)} is over the maximum of {max_images}")
 
 
-def t_star(req: PurifyRequest) -> float:
-    """t_star, or the named strength's (default medium)."""
-    return req.t_star if req.t_star is not None else STRENGTHS[req.strength or "medium"]
+def t_star(req: PurifyRequest, model: ModelEntry) -> float:
+    """t_star, or the t* the model's worker registered for the named strength (default medium)."""
+    return req.t_star if req.t_star is not None else model.strengths[req.strength or spec.DEFAULT_STRENGTH]
 
 
 def purify_job(
@@ -175,7 +175,7 @@ def purify_job(
             f"{inputs} images x {req.draws} draws = {outputs} outputs, over the maximum of {max_images}",
         )
     out_seeds = seeds(req.seeds, outputs, random_base)
-    t = t_star(req)
+    t = t_star(req, model)
     t_min = 1 / model.timesteps
     if t < t_min:
         raise ApiError(422, "t_star", f"must be at least {t_min} (one step of the model's schedule)")
