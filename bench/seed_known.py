@@ -21,6 +21,8 @@ the exposure bias per sampling step (variance ratio, eps-norm gap).
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import math
 import os
@@ -39,6 +41,9 @@ from seed_b_mixture import Mixture
 from models.bench_cli import BenchParser, positive_int
 from models.denoisers import EpsDenoiser
 from models.evaluation.seeds import exposure_bias, mean_ci, paired
+from models.generate import sampler_grid
+from models.schedules import Schedule
+from models.train.methods import B_MIN
 
 ARMS_A: dict[str, tuple[str, dict[str, Any]]] = {
     "standard": ("standard", {}),
@@ -101,17 +106,21 @@ class Subspace:
         return ((torch.randn(n, self.k, generator=g, dtype=torch.float64) * self.scales) @ self.u.T).float()
 
     def training(self, condition: str, n: int, seed: int) -> torch.Tensor:
+        """``clean``, ``outliers`` (10% of points replaced by N(0, 0.25^2 I_D)), ``noisy sigma S``
+        (90% of points + N(0, S^2 I_D)) or ``noisy sigma S + outliers`` (10% outliers, and 90% of the
+        rest noisy)."""
         g = torch.Generator().manual_seed(seed)
         x = self.clean(n, g)
-        if condition == "clean":
-            return x
-        if condition == "outliers":
+        bad = torch.zeros(n, dtype=torch.bool)
+        if condition == "outliers" or condition.endswith(" + outliers"):
             bad = torch.rand(n, generator=g) < 0.1
             x[bad] = 0.25 * torch.randn(int(bad.sum()), self.dim, generator=g)
-            return x
-        sigma = float(condition.removeprefix("noisy sigma "))
-        hit = torch.rand(n, generator=g) < 0.9
-        x[hit] += sigma * torch.randn(int(hit.sum()), self.dim, generator=g)
+        if condition.startswith("noisy sigma "):
+            sigma = float(condition.removeprefix("noisy sigma ").removesuffix(" + outliers"))
+            hit = (torch.rand(n, generator=g) < 0.9) & ~bad
+            x[hit] += sigma * torch.randn(int(hit.sum()), self.dim, generator=g)
+        elif condition not in ("clean", "outliers"):
+            raise ValueError(f"unknown condition {condition!r}")
         return x
 
     def metrics(self, x: torch.Tensor) -> dict[str, float]:
@@ -133,22 +142,40 @@ class Subspace:
 def subspace(args: Any) -> None:
     out = Path(args.out)
     space = Subspace(args.dim, args.k)
-    conditions = ["clean", *[f"noisy sigma {s:g}" for s in args.sigmas], "outliers"]
+    extra = " + outliers" if args.outliers_with_noise else ""
+    # The noisy sets first: they carry the paper's claim; the clean set only measures the cost.
+    conditions = [f"noisy sigma {s:g}{extra}" for s in args.sigmas]
+    conditions += ([] if args.outliers_with_noise else ["outliers"]) + ["clean"]
     report = header(args, "seed A: linearized subspace data, D x K") | {"results": {}}
     for cond in conditions:
         train_metrics = space.metrics(space.training(cond, args.n_train, 0))
         per_seed: dict[str, dict[str, list[float]]] = {}
-        for arm, (method, options) in ARMS_A.items():
+        arms = args.clean_arms if cond == "clean" else list(ARMS_A)
+        for arm in arms:
+            method, options = ARMS_A[arm]
             per_seed[arm] = {}
             for seed in range(args.seeds):
                 data = space.training(cond, args.n_train, seed)
+                sigma_data = float(data.pow(2).mean().sqrt()) if args.skip == "sigma-data" else None
                 tr = VectorTrainer(
-                    args.dim, method, options, args.updates, seed, lr=args.lr, hidden=args.hidden
+                    args.dim,
+                    method,
+                    options,
+                    args.updates,
+                    seed,
+                    lr=args.lr,
+                    hidden=args.hidden,
+                    sigma_data=sigma_data,
                 )
+                start = time.perf_counter()
                 tr.fit(data, args.batch)
                 m = space.metrics(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)))
                 for key, v in m.items():
                     per_seed[arm].setdefault(key, []).append(v)
+                log(
+                    f"  {cond} {arm} seed {seed}: off-subspace {m['off_subspace']:.4f}, in-subspace "
+                    f"variance ratio {m['in_subspace_variance_ratio']:.3f} ({time.perf_counter() - start:.0f} s)"
+                )
             log(f"{cond:16s} {arm:24s} off-subspace {mean_ci(per_seed[arm]['off_subspace'])['mean']:.4f}")
             report["results"][cond] = {
                 "training_set": train_metrics,
@@ -158,6 +185,97 @@ def subspace(args: Any) -> None:
             write(out, report)
     plot_subspace(report, out.with_suffix(".png"))
     log(f"wrote {out}.json/.png")
+
+
+def penalty_scale(
+    s: torch.Tensor, variant: str, lam: float, r_max: float, radius: str = "paper", rho: float = 2.0
+) -> torch.Tensor:
+    """c(t) = lambda E[w^2] per coordinate, for a linear eps-model (k x).
+
+    Boxes (EquivariantOptions' defaults): ``paper`` r = r_max s^rho + b, b ~ U[b_min, b_max];
+    ``pixel-floor`` r = max(r_floor / s, r_scale). random: w ~ U[-r, r], E w^2 = E r^2 / 3.
+    adversarial: for a linear model either attack objective's gradient in w has the sign of w, so the
+    one signed step of r from a random start always lands on the face: E w^2 = E r^2.
+    """
+    if radius == "paper":
+        b_min, b_max = B_MIN, 2 * B_MIN
+        m = r_max * s.pow(rho)
+        er2 = m * m + m * (b_min + b_max) + (b_max**3 - b_min**3) / (3 * (b_max - b_min))
+    else:
+        er2 = torch.maximum(2 * 8 / 255 / s, torch.full_like(s, 0.1)).pow(2)
+    return lam * er2 / (3.0 if variant == "random" else 1.0)
+
+
+def linear_gaussian_std_ratio(
+    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x.
+
+    The loss E(k x_t - eps)^2 + lambda E[w^2] (k s_t - 1)^2 (the equivariance residual of a linear
+    model is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)): the exact denoiser of
+    variance v / (1 + c). Returns the std of deterministic DDIM samples (``steps`` on the bench's grid)
+    with that k over the std with the standard k (c = 0): how much the regulariser can shrink the
+    noise the training set holds in that direction.
+    """
+    sch = Schedule()
+    ts = sampler_grid(sch, "ddim", steps=steps)
+
+    def final_std(with_penalty: bool) -> float:
+        var = torch.tensor(1.0, dtype=torch.float64)
+        for t, t_next in itertools.pairwise(ts):
+            ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
+            st = (1 - ab).sqrt()
+            c = (
+                penalty_scale(st, variant, lam, r_max)
+                if with_penalty
+                else torch.zeros((), dtype=torch.float64)
+            )
+            k = st * (1 + c) / (ab * v + st**2 * (1 + c))
+            var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
+        return float(var.sqrt())
+
+    return final_std(True) / final_std(False)
+
+
+def subspace_theory(args: Any) -> None:
+    """Off-subspace std of AT samples / standard's, exact for the linear-Gaussian model, over a grid of
+    (lambda, r_max): what the regulariser can do at best on this data, before any training noise."""
+    out = Path(args.out)
+    report = header(args, "seed A: linear-Gaussian bound for the subspace data's off-subspace noise") | {
+        "rows": []
+    }
+    for sigma in args.sigmas:
+        # off the subspace the training set holds 81% noisy points, 10% outliers N(0, 0.25^2), 9% clean
+        v = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
+        for variant in ("random", "adversarial"):
+            for lam in args.lambdas:
+                for r_max in args.r_maxes:
+                    ratio = linear_gaussian_std_ratio(v, variant, lam, r_max, args.steps)
+                    report["rows"].append(
+                        {
+                            "sigma": sigma,
+                            "variant": variant,
+                            "lambda": lam,
+                            "r_max": r_max,
+                            "std_ratio": ratio,
+                        }
+                    )
+                    log(
+                        f"sigma {sigma:g} {variant:11s} lambda {lam:g} r_max {r_max:g}: AT / standard {ratio:.4f}"
+                    )
+        # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
+        ratio = linear_gaussian_std_ratio(v, "adversarial", 0.3, 0.0, args.steps, radius="pixel-floor")
+        report["rows"].append(
+            {
+                "sigma": sigma,
+                "variant": "adversarial",
+                "radius": "pixel-floor",
+                "lambda": 0.3,
+                "std_ratio": ratio,
+            }
+        )
+        log(f"sigma {sigma:g} adversarial, pixel-floor radius, lambda 0.3: AT / standard {ratio:.4f}")
+    write(out, report)
 
 
 def plot_subspace(report: dict[str, Any], path: Path) -> None:
@@ -200,7 +318,8 @@ def plane(args: Any) -> None:
         per_seed[arm] = {"off_support": [], "mean_distance": []}
         for seed in range(args.seeds):
             data = training_set(args.n_train, args.outliers, seed, basis)
-            tr = VectorTrainer(3, method, options, args.updates, seed, lr=args.lr)
+            sigma_data = float(data.pow(2).mean().sqrt()) if args.skip == "sigma-data" else None
+            tr = VectorTrainer(3, method, options, args.updates, seed, lr=args.lr, sigma_data=sigma_data)
             tr.fit(data, args.batch)
             d = distance_to_plane(tr.sample(args.n_samples, args.steps, seed=10_000 * (seed + 1)), basis)
             per_seed[arm]["off_support"].append(float((d > args.tau).float().mean()))
@@ -326,7 +445,7 @@ def plot_mixture(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("subspace", "plane", "mixture"))
+    p.add_argument("experiment", choices=("subspace", "subspace-theory", "plane", "mixture"))
     p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--updates", type=positive_int, default=1500, help="subspace/plane: updates per model")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -338,6 +457,32 @@ def main() -> None:
     p.add_argument("--k", type=positive_int, default=16, help="subspace: K")
     p.add_argument("--hidden", type=positive_int, default=256, help="subspace: MLP width")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.2], help="subspace: noise levels")
+    p.add_argument(
+        "--outliers-with-noise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subspace: 10%% outliers inside each noisy set (default), or a separate outliers-only set",
+    )
+    p.add_argument(
+        "--clean-arms",
+        nargs="+",
+        choices=list(ARMS_A),
+        default=["standard", "equivariant adversarial"],
+        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them)",
+    )
+    p.add_argument(
+        "--skip",
+        choices=("sigma-data", "none"),
+        default="sigma-data",
+        help="subspace/plane: EDM preconditioning of the MLP with sigma_data = the training set's RMS (see _toy.MLP), "
+        "or none (the plane's runs before 2026-12-03 13:00)",
+    )
+    p.add_argument(
+        "--lambdas", type=float, nargs="+", default=[0.3, 1, 3, 10], help="subspace-theory: lambdas"
+    )
+    p.add_argument(
+        "--r-maxes", type=float, nargs="+", default=[0.5, 1.5, 3], help="subspace-theory: r_max values"
+    )
     p.add_argument("--outliers", type=float, default=0.1, help="plane: outlier share")
     p.add_argument("--tau", type=float, default=0.05, help="plane: off-support distance")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64], help="mixture: dimensions")
@@ -348,7 +493,13 @@ def main() -> None:
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"subspace": subspace, "plane": plane, "mixture": mixture}[args.experiment](args)
+    experiments = {
+        "subspace": subspace,
+        "subspace-theory": subspace_theory,
+        "plane": plane,
+        "mixture": mixture,
+    }
+    experiments[args.experiment](args)
 
 
 if __name__ == "__main__":

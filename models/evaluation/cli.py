@@ -1,4 +1,4 @@
-"""``robustdiff eval {quality,robust,corruption,compare,train-classifier}``: JSON + PNG, with progress bars.
+"""``robustdiff eval {quality,robust,corruption,compare,compare-quality,train-classifier}``: JSON + PNG, with progress bars.
 
 Argument checks run before any model is loaded or any image is generated, so a typo costs nothing.
 """
@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         "models.evaluation.compare",
         "two robust reports on the same images, paired: accuracy difference, its CI, McNemar p",
+    ),
+    "compare-quality": (
+        "models.evaluation.compare_quality",
+        "two arms of quality reports, one per training seed, paired: FD/KID means, paired difference, sign-flip p",
     ),
     "train-classifier": (
         "models.evaluation.train",

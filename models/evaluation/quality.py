@@ -1,4 +1,7 @@
-"""``eval quality``: Frechet distance, k-NN precision/recall and density/coverage of samples vs a test split.
+"""``eval quality``: Frechet distance, unbiased KID, k-NN precision/recall and density/coverage of samples vs a test split.
+
+FD and KID come with 95% bootstrap intervals over the generated samples (the real set fixed): the
+sampling noise of one model; ``eval compare-quality`` adds the spread between training seeds.
 
 Features come from the project's own classifier (penultimate layer); every reported number names it,
 because a Frechet distance is only comparable within one feature space.
@@ -21,6 +24,7 @@ from models.devices import device_option
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, feature_network_name, load_classifier
 from models.evaluation.cli import check, check_classifier_fits, parse_list
 from models.evaluation.common import report_header, save_plot
+from models.evaluation.seeds import bootstrap_ci, kid_bootstrap
 from models.paths import output_dir
 from models.sampling_spec import check_sampler
 
@@ -162,6 +166,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall and density/coverage"
     )
+    p.add_argument(
+        "--kid-real",
+        type=int,
+        default=2000,
+        help="KID's real set: a fixed random subset of this many test images (kernels are n x n)",
+    )
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap rounds for the FD and KID intervals")
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="feature network (safetensors)")
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the Debian dataset)")
     p.add_argument("--seed", type=int, default=0, help="first image seed")
@@ -177,6 +188,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     check(all(s >= 1 for s in steps), "steps", "every step count must be >= 1")
     check(args.n >= 2, "n", "needs at least 2 samples for a covariance")
     check(args.n > args.k, "n", f"must exceed k={args.k}")
+    check(args.kid_real >= 2, "kid-real", "needs at least 2 real images")
+    check(args.bootstrap >= 1, "bootstrap", "needs at least 1 round")
     check(
         args.k >= 1 and args.batch_size >= 1 and args.seed >= 0,
         "k/batch-size/seed",
@@ -199,6 +212,13 @@ def run(args: argparse.Namespace) -> int:
     features = feature_network_name(args.classifier, cls_header)
     test = load_fashion_mnist("test", args.data)
     real = extract_features(classifier, test.images)
+    real_stats = feature_stats(real)
+    kid_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(2))[: args.kid_real]
+    real_kid = real[kid_idx.numpy()]
+
+    def fd_vs_real(_: np.ndarray, fake: np.ndarray) -> float:
+        return frechet_distance(*real_stats, *feature_stats(fake))
+
     train = load_fashion_mnist("train", args.data)
     ref_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.n]
     ref_feats = extract_features(classifier, train.images[ref_idx])
@@ -230,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 feats = extract_features(classifier, images)
                 precision, recall = precision_recall(real_manifold.features, feats, args.k, real_manifold)
                 density, coverage = density_coverage(real_manifold.features, feats, args.k, real_manifold)
+                kid_value, kid_ci = kid_bootstrap(real_kid, feats, rounds=args.bootstrap)
                 grid = save_grid(images[:64], out / f"samples_{sampler}_{steps}.png", nrow=8)
                 results.append(
                     {
@@ -238,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
                         "nfe": steps,
                         "n": args.n,
                         "feature_network": features,
-                        "fd": fd_of_features(feats, real),
+                        "fd": fd_vs_real(real, feats),
+                        "fd_ci95": bootstrap_ci(real, feats, fd_vs_real, rounds=args.bootstrap),
+                        "kid": kid_value,
+                        "kid_ci95": kid_ci,
                         "precision": precision,
                         "recall": recall,
                         "density": density,
@@ -266,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
             "coverage": ref_c,
         },
         "real_set": f"{test.name} test split: all {len(test)} images for FD, a fixed random {len(pr_idx)} for the k-NN metrics",
+        "kid": f"unbiased, cubic kernel, against a fixed random {len(kid_idx)} test images",
+        "intervals": f"FD and KID: 95% percentile bootstrap over the generated samples, {args.bootstrap} rounds",
         "k": args.k,
         "results": results,
     }

@@ -187,6 +187,10 @@ def test_eval_quality_and_corruption_end_to_end(
     assert all(r["feature_network"] == features for r in report["results"])
     assert f"FD in the feature space of {features}" in capsys.readouterr().out
     assert all(r["fd"] >= 0 for r in report["results"]) and (q / "fd_vs_nfe.png").is_file()
+    for row in report["results"]:  # the bootstrap resamples the 8 samples: its interval holds FD
+        assert row["fd_ci95"][0] <= row["fd_ci95"][1] and isinstance(row["kid"], float)
+        assert row["kid_ci95"][0] <= row["kid_ci95"][1]
+    assert "unbiased" in report["kid"] and "bootstrap" in report["intervals"]
     for row in [*report["results"], report["reference"]]:
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["coverage"] <= 1
         assert row["density"] >= 0

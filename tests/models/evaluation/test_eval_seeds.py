@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid, mean_ci, paired, sign_flip_p
+from models.evaluation.seeds import (
+    bootstrap_ci,
+    exposure_bias,
+    kid,
+    kid_bootstrap,
+    mean_ci,
+    paired,
+    sign_flip_p,
+)
 from models.testing import gaussian_denoiser
 
 
@@ -32,6 +40,19 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two() -
     assert shifted > 0.5
     lo, hi = bootstrap_ci(a, b + 0.5, kid, rounds=20)
     assert lo < shifted < hi
+
+
+def test_kid_bootstrap_reweights_the_kernels_exactly_as_resampling_would() -> None:
+    g = np.random.default_rng(1)
+    real, fake = g.normal(size=(50, 6)), g.normal(size=(40, 6)) + 0.3
+    point, ci = kid_bootstrap(real, fake, rounds=25, seed=7)
+    assert point == pytest.approx(kid(real, fake), rel=1e-12)
+    assert ci == pytest.approx(bootstrap_ci(real, fake, kid, rounds=25, seed=7), rel=1e-9)
+    same = g.normal(size=(300, 6))
+    value, _ = kid_bootstrap(same, same.copy(), rounds=0)
+    # Identical sets: the unbiased estimate drops the real-real and fake-fake diagonals but keeps the
+    # cross term's, so it sits just below 0: -2 (mean diagonal - mean off-diagonal) / n ~ -14 / n.
+    assert -20 / 300 < value < 0
 
 
 def test_exposure_bias_of_the_exact_gaussian_denoiser_is_small() -> None:
