@@ -166,7 +166,7 @@ def purify_job(
 ) -> Job:
     """The purify job for ``inputs`` decoded images (``images``: their base64 .npy), with ``how``
     from ``sampling``. Without steps or times the model's default step count is lowered to what
-    fits below t* (one per step of the model's schedule)."""
+    fits below t* for the samplers that take one step per step of the model's schedule (ddpm, ddim)."""
     outputs = inputs * req.draws
     if outputs > max_images:
         raise ApiError(
@@ -180,8 +180,9 @@ def purify_job(
     if t < t_min:
         raise ApiError(422, "t_star", f"must be at least {t_min} (one step of the model's schedule)")
     steps = how.steps
-    if req.steps is None and req.times is None:  # the default must fit below a shallow t*
-        steps = min(steps, round(t * model.timesteps))
+    fit = spec.steps_that_fit(how.sampler, t, model.timesteps)
+    if req.steps is None and req.times is None and fit is not None:  # the default must fit below t*
+        steps = min(steps, fit)
     if req.times and req.times[0] >= t:
         raise ApiError(422, "times", f"must all be below t_star={t}, where purification starts")
     return Job(

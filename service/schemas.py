@@ -10,7 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from models.sampling_spec import STRENGTHS, DdimEps, DiffusersSpacing, StrengthName
+from models.sampling_spec import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    STRENGTHS,
+    DdimEps,
+    DiffusersSpacing,
+    StrengthName,
+)
 from service.jobs import JobResult
 
 MAX_SEED = 2**63 - 1
@@ -27,7 +34,8 @@ class _JobRequest(BaseModel):
     )
     sampler: str | None = Field(
         None,
-        description="ddpm | ddim | dpm-solver++ (diffusion models) or consistency; default: the model's.",
+        description=f"{' | '.join(DIFFUSION_SAMPLERS)} (diffusion models) or {' | '.join(CONSISTENCY_SAMPLERS)}; "
+        "default: the model's.",
     )
     steps: int | None = Field(
         None, ge=1, description="Sampler steps (network evaluations); default: the model's."

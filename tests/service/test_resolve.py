@@ -175,6 +175,10 @@ def test_purify_job_t_star_and_its_step_default() -> None:
     assert shallow.t_star == 0.05
     tiny = resolve.purify_job(purify_req(t_star=0.004), entry(), how, 1, "npy", 8, 0)
     assert tiny.steps == 4  # the default lowered to what fits below t*
+    dpm = resolve.sampling(purify_req(sampler="dpm-solver++"), entry(), 20)
+    assert (
+        resolve.purify_job(purify_req(t_star=0.004), entry(), dpm, 1, "npy", 8, 0).steps == 10
+    )  # log-SNR grid
     asked = resolve.sampling(purify_req(steps=9), entry(), 20)
     assert resolve.purify_job(purify_req(steps=9, t_star=0.004), entry(), asked, 1, "npy", 8, 0).steps == 9
 
