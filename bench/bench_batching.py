@@ -1,15 +1,18 @@
-"""Step-level batching vs the previous batching, interleaved in one run on the same machine.
+"""Step policies of the step-level batching (and optionally the previous batching), interleaved in
+one run on the same machine.
 
+    python bench/bench_batching.py --policies fifo,srpt --out batching.json
     git archive 0fe9eac | tar -x -C /tmp/robustdiff-before       # the tree before step-level batching
-    python bench/bench_batching.py --old-src /tmp/robustdiff-before --out batching.json
+    python bench/bench_batching.py --old-src /tmp/robustdiff-before --policies fifo --out batching.json
 
-Starts `robustdiff serve` (private Redis, API, one worker with one torch thread) from this tree
-("new") and from ``--old-src`` ("old") with the same checkpoint, then runs each workload on each
-side in turn, alternating which goes first, ``--rounds`` times:
+Starts `robustdiff serve` (private Redis, API, one worker with one torch thread) from this tree once
+per ``--policies`` entry (``ROBUSTDIFF_SCHEDULER_POLICY``; the side is named for it) and, with
+``--old-src``, from that tree ("old"), all with the same checkpoint, then runs each workload on each
+side in turn, rotating which goes first, ``--rounds`` times; ratios are against the first side:
 
 - A (head-of-line): a ``--long-images``-image DDPM-``--long-steps`` job every ``--long-every-s``
   seconds plus Poisson arrivals of 1-image DDIM-``--short-steps`` requests at half the engine's
-  capacity for them (0.5 / the new side's solo latency of one such request). Reports the short
+  capacity for them (0.5 / the first policy side's solo latency of one such request). Reports the short
   requests' p50 / p99 latency divided by their solo latency (target: p99 <= 3x).
 - B (saturation, mixed): ``--clients`` clients each sending ``--b-requests`` / clients requests of
   random steps (5/10/20/50), sampler (ddpm, ddim, dpm-solver++) and 1-4 images. images/s.
@@ -50,9 +53,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def start_serve(src: Path, checkpoint: Path, port: int, log: Path, max_batch: int) -> subprocess.Popen[bytes]:
+def start_serve(
+    src: Path, checkpoint: Path, port: int, log: Path, max_batch: int, policy: str | None
+) -> subprocess.Popen[bytes]:
     """`robustdiff serve` from the source tree ``src``, one torch thread in its worker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTDIFF_")}
+    if policy is not None:
+        env["ROBUSTDIFF_SCHEDULER_POLICY"] = policy
     env.update(
         PYTHONPATH=str(src),
         OMP_NUM_THREADS="1",
@@ -186,7 +193,8 @@ def mixed_bodies(n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
 
 def main() -> int:
     parser = BenchParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old-src", type=Path, required=True, help="source tree of the previous batching")
+    parser.add_argument("--policies", default="fifo,srpt", help="ROBUSTDIFF_SCHEDULER_POLICY of each side")
+    parser.add_argument("--old-src", type=Path, help="also serve this source tree (the previous batching)")
     parser.add_argument("--checkpoint", type=Path, help="served checkpoint (default: a random tiny one)")
     parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--max-batch", type=positive_int, default=64, help="ROBUSTDIFF_MAX_BATCH_IMAGES")
@@ -201,8 +209,14 @@ def main() -> int:
     parser.add_argument("--solo-requests", type=positive_int, default=5)
     parser.add_argument("--only", default="ABC", help="workloads to run, e.g. AB")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--summarise", type=Path, help="only recompute the summary of this results JSON")
     args = parser.parse_args()
-    if not (args.old_src / "service" / "worker.py").is_file():
+    if args.summarise is not None:
+        return resummarise(args.summarise)
+    policies = [p for p in args.policies.split(",") if p]
+    if not policies or not set(policies) <= {"auto", "fifo", "srpt"} or len(set(policies)) < len(policies):
+        parser.error(f"--policies {args.policies}: distinct names out of auto, fifo, srpt")
+    if args.old_src is not None and not (args.old_src / "service" / "worker.py").is_file():
         parser.error(f"--old-src {args.old_src}: not a robustdiff source tree")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out}: is a folder")
@@ -221,23 +235,27 @@ def main() -> int:
             from models.testing import tiny_checkpoint
 
             checkpoint = tiny_checkpoint(Path(tmp) / "tiny.safetensors", name="bench")
-        sides = {"old": args.old_src.resolve(), "new": ROOT}
+        sides: dict[str, tuple[Path, str | None]] = {p: (ROOT, p) for p in policies}
+        if args.old_src is not None:
+            sides = {"old": (args.old_src.resolve(), None), **sides}
         procs, urls = {}, {}
         try:
-            for side, src in sides.items():
+            for side, (src, policy) in sides.items():
                 port = free_port()
-                procs[side] = start_serve(src, checkpoint, port, Path(tmp) / f"{side}.log", args.max_batch)
+                log = Path(tmp) / f"{side}.log"
+                procs[side] = start_serve(src, checkpoint, port, log, args.max_batch, policy)
                 urls[side] = f"http://127.0.0.1:{port}"
             short = {"sampler": "ddim", "steps": args.short_steps, "num_images": 1}
             solos = {side: asyncio.run(solo(urls[side], short, args.solo_requests)) for side in sides}
-            rate = 0.5 / solos["new"]
+            rate = 0.5 / solos[policies[0]]
             results.update(solo_short_s=solos, short_rate_per_s=rate)
             print(
                 f"solo 1-image DDIM-{args.short_steps}: "
                 + ", ".join(f"{s} {v * 1e3:.0f} ms" for s, v in solos.items())
             )
             for r in range(args.rounds):
-                order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
+                names = list(sides)
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for workload in args.only:
                     for side in order:
                         load = os.getloadavg()
@@ -271,7 +289,7 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     results["load_after"] = os.getloadavg()
-    results["summary"] = summarise(results["runs"])
+    results["summary"] = summarise(results["runs"], list(sides), results.get("solo_short_s", {}))
     print(json.dumps(results["summary"], indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,12 +297,17 @@ def main() -> int:
     return 0
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over rounds per (workload, side), and new / old ratios."""
+def summarise(runs: list[dict[str, Any]], sides: list[str], solos: dict[str, float]) -> dict[str, Any]:
+    """Medians over rounds per (workload, side), and each side's images/s over the first side's.
+
+    A request alone runs the same way under every step policy, so workload A's latencies are also
+    divided by one common solo latency (the median of the sides' solo measurements): on a busy
+    machine two solo measurements of the same path differ by tens of percent."""
     out: dict[str, Any] = {}
+    common = statistics.median(solos.values()) if solos else None
     for workload in sorted({r["workload"] for r in runs}):
         per: dict[str, Any] = {}
-        for side in ("old", "new"):
+        for side in sides:
             mine = [r for r in runs if r["workload"] == workload and r["side"] == side]
             classes = sorted({c for r in mine for c in r["classes"]})
             per[side] = {
@@ -299,9 +322,31 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     for c in classes
                 },
             }
-        per["new_over_old_images_per_s"] = per["new"]["images_per_s"] / per["old"]["images_per_s"]
+        if workload == "A" and common is not None:
+            per["common_solo_s"] = common
+            for side in sides:
+                for c in per[side]["classes"].values():
+                    c["p50_over_common_solo"] = c["p50_s"] / common
+                    c["p99_over_common_solo"] = c["p99_s"] / common
+        for side in sides[1:]:
+            per[f"{side}_over_{sides[0]}_images_per_s"] = (
+                per[side]["images_per_s"] / per[sides[0]]["images_per_s"]
+            )
         out[workload] = per
     return out
+
+
+def resummarise(path: Path) -> int:
+    """Rewrite the summary of a results file (e.g. after the summary gained a column)."""
+    results = json.loads(path.read_text())
+    sides = list(dict.fromkeys(r["side"] for r in results["runs"]))
+    if "old" in sides:
+        sides.remove("old")
+        sides.insert(0, "old")
+    results["summary"] = summarise(results["runs"], sides, results.get("solo_short_s", {}))
+    path.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["summary"], indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ For the full-width public layouts (google/ddpm-cifar10-32, the 256x256 DDPM layo
 ddpm-celebahq-256 / ddpm-ema-church-256, openai/diffusers-cd_imagenet64), built from their
 diffusers configs through ``models.diffusers_import`` with random weights (the cost does not depend
 on the values), this times batch-1 and batch-4 network evaluations, interleaved across layouts,
+on the plain network (``--path plain``) or as a CPU worker runs it (``--path served``: pinned
+batch-invariant kernels, ROBUSTDIFF_CPU_MICRO_BATCH_PIXELS' rows per call, through ``Pipeline.forward``),
 median of ``--repeats``, and reads the process's peak resident memory after each layout. A served
 request costs about images x NFE x (seconds per image per evaluation): the figure the worker also
 measures at warm-up (ModelInfo.eval_s) and the API uses to answer 202 instead of timing out.
 
     OMP_NUM_THREADS=1 python bench/bench_imported.py --device cpu --out bench/results/imported/cpu.json
+    OMP_NUM_THREADS=1 python bench/bench_imported.py --path served --out bench/results/imported/cpu_served.json
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.checkpoint import CheckpointHeader, TrainingInfo  # noqa: E402
 from models.diffusers_import import unet_config_from_diffusers  # noqa: E402
+from models.pipeline import Pipeline  # noqa: E402
+from models.schedules import ScheduleConfig  # noqa: E402
 from models.testing import DDPM_CIFAR10_32  # noqa: E402
 from models.unet import UNet, count_parameters  # noqa: E402
 
@@ -58,21 +65,36 @@ LAYOUTS: dict[str, dict[str, object]] = {
 }
 
 
+def served_forward(net: UNet, device: torch.device) -> Any:
+    """The network as a worker calls it: ``Pipeline.forward`` with the service's default CPU options."""
+    header = CheckpointHeader(
+        name="bench",
+        model=net.cfg,
+        schedule=ScheduleConfig(),
+        training=TrainingInfo(method="random-init", dataset="none"),
+        class_names=[str(i) for i in range(net.cfg.num_classes)],
+    )
+    return Pipeline(net, header, device).forward
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--only", default=None, help="comma-separated layout names (default: all)")
+    parser.add_argument("--path", choices=["plain", "served"], default="plain")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
-    nets = {}
+    nets: dict[str, Any] = {}
+    calls: dict[str, Any] = {}
     chosen = LAYOUTS if args.only is None else {k: LAYOUTS[k] for k in args.only.split(",")}
     for name, config in chosen.items():
         nets[name] = UNet(unet_config_from_diffusers(config)).to(device).eval()
+        calls[name] = nets[name] if args.path == "plain" else served_forward(nets[name], device)
     times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in nets for b in batches}
     peak_mib: dict[str, float] = {}
     with torch.inference_mode():
@@ -84,7 +106,7 @@ def main() -> int:
                     t = torch.full((b,), 500.0, device=device)
                     y = torch.zeros(b, dtype=torch.long, device=device) if classes else None
                     start = time.perf_counter()
-                    net(x, t, y)
+                    calls[name](x, t, y)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     if rep:
@@ -108,6 +130,7 @@ def main() -> int:
         "benchmark": "bench_imported",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": args.device,
+        "path": args.path,
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "loadavg": os.getloadavg(),

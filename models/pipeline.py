@@ -55,6 +55,16 @@ CPU_DTYPES = ("float32", "bfloat16")
 # Rows per network call on the batch-invariant (CPU) path: where the served fmnist network's CPU time
 # per image stops falling on one thread (16 and 32 within 1%, 8 is 11% slower; docs/BENCHMARKS.md).
 DEFAULT_MICRO_BATCH = 16
+# Pixels per network call on that path: 16 rows up to 64x64, 4 at 128x128, 1 at 256x256. A call's
+# activations grow with rows x pixels, so this bounds a worker's memory whatever the running batch
+# holds (docs/IMPORTING.md has the measured peaks).
+DEFAULT_MICRO_BATCH_PIXELS = 16 * 64 * 64
+
+
+def rows_per_call(micro_batch: int, micro_batch_pixels: int, height: int, width: int) -> int:
+    """Rows of ``height`` x ``width`` images per CPU network call: ``micro_batch``, fewer when they
+    would exceed ``micro_batch_pixels`` pixels, never fewer than one."""
+    return max(1, min(micro_batch, micro_batch_pixels // (height * width)))
 
 
 def cpu_bf16_support() -> str | None:
@@ -71,13 +81,15 @@ def cpu_bf16_support() -> str | None:
 class CpuOptions:
     """How the CPU runs the network (the service's ROBUSTDIFF_CPU_* settings).
 
-    ``micro_batch`` rows per network call; ``pad`` fills the last micro-batch up to that shape;
+    ``micro_batch`` rows per network call, fewer for images so large that the call would exceed
+    ``micro_batch_pixels`` pixels (``rows_for``); ``pad`` fills the last micro-batch up to that shape;
     ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
     the micro-batch shape (and so pads: one shape, one compiled graph); ``channels_last`` stores
     activations NHWC.
     """
 
     micro_batch: int = DEFAULT_MICRO_BATCH
+    micro_batch_pixels: int = DEFAULT_MICRO_BATCH_PIXELS
     pad: bool = False
     dtype: str = "float32"
     compile: bool = False
@@ -87,9 +99,15 @@ class CpuOptions:
     def padded(self) -> bool:
         return self.pad or self.compile
 
+    def rows_for(self, height: int, width: int) -> int:
+        """Rows per network call for images of this size."""
+        return rows_per_call(self.micro_batch, self.micro_batch_pixels, height, width)
+
     def check(self) -> None:
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch: {self.micro_batch} must be >= 1")
+        if self.micro_batch_pixels < 1:
+            raise ValueError(f"micro_batch_pixels: {self.micro_batch_pixels} must be >= 1")
         if self.dtype not in CPU_DTYPES:
             raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
         if self.dtype == "bfloat16" and cpu_bf16_support() is None:
@@ -177,7 +195,7 @@ class Pipeline:
             from models.diffusers_import import import_diffusers
 
             imported = import_diffusers(path, name)
-            return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype)
+            return cls(imported.net.to(dev), imported.header, dev, name, batch_invariant, gpu_dtype, cpu)
         net, header = load_checkpoint(path, dev)
         return cls(net, header, dev, name, batch_invariant, gpu_dtype, cpu)
 
@@ -199,7 +217,7 @@ class Pipeline:
             return net
         if self.device.type == "cpu":
             set_batch_invariant(self.net)
-        size, pad = self.cpu.micro_batch, self.cpu.padded
+        size, pad = self.cpu.rows_for(*self.header.image_shape[1:]), self.cpu.padded
 
         def microbatched(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             """``net`` on consecutive slices of at most ``size`` rows; with ``pad`` the last slice is

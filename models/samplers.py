@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -254,13 +254,32 @@ class RunningBatch:
             self.x = self.x0 = None
         return out
 
-    def step(self) -> None:
-        """One network evaluation on every row at its own time, then each row's own update."""
-        groups = [g for g in self.groups if not g.done]
-        if len(groups) != len(self.groups):
+    def step(self, keys: Collection[Hashable] | None = None) -> None:
+        """One network evaluation on the rows of the groups ``keys`` (default: every group), each at
+        its own time, then each row's own update. The other groups' rows wait, untouched: a row's
+        result depends only on its own seed and step, so waiting never changes an image."""
+        if any(g.done for g in self.groups):
             raise RuntimeError("a finished group must be removed before the next step")
-        if not groups or self.x is None or self.x0 is None:
+        if not self.groups or self.x is None or self.x0 is None:
             return
+        groups, index = self.groups, None
+        if keys is not None:
+            wanted = set(keys)
+            unknown = wanted - {g.key for g in self.groups}
+            if unknown:
+                raise KeyError(f"not running: {sorted(map(str, unknown))}")
+            if len(wanted) < len(self.groups):  # gather the chosen rows, scatter their update back
+                groups, spans, start = [], [], 0
+                for g in self.groups:
+                    if g.key in wanted:
+                        groups.append(g)
+                        spans.append(torch.arange(start, start + g.rows))
+                    start += g.rows
+                if not groups:
+                    return
+                index = torch.cat(spans).to(self.x.device)
+        x = self.x if index is None else self.x.index_select(0, index)
+        x0 = self.x0 if index is None else self.x0.index_select(0, index)
         timesteps = torch.cat([g.plan.timesteps[g.step].expand(g.rows) for g in groups])
         coefs = torch.cat([g.plan.coefs[g.step].expand(g.rows, 6) for g in groups])
         labels = None
@@ -272,16 +291,16 @@ class RunningBatch:
         stream: int | torch.Tensor = next(iter(streams))
         if len(streams) > 1:
             stream = torch.cat([torch.full((g.rows,), NoiseSource.step_stream(g.step)) for g in groups])
-        out = self.denoiser.with_labels(labels).forward(self.x, timesteps)
-        prev = self.x0
+        out = self.denoiser.with_labels(labels).forward(x, timesteps)
+        prev = x0
         if any(g.plan.r_on_output for g in groups):  # these rows' r term reads the network output
             parts, start = [], 0
             for g in groups:
-                parts.append((out if g.plan.r_on_output else self.x0)[start : start + g.rows])
+                parts.append((out if g.plan.r_on_output else x0)[start : start + g.rows])
                 start += g.rows
             prev = torch.cat(parts)
-        self.x, self.x0 = sampler_update(
-            self.x,
+        x, x0 = sampler_update(
+            x,
             out,
             coefs,
             x0_prev=prev if uses_prev else None,
@@ -289,6 +308,10 @@ class RunningBatch:
             stream=stream,
             clip_x0=self.clip_x0,
         )
+        if index is None:
+            self.x, self.x0 = x, x0
+        else:
+            self.x, self.x0 = self.x.index_copy(0, index, x), self.x0.index_copy(0, index, x0)
         for g in groups:
             g.step += 1
 

@@ -96,6 +96,13 @@ def describe_security(app: FastAPI, api_keys: list[str]) -> None:
             "bearer": {"type": "http", "scheme": "bearer", "description": "ROBUSTDIFF_API_KEYS"}
         }
         security: list[dict[str, list[str]]] = [{"bearer": []}] if api_keys else [{}, {"bearer": []}]
+        # By reference: ErrorBody's own JSON schema names ErrorItem as "#/$defs/ErrorItem", which does
+        # not resolve inside an OpenAPI document (schemathesis skipped the 401 answers for it).
+        error_body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema["components"].setdefault("schemas", {})
+        for name, sub in error_body.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas.setdefault("ErrorBody", error_body)
         for path, item in schema["paths"].items():
             if path in PUBLIC_PATHS:
                 continue
@@ -105,7 +112,9 @@ def describe_security(app: FastAPI, api_keys: list[str]) -> None:
                     "401",
                     {
                         "description": "Missing or wrong bearer token",
-                        "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                        },
                     },
                 )
         app.openapi_schema = schema

@@ -72,8 +72,18 @@ class _JobRequest(BaseModel):
     )
 
 
+# A 28x28 grey gradient: the examples in /openapi.json run as they are (Swagger UI's "Try it out",
+# schemathesis' examples phase) on any served model, /purify resizing it to the model's shape.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAWElEQVR42u3SQQ7AIAhEUTvh3//KXWgjis4JutLkJcAQnhYQwHzmV8aQsZ"
+    "AxZAwZGz3P1nteLEcplqJUQ8ZCxr4oR6vry5VkbF/fOoGMrevbJxf/JfhLeAE7WA6pRvdufwAAAABJRU5ErkJggg=="
+)
+
+
 class SampleRequest(_JobRequest):
     """POST /sample."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"num_images": 2, "steps": 4, "seeds": 7}]})
 
     num_images: int = Field(1, ge=1, description="Images to generate (at most ROBUSTDIFF_MAX_IMAGES).")
     labels: list[Label] | Label | None = Field(
@@ -84,6 +94,12 @@ class SampleRequest(_JobRequest):
 
 class PurifyRequest(_JobRequest):
     """POST /purify as JSON (multipart/form-data takes the same fields, with images as `files`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"images": [EXAMPLE_PNG], "strength": "strong", "resize": True, "seeds": 7}]
+        }
+    )
 
     images: list[str] = Field(
         ..., min_length=1, description="Base64 PNG, JPEG or .npy (shape [C,H,W] or [N,C,H,W]) images."

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         description="Rows per network call on the CPU: a batch runs as micro-batches of this many "
         "images (kernels pinned so each image's bytes never depend on its batch).",
     )
+    cpu_micro_batch_pixels: int = Field(
+        16 * 64 * 64,
+        ge=1,
+        description="Most pixels per CPU network call: large images run fewer rows per call (16 up to "
+        "64x64, 4 at 128x128, 1 at 256x256), which bounds a worker's memory whatever its batch holds.",
+    )
     cpu_pad_micro_batch: bool = Field(
         False,
         description="Pad the last CPU micro-batch to CPU_MICRO_BATCH rows, so every call has one shape "
@@ -170,6 +176,24 @@ class Settings(BaseSettings):
         ge=0,
         description="How long an idle worker waits for more jobs to start its running batch with (a busy "
         "one admits new jobs at the next step).",
+    )
+    scheduler_policy: Literal["auto", "fifo", "srpt"] = Field(
+        "auto",
+        description="Which running jobs each network evaluation takes: fifo (every running row), srpt (the job "
+        "with the least work left, images x steps, and those within SCHEDULER_SRPT_FILL times it; the rest wait "
+        "a step, which never changes an image) or auto (srpt on the CPU, where a step costs about its rows; "
+        "fifo on a GPU, where a bigger batch is nearly free).",
+    )
+    scheduler_srpt_fill: float = Field(
+        4.0,
+        ge=1,
+        description="srpt: a job steps with the least-work one while its work left is within this factor.",
+    )
+    scheduler_max_defer_steps: int = Field(
+        8,
+        ge=0,
+        description="srpt: a job left out of this many evaluations in a row is taken at the next (the "
+        "starvation bound; 0 never defers).",
     )
     job_ttl_s: int = Field(3600, ge=1, description="Seconds a job's status and result are kept in Redis.")
     reclaim_idle_ms: int = Field(

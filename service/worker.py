@@ -6,8 +6,10 @@ the network once on all rows at their own times, applies each row's own sampler 
 the rows that reached t = 0: a job completes as soon as its last image does, so a short request
 never waits for a long one. Jobs of any sampler, steps, eta, t* and kind share the batch; each image
 keeps its own seed and noise stream, so batching never changes an image. A job reclaimed from a dead
-worker runs alone. The event loop owns all Redis traffic (reading, heartbeats, progress, results);
-each step runs in a thread so heartbeats and cancellation checks continue meanwhile.
+worker runs alone. Which running jobs' rows each evaluation takes is the scheduler's step policy
+(``ROBUSTDIFF_SCHEDULER_POLICY``: on the CPU, short jobs first, the others wait a step). The event
+loop owns all Redis traffic (reading, heartbeats, progress, results); each step runs in a thread so
+heartbeats and cancellation checks continue meanwhile.
 
 Fault-injection hooks, for the test suite only (never set them in production):
 ``ROBUSTDIFF_FAULT_CRASH_SEED=<int>`` hard-exits the process when a batch holds that seed (a job that
@@ -117,6 +119,7 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
                 gpu_dtype=settings.gpu_dtype,
                 cpu=CpuOptions(
                     micro_batch=settings.cpu_micro_batch,
+                    micro_batch_pixels=settings.cpu_micro_batch_pixels,
                     pad=settings.cpu_pad_micro_batch,
                     dtype=settings.cpu_dtype,
                     compile=settings.cpu_compile,
@@ -148,6 +151,14 @@ def load_pipelines(settings: Settings) -> dict[str, Pipeline]:
             time.perf_counter() - started,
         )
     return out
+
+
+def scheduler_policy(settings: Settings, pipelines: dict[str, Pipeline]) -> str:
+    """SCHEDULER_POLICY, with auto resolved: srpt on the CPU (a step costs about the rows it holds),
+    fifo on a GPU (a bigger batch is nearly free there; srpt is not measured on a GPU yet)."""
+    if settings.scheduler_policy != "auto":
+        return settings.scheduler_policy
+    return "fifo" if any(p.device.type == "cuda" for p in pipelines.values()) else "srpt"
 
 
 def model_entry(pipe: Pipeline) -> ModelEntry:
@@ -183,7 +194,13 @@ class Worker:
         )
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.cap = settings.max_batch_images
-        self.scheduler = Scheduler(self.cap)
+        self.policy = scheduler_policy(settings, pipelines)
+        self.scheduler = Scheduler(
+            self.cap,
+            policy=self.policy,
+            srpt_fill=settings.scheduler_srpt_fill,
+            max_defer_steps=settings.scheduler_max_defer_steps,
+        )
         self.held: dict[str, Held] = {}  # every job this worker holds, waiting or running
         self.batches: dict[str, RunningBatch] = {p: pipe.running_batch() for p, pipe in pipelines.items()}
         self.cancelled: set[str] = set()
@@ -210,7 +227,7 @@ class Worker:
             log.info("worker %s stopped before Redis at %s was reachable", self.id, self.settings.redis_url)
             await self.redis.aclose()
             return 0
-        log.info("worker %s serving %s", self.id, ", ".join(self.models))
+        log.info("worker %s serving %s (scheduler policy %s)", self.id, ", ".join(self.models), self.policy)
         tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
         reader = asyncio.create_task(self._reader_loop())
         try:
@@ -349,17 +366,19 @@ class Worker:
             await self._admit([self.held[t.job_id] for t in plan.admitted])
             if sum(t.rows for t in self.scheduler.waiting) < self.cap:
                 self._room.set()
-        models = [model for model, rows in self.scheduler.running.items() if rows]
+        # The jobs the step policy chose, less any that admission just refused or found final.
+        stepping = {
+            model: [job_id for job_id in jobs if job_id in self.held] for model, jobs in plan.running.items()
+        }
+        stepping = {model: jobs for model, jobs in stepping.items() if jobs}
+        models = list(stepping)
         if not models:
             return
-        samplers = {
-            model: {self.held[r.ticket.job_id].d.job.sampler for r in self.scheduler.running[model]}
-            for model in models
-        }
+        samplers = {model: {self.held[j].d.job.sampler for j in jobs} for model, jobs in stepping.items()}
         labels = {model: s.pop() if len(s) == 1 else "mixed" for model, s in samplers.items()}
         t0 = time.perf_counter()
         try:
-            sizes = await asyncio.to_thread(self._step, models, labels)
+            sizes = await asyncio.to_thread(self._step, stepping, labels)
         except Exception as err:  # a bug or a device error: fail what ran, keep serving
             log.exception("step failed")
             await self._fail_running(models, err)
@@ -368,8 +387,8 @@ class Worker:
         finished: list[tuple[Held, torch.Tensor]] = []
         for model in models:
             m.BATCH_SIZE.labels(model=model).observe(sizes[model])
-            for r in self.scheduler.running[model]:
-                h = self.held[r.ticket.job_id]
+            for job_id in stepping[model]:
+                h = self.held[job_id]
                 h.compute_s += elapsed
                 h.batch_rows += sizes[model]
             for t in self.scheduler.advance(model):
@@ -392,7 +411,11 @@ class Worker:
         if any(h.ticket.isolated for h in admitted) and self._completing:
             # It may be what killed a worker: store the results already computed before it runs.
             await asyncio.gather(*self._completing, return_exceptions=True)
-        statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        try:
+            statuses = await self.queue.start(self.id, [h.d for h in admitted])
+        except REDIS_ERRORS:  # not running yet (no rows in the batch): admit them again once Redis answers
+            self.scheduler.unadmit([h.ticket for h in admitted])
+            raise
         run = []
         for h, status in zip(admitted, statuses, strict=True):
             if status == "running":
@@ -436,12 +459,24 @@ class Worker:
             self.batches[model] = self.pipelines[model].running_batch()
 
     async def _complete(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
-        try:
-            await self._store(finished)
-        except REDIS_ERRORS as err:  # unacknowledged: the jobs are reclaimed and run again
-            log.warning("results not stored (%s); the jobs will be reclaimed", err)
-        except Exception:
-            log.exception("results not stored; the jobs will be reclaimed")
+        """Store computed results. A Redis outage is waited out for up to RECLAIM_IDLE_MS (storing late
+        beats running the jobs again); past that, or once the worker stops, the jobs are left
+        unacknowledged, to be reclaimed and run again. A second store is harmless: a job's final
+        status is written once."""
+        deadline = time.monotonic() + self.settings.reclaim_idle_ms / 1000
+        while True:
+            try:
+                await self._store(finished)
+                return
+            except REDIS_ERRORS as err:
+                if self.stopping or time.monotonic() > deadline:
+                    log.warning("results not stored (%s); the jobs will be reclaimed", err)
+                    return
+                log.warning("results not stored (%s); retrying", err)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("results not stored; the jobs will be reclaimed")
+                return
 
     async def _store(self, finished: list[tuple[Held, torch.Tensor]]) -> None:
         results = await asyncio.to_thread(self._encode, finished)
@@ -497,15 +532,16 @@ class Worker:
             self.batches[job.model].add(group, start)
         return refused
 
-    def _step(self, models: list[str], samplers: dict[str, str]) -> dict[str, int]:
-        """One network evaluation and update of every model's running batch; returns their sizes."""
+    def _step(self, stepping: dict[str, list[str]], samplers: dict[str, str]) -> dict[str, int]:
+        """One network evaluation and update of the chosen jobs' rows in every model's running batch
+        (the others wait a step); returns the rows evaluated per model."""
         sizes = {}
-        for model in models:
+        for model, jobs in stepping.items():
             batch = self.batches[model]
-            sizes[model] = batch.rows
+            sizes[model] = sum(self.held[j].ticket.rows for j in jobs)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                batch.step()
+                batch.step(jobs)
             m.STEP_DURATION.labels(model=model, sampler=samplers[model]).observe(time.perf_counter() - t0)
         if self._step_delay:
             time.sleep(self._step_delay)

@@ -115,3 +115,31 @@ def test_kernels_import_without_triton() -> None:
         "    raise AssertionError('impl=triton ran without triton')\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 1000, 2**40])
+def test_drawing_in_chunks_never_changes_a_value(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Chunks of part of a row, of whole rows, or everything at once: the same numbers."""
+    streams = torch.arange(len(SEEDS))
+    expected = rng.randn_rows(SEEDS, streams, 300)
+    monkeypatch.setattr(rng, "CHUNK_ELEMENTS", chunk)
+    assert torch.equal(rng.randn_rows(SEEDS, streams, 300), expected)
+    assert torch.equal(rng.randn_rows(SEEDS, 3, 300)[2], rng.randn_rows(SEEDS[2:3], 3, 300)[0])
+
+
+def test_a_draw_holds_at_most_one_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory rule: no Philox block is larger than CHUNK_ELEMENTS, however many rows are drawn,
+    so a 16-image 256x256 draw peaks like a small one."""
+    blocks: list[int] = []
+    real = rng._randn_block
+
+    def spy(seeds: torch.Tensor, streams: torch.Tensor, start: int, width: int) -> torch.Tensor:
+        blocks.append(seeds.shape[0] * width)
+        return real(seeds, streams, start, width)
+
+    monkeypatch.setattr(rng, "_randn_block", spy)
+    monkeypatch.setattr(rng, "CHUNK_ELEMENTS", 1000)
+    rng.randn_rows(SEEDS, 0, 3 * 16 * 16)  # 768 per row: one row per block
+    rng.randn_rows(SEEDS[:2], 0, 2500)  # longer than a chunk: parts of a row
+    rng.randn_rows(torch.arange(40), 0, 10)  # short rows: 100 rows per block
+    assert max(blocks) <= 1000 and len(blocks) == 6 + 2 * 3 + 1

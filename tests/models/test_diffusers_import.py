@@ -181,6 +181,7 @@ REFUSED = [
     ({"time_embedding_dim": 100}, "time_embedding_dim"),
     ({"block_out_channels": [32, 48, 64]}, "block_out_channels"),
     ({"some_future_field": 1}, "some_future_field"),
+    ({"_class_name": "UNet2DConditionModel"}, "_class_name"),
 ]
 
 
@@ -222,6 +223,19 @@ def test_refuses_non_model_folders(tmp_path: Path) -> None:
     folder = write_diffusers_folder(tmp_path / "q", diffusers_unet(SMALL_DDPM), DDPM_SCHEDULER)
     with pytest.raises(UserError, match="--schedule"):
         import_diffusers(folder, schedule="quadratic")
+
+
+def test_a_pipeline_with_other_components_is_refused(tmp_path: Path) -> None:
+    folder = write_diffusers_folder(tmp_path / "ldm", diffusers_unet(SMALL_DDPM), DDPM_SCHEDULER)
+    index = {
+        "_class_name": "LDMPipeline",
+        "unet": ["diffusers", "UNet2DModel"],
+        "vqvae": ["diffusers", "VQModel"],
+    }
+    (folder / "model_index.json").write_text(__import__("json").dumps(index))
+    with pytest.raises(UserError, match="unet \\+ scheduler") as err:
+        import_diffusers(folder)
+    assert err.value.field == "model_index.json"
 
 
 def test_import_diffusers_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

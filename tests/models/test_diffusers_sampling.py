@@ -5,6 +5,7 @@ against ConsistencyModelPipeline. Our noise (per-image seeds) is handed to diffu
 ``randn_tensor`` draws, so the two runs see identical numbers.
 """
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,3 +133,54 @@ def test_consistency_sampling_matches_consistency_pipeline(
     ours = pipe.sample(SEEDS, sampler="consistency", times=times, labels=labels)
     assert ((ours / 2 + 0.5).clamp(0, 1) - theirs).abs().max() < 1e-4
     assert theirs.std() > 0.05
+
+
+def _karras_sigma(k: int, t_steps: int, smin: float, smax: float, rho: float) -> float:
+    """docs/IMPORTING.md's sigma_k, the k-th smallest of the model's T Karras sigmas (k = 1..T)."""
+    lo, hi = smin ** (1 / rho), smax ** (1 / rho)
+    return (lo + (k - 1) / (t_steps - 1) * (hi - lo)) ** rho
+
+
+def _documented_sigma(t_star: float, t_steps: int, smin: float, smax: float, rho: float) -> float:
+    """t* = k/T starts at sigma_k; between grid points log(1 + sigma^2) is linear in t* (sigma_0 = 0)."""
+    k, frac = divmod(t_star * t_steps, 1.0)
+    lo = 0.0 if k == 0 else math.log1p(_karras_sigma(int(k), t_steps, smin, smax, rho) ** 2)
+    if frac == 0.0:
+        return math.sqrt(math.expm1(lo))
+    hi = math.log1p(_karras_sigma(int(k) + 1, t_steps, smin, smax, rho) ** 2)
+    return math.sqrt(math.expm1((1 - frac) * lo + frac * hi))
+
+
+@pytest.fixture(scope="module")
+def cm(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    model = diffusers_unet(CD_IMAGENET64_REDUCED, sharpen=1.0)
+    imported = import_diffusers(write_diffusers_folder(tmp_path_factory.mktemp("cm"), model, CD_SCHEDULER))
+    return Pipeline(imported.net, imported.header, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("t_star", [0.025, 0.1, 0.45, 0.5, 0.3125, 1.0])
+def test_purify_t_star_of_an_imported_consistency_model_is_the_documented_sigma(
+    monkeypatch: pytest.MonkeyPatch, cm: Pipeline, t_star: float
+) -> None:
+    """The first network call of a CM purification at t* sees c_in(sigma) (x0 + sigma eps) at time
+    input 250 ln(sigma), sigma the documented one; at t* = k/T that is diffusers' sigmas[T - k]."""
+    sched = {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "sigma_data": 0.5, **CD_SCHEDULER}
+    t_steps = int(sched["num_train_timesteps"])
+    sigma = _documented_sigma(t_star, t_steps, sched["sigma_min"], sched["sigma_max"], sched["rho"])
+    if (t_star * t_steps).is_integer():
+        theirs = diffusers.CMStochasticIterativeScheduler(**{k: v for k, v in sched.items() if k[0] != "_"})
+        assert sigma == pytest.approx(float(theirs.sigmas[t_steps - round(t_star * t_steps)]), rel=1e-6)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def first_call(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(cm, "_forward", first_call)
+    image = torch.linspace(-0.9, 0.9, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    cm.purify(image, [21], t_star=t_star, sampler="consistency", steps=1, labels=[5])
+    x, t = seen[0]
+    assert float(t[0]) == pytest.approx(250 * math.log(sigma), rel=1e-6, abs=1e-4)
+    eps = NoiseSource([21], (3, 64, 64)).initial()
+    expected = (image + sigma * eps) / math.sqrt(sigma**2 + sched["sigma_data"] ** 2)
+    assert torch.allclose(x, expected, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,7 @@ def _run_mixed(
     pipe: Pipeline,
     jobs: list[tuple[str, int, list[int], dict[str, Any]]],
     leave: Callable[[int], list[str]] = lambda step: [],
+    defer: Callable[[int, str], bool] = lambda step, key: False,
 ) -> dict[str, torch.Tensor]:
     batch = pipe.running_batch()
     finished: dict[str, torch.Tensor] = {}
@@ -66,8 +67,9 @@ def _run_mixed(
         for key in leave(step):
             batch.remove(key)
         sizes.add(batch.rows)
+        keys = [g.key for g in batch.groups if not defer(step, str(g.key))]
         with torch.inference_mode():
-            batch.step()
+            batch.step(keys)
         for group in [g for g in batch.groups if g.done]:
             finished[str(group.key)] = batch.remove(group.key).float().cpu()
         step += 1
@@ -83,6 +85,42 @@ def test_mixed_diffusion_rows_equal_each_request_alone(pipes: dict[str, Pipeline
     for key, _, seeds, request in jobs:
         if key != "cancelled":
             assert torch.equal(finished[key], _alone(pipe, seeds, request)), key
+
+
+def test_rows_deferred_at_some_steps_equal_each_request_alone(pipes: dict[str, Pipeline]) -> None:
+    """The step policy may leave a job's rows out of an evaluation: they wait, untouched, and the image
+    is still bitwise the request's alone (DPM-Solver++'s x0 history included)."""
+    pipe = pipes["diffusion"]
+    jobs = [(k, at, seeds, {**req, "labels": [s % 3 for s in seeds]}) for k, at, seeds, req in DIFFUSION_JOBS]
+    skipped: dict[str, int] = {}
+
+    def defer(step: int, key: str) -> bool:
+        out = (step + len(key)) % 3 == 0
+        skipped[key] = skipped.get(key, 0) + out
+        return out
+
+    finished = _run_mixed(pipe, jobs, leave=lambda step: ["cancelled"] if step == 3 else [], defer=defer)
+    assert all(skipped[key] >= 1 for key in finished)  # every job really waited at least once
+    for key, _, seeds, request in jobs:
+        if key != "cancelled":
+            assert torch.equal(finished[key], _alone(pipe, seeds, request)), key
+
+
+def test_a_deferred_group_keeps_its_rows_and_step(pipes: dict[str, Pipeline]) -> None:
+    pipe = pipes["diffusion"]
+    batch = pipe.running_batch()
+    for key, seeds in (("a", [1, 2]), ("b", [3]), ("c", [4, 5])):
+        group, x = pipe.request(key, seeds, sampler="dpm-solver++", steps=4, labels=[0] * len(seeds))
+        batch.add(group, x)
+    assert batch.x is not None
+    before = batch.x.clone()
+    with torch.inference_mode():
+        batch.step(["a", "c"])
+    assert [g.step for g in batch.groups] == [1, 0, 1]
+    assert torch.equal(batch.x[2:3], before[2:3])  # b's row waited
+    assert not torch.equal(batch.x[:2], before[:2]) and not torch.equal(batch.x[3:], before[3:])
+    with pytest.raises(KeyError, match="not running"):
+        batch.step(["nobody"])
 
 
 def test_mixed_consistency_rows_equal_each_request_alone(pipes: dict[str, Pipeline]) -> None:

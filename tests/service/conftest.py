@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -20,12 +21,13 @@ from typing import Any
 
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
 
 from models.testing import tiny_checkpoint
 from service.api import create_app
 from service.queue import HEARTBEATS_KEY
-from service.redis_server import RedisServer
+from service.redis_server import RedisServer, free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +126,28 @@ def api_client(redis_url: str, **overrides: Any) -> Iterator[TestClient]:
     """The API app in this process (lifespan included), talking to ``redis_url``."""
     with TestClient(create_app(api_settings(redis_url, **overrides))) as client:
         yield client
+
+
+@contextmanager
+def serve_api(redis_url: str, **overrides: Any) -> Iterator[str]:
+    """The API on a loopback port, served by uvicorn in a thread, for clients that need a real socket;
+    yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(api_settings(redis_url, **overrides)), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="session")

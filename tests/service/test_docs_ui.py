@@ -5,40 +5,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from service.api import create_app
-from service.redis_server import free_port
-from tests.service.conftest import api_settings
+from tests.service.conftest import serve_api
 
 
 @pytest.fixture
 def live_api(redis_server: Any) -> Iterator[str]:
-    """The API on a loopback port, served by uvicorn in a thread."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(api_settings(redis_server.url)), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
-        time.sleep(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    with serve_api(redis_server.url) as base:
+        yield base
 
 
 @pytest.mark.parametrize("page_path", ["/docs", "/redoc"])

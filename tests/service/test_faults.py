@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from service.queue import DEAD_STREAM, job_key
-from service.redis_server import free_port
-from service.worker import CRASH_EXIT_CODE, FAULT_CRASH_SEED_ENV, FAULT_STEP_DELAY_ENV
+from service.queue import DEAD_STREAM, REDIS_ERRORS, job_key
+from service.redis_server import RedisServer, free_port
+from service.settings import Settings
+from service.worker import CRASH_EXIT_CODE, FAULT_CRASH_SEED_ENV, FAULT_STEP_DELAY_ENV, Worker, load_pipelines
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_ENV = {"ROBUSTDIFF_WORKER_METRICS_PORT": "0", "ROBUSTDIFF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
@@ -235,3 +238,71 @@ def test_worker_stopped_while_redis_is_unreachable_exits_cleanly(
             proc.wait()
     text = log_path.read_text()
     assert "Traceback" not in text and "stopped before Redis" in text, text
+
+
+@pytest.mark.parametrize("call", ["start", "finish"])
+def test_redis_lost_at_a_workers_call_loses_and_reruns_nothing(
+    call: str, checkpoints: dict[str, Path], make_client: Any
+) -> None:
+    """Redis stops exactly during one call of the worker's and comes back with its data.
+
+    start (the mark 'running'): kill -9 of Redis under load once left jobs 'queued' for good; the
+    scheduler had admitted them, and they sat in the running batch without rows, held (so never
+    reclaimed) and never run. finish (storing a computed result): the result was dropped and the job
+    waited RECLAIM_IDLE_MS to be reclaimed and run again; now the worker stores it once Redis is back."""
+    server = RedisServer(persistent=True).start()
+    settings = Settings(
+        redis_url=server.url,
+        models=[str(checkpoints["tiny"])],
+        device="cpu",
+        max_wait_ms=200,
+        heartbeat_s=0.5,
+        reclaim_idle_ms=60_000,  # longer than the test: no job is done by being reclaimed
+    )
+    worker = Worker(settings, load_pipelines(settings))
+    real = getattr(worker.queue, call)
+    outages = 0
+
+    async def during_an_outage(*args: Any, **kwargs: Any) -> Any:
+        nonlocal outages
+        if outages == 0:
+            outages += 1
+            server.stop()
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                server.start()
+        return await real(*args, **kwargs)
+
+    setattr(worker.queue, call, during_an_outage)
+
+    async def run_until_final(c: Any) -> list[dict[str, str]]:
+        task = asyncio.create_task(worker.run())
+        while "tiny" not in await worker.queue.models():
+            await asyncio.sleep(0.05)
+        body = {"steps": 3, "async": True}
+        answers = [await asyncio.to_thread(c.post, "/sample", json={**body, "seeds": i}) for i in range(3)]
+        ids = [a.json()["id"] for a in answers]
+        deadline = time.monotonic() + 20
+        records: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            try:
+                records = [await worker.queue.get(j) or {} for j in ids]
+            except REDIS_ERRORS:
+                records = []
+            if records and all(r.get("status") == "done" for r in records):
+                break
+            await asyncio.sleep(0.1)
+        worker._on_signal()
+        await asyncio.wait_for(task, 30)
+        return records
+
+    try:
+        with make_client(server.url, default_model="tiny") as c:
+            records = asyncio.run(run_until_final(c))
+    finally:
+        server.close()
+    assert outages == 1
+    assert [(r.get("status"), r.get("finishes")) for r in records] == [("done", "1")] * 3
+    if call == "finish":
+        assert [r.get("attempts") for r in records] == ["1"] * 3  # stored, not run again

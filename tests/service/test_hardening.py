@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,6 +345,16 @@ def test_openapi_describes_the_service() -> None:
         assert op["security"] == [{"bearer": []}]
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert "security" not in paths["/healthz"]["get"]
+    refs = re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(spec))
+    assert refs and all(_resolve(spec, ref) for ref in refs)  # the 401s named "#/$defs/ErrorItem"
+    for path in ("/sample", "/purify"):  # schemathesis' examples phase and Swagger's "Try it out" use them
+        assert paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["examples"]
+
+
+def _resolve(doc: Any, pointer: str) -> Any:
+    for part in pointer.split("/"):
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    return doc
 
 
 def test_retry_after_is_spread_under_a_burst(private_redis: Any) -> None:

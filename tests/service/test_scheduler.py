@@ -187,3 +187,147 @@ def test_bad_tickets_are_refused() -> None:
         s.submit(ticket("x"))
     s.drop("x")
     assert s.idle()
+
+
+# ---- the step policy: which running jobs an evaluation takes ----------------------------------------
+
+
+def srpt(max_rows: int = 64, **kw: object) -> Scheduler:
+    return Scheduler(max_rows, policy="srpt", **kw)  # type: ignore[arg-type]
+
+
+def test_fifo_is_the_default_and_takes_every_running_job() -> None:
+    s = Scheduler(max_rows=8)
+    s.submit(ticket("long", rows=4, steps=250, at=0))
+    s.submit(ticket("short", rows=1, steps=5, at=1))
+    plan = s.plan()
+    assert plan.running == {"m": ["long", "short"]} and plan.deferred == {"m": []}
+
+
+def test_srpt_takes_the_least_work_left_and_defers_a_long_job() -> None:
+    s = srpt()
+    s.submit(ticket("long", rows=4, steps=25, at=0))
+    s.submit(ticket("short", rows=1, steps=5, at=1))
+    plan = s.plan()
+    assert plan.running == {"m": ["short"]} and plan.deferred == {"m": ["long"]}
+    assert [t.job_id for t in plan.admitted] == ["long", "short"]  # both hold their rows in the batch
+    assert s.rows("m") == 5
+    s.advance("m")
+    assert s.progress("long") == (0, 25) and s.progress("short") == (1, 5)  # only the evaluated moved
+
+
+def test_srpt_fill_takes_jobs_within_the_factor_of_the_least_work() -> None:
+    s = srpt(srpt_fill=4.0)
+    s.submit(ticket("w5", rows=1, steps=5, at=0))  # work 5
+    s.submit(ticket("w20", rows=2, steps=10, at=1))  # work 20 = 4 x 5: in
+    s.submit(ticket("w21", rows=3, steps=7, at=2))  # work 21: out
+    s.submit(ticket("w4", rows=4, steps=1, at=3))  # work 4: the least, so the bound is 16
+    assert s.plan().running == {"m": ["w5", "w4"]}
+    s.advance("m")  # w4 retires; w5 has 4 left: the bound is 16
+    assert s.plan().running == {"m": ["w5"]}
+
+
+def test_srpt_takes_equal_jobs_together() -> None:
+    """Uniform traffic keeps its full batch."""
+    s = srpt()
+    for i in range(8):
+        s.submit(ticket(f"j{i}", rows=4, steps=10, at=i))
+    assert s.plan().running == {"m": [f"j{i}" for i in range(8)]}
+
+
+def test_starvation_is_bounded_by_max_defer_steps() -> None:
+    """A stream of shorter jobs never keeps a long one out for more than max_defer_steps boundaries."""
+    s = srpt(max_defer_steps=3)
+    s.submit(ticket("long", rows=4, steps=6, at=0))
+    evaluated = ""
+    for i in range(100):
+        s.submit(ticket(f"short{i}", rows=1, steps=2, at=1 + i))  # always a job with less work waiting
+        evaluated += "x" if "long" in s.plan().running["m"] else "."
+        if "long" in [t.job_id for t in s.advance("m")]:
+            break
+    # Deferred 3 boundaries, then forced in; with one step left its work (4) is within 4x a short's.
+    assert evaluated == "...x...x...x...x...xx"
+
+
+def test_max_defer_steps_zero_never_defers() -> None:
+    s = srpt(max_defer_steps=0)
+    s.submit(ticket("long", rows=4, steps=25, at=0))
+    s.submit(ticket("short", rows=1, steps=5, at=1))
+    assert s.plan().running == {"m": ["long", "short"]}
+
+
+def test_the_cap_counts_deferred_rows() -> None:
+    """Deferred jobs keep their rows in the running batch: admission still stops at max_rows."""
+    s = srpt(max_rows=5)
+    s.submit(ticket("long", rows=4, steps=50, at=0))
+    s.submit(ticket("short", rows=1, steps=2, at=1))
+    s.submit(ticket("next", rows=1, steps=1, at=2))
+    plan = s.plan()
+    assert [t.job_id for t in plan.admitted] == ["long", "short"] and plan.running == {"m": ["short"]}
+    s.advance("m")
+    assert s.plan().admitted == []
+    assert [t.job_id for t in s.advance("m")] == ["short"]
+    plan = s.plan()
+    assert [t.job_id for t in plan.admitted] == ["next"] and plan.running == {"m": ["next"]}
+
+
+def test_a_deferred_job_cancelled_leaves_at_the_next_boundary() -> None:
+    s = srpt()
+    s.submit(ticket("long", rows=4, steps=50, at=0))
+    s.submit(ticket("short", rows=1, steps=5, at=1))
+    assert s.plan().deferred == {"m": ["long"]}
+    assert s.cancel("long") == "running"
+    s.advance("m")
+    plan = s.plan()
+    assert plan.evicted == ["long"] and plan.running == {"m": ["short"]} and plan.deferred == {"m": []}
+    assert s.rows("m") == 1
+
+
+def test_a_reclaimed_job_runs_alone_at_every_step_under_srpt() -> None:
+    s = srpt(max_defer_steps=1)
+    s.submit(ticket("reclaimed", rows=4, steps=3, at=0.0, isolated=True))
+    s.plan()
+    s.submit(ticket("short", rows=1, steps=1, at=1.0))
+    for _ in range(2):
+        assert s.plan().running == {"m": ["reclaimed"]}
+        s.advance("m")
+    assert [t.job_id for t in s.advance("m")] == ["reclaimed"]
+    assert s.plan().running == {"m": ["short"]}
+
+
+def test_each_model_gets_its_own_selection() -> None:
+    s = srpt()
+    s.submit(ticket("m-long", rows=4, steps=40, at=0, model="m"))
+    s.submit(ticket("m-short", rows=1, steps=4, at=1, model="m"))
+    s.submit(ticket("n-long", rows=4, steps=40, at=2, model="n"))
+    plan = s.plan()
+    assert plan.running == {"m": ["m-short"], "n": ["n-long"]}
+    s.advance("n")
+    assert s.progress("n-long") == (1, 40) and s.progress("m-short") == (0, 4)
+
+
+def test_bad_policy_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown scheduler policy 'lifo'; known: fifo, srpt"):
+        Scheduler(4, policy="lifo")
+    with pytest.raises(ValueError, match="srpt_fill must be >= 1"):
+        Scheduler(4, policy="srpt", srpt_fill=0.5)
+    with pytest.raises(ValueError, match="max_defer_steps must be >= 0"):
+        Scheduler(4, max_defer_steps=-1)
+
+
+def test_unadmitted_jobs_wait_again_in_their_order_and_run_from_step_zero() -> None:
+    """The worker's mark 'running' failed (Redis went away): the boundary's admissions are undone."""
+    s = Scheduler(max_rows=8)
+    s.submit(ticket("old", steps=2, at=1.0))
+    s.plan()
+    s.advance("m")  # old is one step in
+    s.submit(ticket("b", at=3.0))
+    s.submit(ticket("a", at=2.0))
+    admitted = s.plan().admitted
+    assert [t.job_id for t in admitted] == ["a", "b"]
+    s.unadmit(admitted)
+    assert [t.job_id for t in s.waiting] == ["a", "b"]
+    assert [r.ticket.job_id for r in s.running["m"]] == ["old"]
+    assert s.plan().admitted == admitted
+    assert [[t.job_id for t in s.advance("m")]] == [["old"]]
+    assert run_to_end(s) == [["a", "b"]]  # their two steps, counted from the re-admission
