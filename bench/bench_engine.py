@@ -238,9 +238,18 @@ def network_gflop(net: UNet, shape: tuple[int, ...]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: int = 128) -> float:
+def conv_ceiling(
+    net: UNet,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    batch: int = 128,
+    fmt: torch.memory_format = torch.contiguous_format,
+) -> float:
     """GFLOP/s of oneDNN on this network's own convolutions (each shape once, batch ``batch``, in
-    ``dtype``): what the convolutions, ~all of the network's FLOPs, could run at on this machine."""
+    ``dtype`` and layout ``fmt``): what the convolutions, ~all of the network's FLOPs, could run at
+    on this machine. On one thread it is timed in CPU time, so other processes' load does not lower
+    it (wall time on more threads)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     seen: list[tuple[torch.nn.Conv2d, tuple[int, ...]]] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape[1:]))))
@@ -254,8 +263,9 @@ def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: i
     flops = seconds = 0.0
     with torch.inference_mode():
         for conv, in_shape in seen:
-            x = torch.randn(batch, *in_shape, dtype=dtype)
-            w, b = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+            x = torch.randn(batch, *in_shape, dtype=dtype).contiguous(memory_format=fmt)
+            w = conv.weight.to(dtype).contiguous(memory_format=fmt)
+            b = None if conv.bias is None else conv.bias.to(dtype)
 
             def run(
                 x: torch.Tensor = x, w: torch.Tensor = w, b: torch.Tensor | None = b, c: object = conv
@@ -265,9 +275,9 @@ def conv_ceiling(net: UNet, shape: tuple[int, ...], dtype: torch.dtype, batch: i
             out = run()
             best = float("inf")
             for _ in range(3):  # the best of three: a ceiling, on a machine others may be using
-                t0 = time.perf_counter()
+                t0 = clock()
                 run()
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, clock() - t0)
             seconds += best
             flops += 2.0 * out.numel() * w[0].numel()
     return flops / seconds / 1e9
@@ -296,12 +306,82 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
     ref = to_diffusers(net) if not args.no_diffusers else None
     times: dict[tuple[str, int, int], list[float]] = {}
     ceilings: dict[tuple[str, int], list[float]] = {}
+    layout_ceilings: dict[str, list[float]] = {}
+    loads: list[float] = []  # the 1-minute load average after every timed case
+    # CPU seconds of each case: on one thread, images per CPU-second compare the cases whatever share
+    # of the core the machine's other work leaves this process (wall-clock images/s follow that share).
+    cpu_times: dict[tuple[str, int, int], list[float]] = {}
+
+    def summary() -> dict[str, object]:
+        """The medians so far (written after every round: a long run that is stopped keeps them)."""
+        rows: list[dict[str, object]] = []
+        for (label, threads, batch), ts in times.items():
+            sec = statistics.median(ts)
+            base = times.get(("diffusers eager fp32", threads, batch))
+            fp32_ceiling = statistics.median(ceilings[("fp32", threads)])
+            bf16 = ceilings.get(("bf16", threads))
+            rows.append(
+                {
+                    "case": label,
+                    "threads": threads,
+                    "batch": batch,
+                    "steps": args.steps,
+                    "images_per_s": batch / sec,
+                    "latency_ms": sec * 1e3,
+                    "rounds_s": ts,
+                    "rounds_cpu_s": cpu_times[(label, threads, batch)],
+                    "images_per_cpu_s": batch / statistics.median(cpu_times[(label, threads, batch)]),
+                    "vs_diffusers_eager_fp32_cpu": statistics.median(
+                        cpu_times[("diffusers eager fp32", threads, batch)]
+                    )
+                    / statistics.median(cpu_times[(label, threads, batch)])
+                    if ("diffusers eager fp32", threads, batch) in cpu_times
+                    else None,
+                    "vs_diffusers_eager_fp32": statistics.median(base) / sec if base else None,
+                    "gflop_per_s": gflop * args.steps * batch / sec,
+                    "pct_of_fp32_ceiling": gflop * args.steps * batch / sec / fp32_ceiling,
+                    # on one thread the ceiling is in CPU time too, so this one is like for like
+                    "pct_of_fp32_ceiling_cpu": gflop
+                    * args.steps
+                    * batch
+                    / statistics.median(cpu_times[(label, threads, batch)])
+                    / fp32_ceiling,
+                    "pct_of_bf16_ceiling": gflop * args.steps * batch / sec / statistics.median(bf16)
+                    if bf16
+                    else None,
+                }
+            )
+        return {
+            "gflop_per_image_per_eval": gflop,
+            "ceilings_gflop_per_s": {
+                f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
+            },
+            "ceilings_by_layout_gflop_per_s": {k: statistics.median(v) for k, v in layout_ceilings.items()},
+            "ceiling_images_per_s": {
+                f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
+                for (d, t), v in ceilings.items()
+            },
+            "startup_s": startup,
+            "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+            "cpu_bf16": cpu_bf16_support(),
+            "rows": rows,
+        }
+
     for rnd in range(args.rounds):
+        if rnd and args.out:  # the rounds so far, in case a long run is stopped
+            write_cpu(args, summary())
         for threads in args.threads:
             torch.set_num_threads(threads)
             for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 if dtype_name == "fp32" or cpu_bf16_support():
-                    ceilings.setdefault((dtype_name, threads), []).append(conv_ceiling(net, shape, dtype))
+                    # The ceiling is the better of the two layouts oneDNN takes (NHWC is faster here).
+                    by_layout = {
+                        name: conv_ceiling(net, shape, dtype, fmt=fmt)
+                        for name, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last))
+                    }
+                    for name, val in by_layout.items():
+                        layout_ceilings.setdefault(f"{dtype_name} {name} {threads} thread(s)", []).append(val)
+                    ceilings.setdefault((dtype_name, threads), []).append(max(by_layout.values()))
             for batch in args.batches:
                 seeds = list(range(batch))
                 cases: list[tuple[str, Callable[[], object]]] = [
@@ -316,52 +396,33 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, object]:
                         )
                     )
                 for label, fn in cases:
-                    if rnd == 0:
-                        fn()  # warm-up at this batch
-                    t0 = time.perf_counter()
+                    if rnd == 0 and batch <= 8:  # warm-up; a larger batch's first run is warm enough
+                        fn()
+                    t0, cpu0 = time.perf_counter(), time.process_time()
                     fn()
                     times.setdefault((label, threads, batch), []).append(time.perf_counter() - t0)
+                    cpu_times.setdefault((label, threads, batch), []).append(time.process_time() - cpu0)
+                    loads.append(os.getloadavg()[0])
                     print(
                         f"round {rnd} threads {threads} batch {batch:4d} {label:28s} "
                         f"{batch / times[(label, threads, batch)][-1]:7.2f} img/s  load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
-    rows: list[dict[str, object]] = []
-    for (label, threads, batch), ts in times.items():
-        sec = statistics.median(ts)
-        base = times.get(("diffusers eager fp32", threads, batch))
-        fp32_ceiling = statistics.median(ceilings[("fp32", threads)])
-        bf16 = ceilings.get(("bf16", threads))
-        rows.append(
-            {
-                "case": label,
-                "threads": threads,
-                "batch": batch,
-                "steps": args.steps,
-                "images_per_s": batch / sec,
-                "latency_ms": sec * 1e3,
-                "rounds_s": ts,
-                "vs_diffusers_eager_fp32": statistics.median(base) / sec if base else None,
-                "gflop_per_s": gflop * args.steps * batch / sec,
-                "pct_of_fp32_ceiling": gflop * args.steps * batch / sec / fp32_ceiling,
-                "pct_of_bf16_ceiling": gflop * args.steps * batch / sec / statistics.median(bf16)
-                if bf16
-                else None,
-            }
-        )
-    return {
-        "gflop_per_image_per_eval": gflop,
-        "ceilings_gflop_per_s": {
-            f"{d} {t} thread(s)": statistics.median(v) for (d, t), v in ceilings.items()
-        },
-        "ceiling_images_per_s": {
-            f"{d} {t} thread(s)": statistics.median(v) / (gflop * args.steps)
-            for (d, t), v in ceilings.items()
-        },
-        "startup_s": startup,
-        "cpu_bf16": cpu_bf16_support(),
-        "rows": rows,
+
+    return summary()
+
+
+def write_cpu(args: argparse.Namespace, result: dict[str, object]) -> None:
+    meta = {
+        "command": " ".join(sys.argv),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "loadavg_end": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
 
 
 def print_cpu(result: dict[str, object]) -> None:
@@ -369,12 +430,15 @@ def print_cpu(result: dict[str, object]) -> None:
     for key, val in result["ceilings_gflop_per_s"].items():  # type: ignore[attr-defined]
         img = result["ceiling_images_per_s"][key]  # type: ignore[index]
         print(f"ceiling {key}: {val:.1f} GFLOP/s -> {img:.2f} img/s")
-    print("case                         threads batch    img/s  x diffusers  % fp32 ceiling")
+    print(
+        "case                         threads batch    img/s  img/CPU-s  x diffusers (wall, CPU)  % fp32 ceiling (CPU)"
+    )
     for r in result["rows"]:  # type: ignore[attr-defined]
-        ratio = f"{r['vs_diffusers_eager_fp32']:11.2f}" if r["vs_diffusers_eager_fp32"] else "          -"
+        wall, cpu = r["vs_diffusers_eager_fp32"], r["vs_diffusers_eager_fp32_cpu"]
+        ratio = f"{wall:8.2f} {cpu:6.2f}" if wall and cpu else "       -      -"
         print(
-            f"{r['case']:28s} {r['threads']:7d} {r['batch']:5d} {r['images_per_s']:8.2f} {ratio} "
-            f"{r['pct_of_fp32_ceiling']:13.0%}"
+            f"{r['case']:28s} {r['threads']:7d} {r['batch']:5d} {r['images_per_s']:8.2f} "
+            f"{r['images_per_cpu_s']:10.2f} {ratio}          {r['pct_of_fp32_ceiling_cpu']:13.0%}"
         )
 
 
@@ -409,18 +473,7 @@ def main() -> None:
         result = cpu_bench(args)
         print_cpu(result)
         if args.out:
-            import os
-
-            meta = {
-                "command": " ".join(sys.argv),
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                "torch": torch.__version__,
-                "loadavg_end": os.getloadavg(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            }
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+            write_cpu(args, result)
         return
     rows = bench(args)
     print("\nmodel         case                          batch  latency ms    img/s  TFLOP/s  x diffusers")

@@ -20,7 +20,7 @@ from models.devices import device_option
 from models.errors import CheckpointError, UserError
 from models.grid import GRID_SUFFIXES, save_grid
 from models.paths import output_file
-from models.sampling_spec import DDIM_EPS, DIFFUSERS_SPACINGS, default_sampler
+from models.sampling_spec import DDIM_EPS, DIFFUSERS_SPACINGS, SAMPLERS, default_sampler
 
 if TYPE_CHECKING:
     from models.pipeline import Pipeline
@@ -35,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="checkpoint (.safetensors) to use, or the name of a served model (see GET /models: "
         "the models in ROBUSTDIFF_MODELS, by default the committed models/weights)",
     )
-    parser.add_argument(
-        "--sampler", default=None, help="ddpm | ddim | dpm-solver++ | consistency (default: the model's)"
-    )
+    parser.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLERS)} (default: the model's)")
     parser.add_argument(
         "--steps", type=int, default=None, help="sampler steps (default: 10, or 1 for consistency models)"
     )

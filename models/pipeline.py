@@ -35,7 +35,7 @@ from models.samplers import (
     rule_for,
 )
 from models.sampling_spec import check_ddim_eps, check_sampler, default_sampler, default_steps, samplers_for
-from models.schedules import Schedule
+from models.schedules import Schedule, strength_times
 from models.unet import UNet, set_batch_invariant
 
 __all__ = [
@@ -136,6 +136,7 @@ class ModelInfo:
     default_steps: int = 10
     dataset: str = "unknown"
     eval_s: float = 0.0  # measured at warm-up: seconds per image per network evaluation (0: not measured)
+    strengths: dict[str, float] = field(default_factory=dict)  # name -> t* with that noise level here
 
 
 class Pipeline:
@@ -177,6 +178,7 @@ class Pipeline:
             samplers=list(samplers_for(header.kind)),
             default_steps=default_steps(header.kind),
             dataset=header.training.dataset,
+            strengths=strength_times(self.schedule),
         )
 
     @classmethod

@@ -42,6 +42,13 @@ DDIM_EPS: tuple[DdimEps, ...] = ("from-x0", "model")
 ``use_clipped_model_output=True``) or keep the network's eps (``model``: diffusers' default)."""
 DEFAULT_STEPS = 10
 """Steps when a library call names none (a consistency model's served default is 1: ``default_steps``)."""
+StrengthName = Literal["light", "medium", "strong"]
+STRENGTHS: dict[str, float] = {"light": 0.05, "medium": 0.1, "strong": 0.2}
+"""The named purification strengths as t* on DDPM's linear schedule (beta 1e-4 .. 0.02, T = 1000).
+A name means that schedule's noise level at this t* (sigma 0.173 / 0.339 / 0.719 in data units), the
+same on every model: each worker registers the t* of its own model's grid with the nearest sigma
+(``models.schedules.strength_times``). An entry without them (an older worker) gets these t*."""
+DEFAULT_STRENGTH: StrengthName = "medium"
 
 
 def samplers_for(kind: str) -> tuple[str, ...]:

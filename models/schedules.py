@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import UserError
-from models.sampling_spec import DIFFUSERS_SPACINGS, diffusers_timesteps
+from models.sampling_spec import DIFFUSERS_SPACINGS, STRENGTHS, diffusers_timesteps
 
 ScheduleName = Literal["linear", "cosine", "scaled-linear", "edm"]
 
@@ -108,6 +108,10 @@ class Schedule:
     def t_from_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return self.t_from_log_snr(-torch.log(torch.as_tensor(sigma, dtype=torch.float64)))
 
+    def grid_sigmas(self) -> torch.Tensor:
+        """sigma at the T grid times t = k / T, k = 1..T (float64, increasing), straight from the table."""
+        return torch.sqrt(torch.expm1(-self.log_alphabar[1:]))
+
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time input the network is conditioned on: the DDPM timestep index (t = k / T -> k - 1),
         or for ``edm`` 250 ln(sigma) (OpenAI's consistency models, diffusers' ``sigma_to_t``)."""
@@ -135,6 +139,34 @@ class Schedule:
         """Training times: uniform over the discrete steps k = 1..T, as t = k / T."""
         k = torch.randint(1, self.T + 1, (n,), generator=generator)
         return k.to(torch.float64) / self.T
+
+
+STRENGTH_SCHEDULE = ScheduleConfig(name="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02)
+"""DDPM's linear schedule: its noise level at each named strength's t* (``sampling_spec.STRENGTHS``)
+defines that strength on every model."""
+
+
+def strength_sigmas() -> dict[str, float]:
+    """The noise level (sigma, data units) of each named strength: 0.173 / 0.339 / 0.719."""
+    ref = Schedule(STRENGTH_SCHEDULE)
+    grid = ref.grid_sigmas()
+    return {name: float(grid[round(t * ref.T) - 1]) for name, t in STRENGTHS.items()}
+
+
+def nearest_grid_time(schedule: Schedule, sigma: float) -> float:
+    """The time k / T (k = 1..T, so at least 1/T) of the schedule's grid whose sigma is nearest to
+    ``sigma``, nearest as a ratio (in log sigma: the same choice in any unit, and noise levels
+    multiply); a tie takes the smaller noise."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    k = int(torch.argmin((schedule.grid_sigmas().log() - math.log(sigma)).abs())) + 1
+    return k / schedule.T
+
+
+def strength_times(schedule: Schedule) -> dict[str, float]:
+    """Each named strength's t* on this schedule's grid: the same noise level on every model (a worker
+    registers these; on DDPM's linear T = 1000 schedule they are exactly 0.05 / 0.1 / 0.2)."""
+    return {name: nearest_grid_time(schedule, sigma) for name, sigma in strength_sigmas().items()}
 
 
 Spacing = Literal["uniform", "log-snr", "linear", "leading", "trailing", "linspace"]

@@ -15,7 +15,7 @@ from models import sampling_spec as spec
 from models.errors import UserError
 from service.errors import ApiError
 from service.jobs import Job
-from service.schemas import MAX_SEED, STRENGTHS, ModelEntry, PurifyRequest, SampleRequest
+from service.schemas import MAX_SEED, ModelEntry, PurifyRequest, SampleRequest
 
 Labels = list[int | str] | int | str | None
 
@@ -150,9 +150,9 @@ def check_purify(req: PurifyRequest, files: int, max_images: int) -> None:
         raise ApiError(422, "images", f"{len(req.images)} is over the maximum of {max_images}")
 
 
-def t_star(req: PurifyRequest) -> float:
-    """t_star, or the named strength's (default medium)."""
-    return req.t_star if req.t_star is not None else STRENGTHS[req.strength or "medium"]
+def t_star(req: PurifyRequest, model: ModelEntry) -> float:
+    """t_star, or the t* the model's worker registered for the named strength (default medium)."""
+    return req.t_star if req.t_star is not None else model.strengths[req.strength or spec.DEFAULT_STRENGTH]
 
 
 def purify_job(
@@ -166,7 +166,7 @@ def purify_job(
 ) -> Job:
     """The purify job for ``inputs`` decoded images (``images``: their base64 .npy), with ``how``
     from ``sampling``. Without steps or times the model's default step count is lowered to what
-    fits below t* (one per step of the model's schedule)."""
+    fits below t* for the samplers that take one step per step of the model's schedule (ddpm, ddim)."""
     outputs = inputs * req.draws
     if outputs > max_images:
         raise ApiError(
@@ -175,13 +175,14 @@ def purify_job(
             f"{inputs} images x {req.draws} draws = {outputs} outputs, over the maximum of {max_images}",
         )
     out_seeds = seeds(req.seeds, outputs, random_base)
-    t = t_star(req)
+    t = t_star(req, model)
     t_min = 1 / model.timesteps
     if t < t_min:
         raise ApiError(422, "t_star", f"must be at least {t_min} (one step of the model's schedule)")
     steps = how.steps
-    if req.steps is None and req.times is None:  # the default must fit below a shallow t*
-        steps = min(steps, round(t * model.timesteps))
+    fit = spec.steps_that_fit(how.sampler, t, model.timesteps)
+    if req.steps is None and req.times is None and fit is not None:  # the default must fit below t*
+        steps = min(steps, fit)
     if req.times and req.times[0] >= t:
         raise ApiError(422, "times", f"must all be below t_star={t}, where purification starts")
     return Job(

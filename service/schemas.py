@@ -10,11 +10,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from models.sampling_spec import DdimEps, DiffusersSpacing
+from models.sampling_spec import (
+    CONSISTENCY_SAMPLERS,
+    DIFFUSION_SAMPLERS,
+    STRENGTHS,
+    DdimEps,
+    DiffusersSpacing,
+    StrengthName,
+)
 from service.jobs import JobResult
 
 MAX_SEED = 2**63 - 1
-STRENGTHS: dict[str, float] = {"light": 0.05, "medium": 0.1, "strong": 0.2}
 
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 Label = Annotated[StrictInt, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=64)]
@@ -28,7 +34,8 @@ class _JobRequest(BaseModel):
     )
     sampler: str | None = Field(
         None,
-        description="ddpm | ddim | dpm-solver++ (diffusion models) or consistency; default: the model's.",
+        description=f"{' | '.join(DIFFUSION_SAMPLERS)} (diffusion models) or {' | '.join(CONSISTENCY_SAMPLERS)}; "
+        "default: the model's.",
     )
     steps: int | None = Field(
         None, ge=1, description="Sampler steps (network evaluations); default: the model's."
@@ -108,8 +115,12 @@ class PurifyRequest(_JobRequest):
         None, description="Value range of .npy inputs; required when any image is a .npy array."
     )
     t_star: float | None = Field(None, gt=0.0, le=1.0, description="Diffusion time to noise the input to.")
-    strength: Literal["light", "medium", "strong"] | None = Field(
-        None, description="Named t*: light 0.05, medium 0.1, strong 0.2 (default medium); excludes t_star."
+    strength: StrengthName | None = Field(
+        None,
+        description="A named noise level, the same on every model: light, medium, strong add noise of std "
+        "0.17 / 0.34 / 0.72 (data in [-1, 1]; DDPM's linear schedule at t* 0.05 / 0.1 / 0.2). Each model "
+        "runs it at the t* of its own schedule with the nearest noise level (GET /models lists them as "
+        "strengths; the response reports t_star). Default medium; excludes t_star.",
     )
     draws: int = Field(1, ge=1, description="Purified draws per image (independent noise), e.g. for voting.")
     resize: bool = Field(
@@ -162,6 +173,11 @@ class ModelEntry(BaseModel):
     dataset: str = "unknown"
     eval_s: float = Field(
         0.0, description="Seconds per image per network evaluation, measured by the worker at warm-up."
+    )
+    strengths: dict[str, float] = Field(
+        default_factory=lambda: dict(STRENGTHS),
+        description="t* of each named strength on this model's schedule: the grid time whose noise level is "
+        "nearest to the name's (light / medium / strong: sigma 0.17 / 0.34 / 0.72).",
     )
 
 

@@ -112,6 +112,64 @@ def test_reference_is_group_norm_then_the_formula(fmt: torch.memory_format) -> N
     assert actual.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("affine", [True, False])
+def test_reference_computes_nhwc_in_place_exactly_and_row_by_row(offset: float, affine: bool) -> None:
+    """The channels_last reference (no NCHW round trip) is the NCHW one to float32 rounding, even far
+    from zero mean where PyTorch's own channels_last group_norm loses ~1e-2, and each image's output
+    is bitwise the same alone or in a batch."""
+    x, weight, bias, scale, shift = _inputs(
+        (5, 12, 6, 4), torch.float32, torch.device("cpu"), torch.channels_last
+    )
+    x = (x + offset).contiguous(memory_format=torch.channels_last)
+    w, b = (weight, bias) if affine else (None, None)
+    for kwargs in ({}, {"scale": scale, "shift": shift}, {"silu": False}):
+        out = reference.groupnorm_silu(x, 4, w, b, **kwargs)  # type: ignore[arg-type]
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        torch.testing.assert_close(
+            out, reference.groupnorm_silu(x.contiguous(), 4, w, b, **kwargs), atol=2e-5, rtol=1e-5
+        )  # type: ignore[arg-type]
+        for i in (0, 3):
+            one = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            assert torch.equal(reference.groupnorm_silu(x[i : i + 1], 4, w, b, **one), out[i : i + 1])  # type: ignore[arg-type]
+
+
+def test_reference_nhwc_never_materialises_nchw() -> None:
+    """No op inside the channels_last reference writes a full-size NCHW tensor (the layout round trip
+    that made ROBUSTDIFF_CPU_CHANNELS_LAST slower than the default)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, weight, bias, scale, shift = _inputs(
+        (2, 8, 4, 4), torch.float32, torch.device("cpu"), torch.channels_last
+    )
+    nchw: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.shape == x.shape and t.is_contiguous():
+                    nchw.append(str(func))
+            return out
+
+    with torch.inference_mode(), Record():
+        out = reference.groupnorm_silu(x, 4, weight, bias, scale=scale, shift=shift)
+        assert not nchw, nchw
+        reference.groupnorm_silu(x.contiguous(), 4, weight, bias, scale=scale, shift=shift)
+    assert nchw  # the check sees a layout change where there is one
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_reference_nhwc_has_a_backward() -> None:
+    x, weight, bias, scale, _ = _inputs((2, 6, 3, 3), torch.float32, torch.device("cpu"), torch.channels_last)
+    grads = []
+    for fmt in FORMATS:
+        w = weight.clone().requires_grad_(True)
+        reference.groupnorm_silu(x.contiguous(memory_format=fmt), 2, w, bias, scale=scale).sum().backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_auto_on_cpu_is_the_reference() -> None:
     x, weight, bias, _, _ = _inputs((2, 6, 3, 3), torch.bfloat16, torch.device("cpu"), torch.channels_last)
     expected = reference.groupnorm_silu(x, 2, weight, bias)

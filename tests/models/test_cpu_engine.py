@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.reference import memory_format_of
 from models.pipeline import CpuOptions, Pipeline, cpu_bf16_support
 from models.testing import tiny_checkpoint
-from models.unet import Conv2d, Linear
+from models.unet import Conv2d, Linear, Norm
 from service.settings import _committed_weights
 
 SERVED = {Path(p).stem: p for p in _committed_weights()}
@@ -63,6 +64,32 @@ def test_default_micro_batch_is_invariant_past_one_micro_batch() -> None:
         out = pipe.forward(x, t)
         for i in (0, pipe.cpu.micro_batch - 1, pipe.cpu.micro_batch, n - 1):
             assert torch.equal(out[i : i + 1], pipe.forward(x[i : i + 1], t[i : i + 1])), f"row {i}"
+
+
+def test_channels_last_stays_nhwc_and_bitwise_batch_invariant() -> None:
+    """ROBUSTDIFF_CPU_CHANNELS_LAST: every GroupNorm(+SiLU) takes and returns NHWC (no round trip
+    to NCHW inside the network), images keep the bitwise guarantee, and match the default layout
+    to float32 rounding."""
+    pipe = Pipeline.from_checkpoint(
+        SERVED["fmnist-dro-at"], cpu=CpuOptions(micro_batch=4, channels_last=True)
+    )
+    _check_compositions(pipe)
+    seen: list[tuple[torch.memory_format, torch.memory_format]] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out: seen.append((memory_format_of(inp[0]), memory_format_of(out)))
+        )
+        for m in pipe.net.modules()
+        if isinstance(m, Norm)
+    ]
+    x, t, _ = _rows(pipe, 3, seed=4)
+    with torch.inference_mode():
+        out = pipe.forward(x, t)
+        ref = Pipeline.from_checkpoint(SERVED["fmnist-dro-at"], cpu=CpuOptions(micro_batch=4)).forward(x, t)
+    for h in hooks:
+        h.remove()
+    assert len(seen) > 20 and set(seen) == {(torch.channels_last, torch.channels_last)}
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_conditional_scale_shift_network_is_bitwise_batch_invariant(tmp_path: Path) -> None:

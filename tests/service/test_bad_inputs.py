@@ -386,7 +386,9 @@ def test_queue_full_is_429_with_retry_after(private_redis: Any, client: TestClie
     import redis
 
     r = redis.Redis.from_url(private_redis.url)
-    r.hset("robustdiff:models", mapping={m["name"]: json.dumps(m) for m in models})  # a registry, no worker
+    # A registry and no worker. eval_s 0: no run-time estimate, so the synchronous request below waits
+    # out its timeout (a busy machine's measured eval_s would otherwise turn it into a 202 at once).
+    r.hset("robustdiff:models", mapping={m["name"]: json.dumps({**m, "eval_s": 0.0}) for m in models})
     with make_client(private_redis.url, max_queue_depth=2, request_timeout_s=0.3) as c:
         for _ in range(2):
             assert c.post("/sample", json={"model": "tiny", "async": True}).status_code == 202

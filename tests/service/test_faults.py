@@ -167,11 +167,13 @@ def test_a_dead_workers_jobs_are_taken_over_when_its_heartbeat_stops(
     """Not after RECLAIM_IDLE_MS (a minute here): a job on a killed worker must not sit 'running'."""
     url = private_redis.url
     env = {"ROBUSTDIFF_RECLAIM_IDLE_MS": "60000", "ROBUSTDIFF_MAX_WAIT_MS": "0"}
-    first = spawn_worker(url, **env, **{FAULT_STEP_DELAY_ENV: "0.3"})
+    # 20 steps x 1 s: the first still runs the job after the second has started (seconds on a busy machine)
+    first = spawn_worker(url, **env, **{FAULT_STEP_DELAY_ENV: "1.0"})
     with make_client(url, default_model="tiny") as c:
         job = c.post("/sample", json={"steps": 20, "seeds": 4, "async": True}).json()["id"]
         wait_for(lambda: job_hash(url, job).get("status") == "running")
         second = spawn_worker(url, **env)  # after the first holds the job, so it cannot take it first
+        assert job_hash(url, job)["status"] == "running"
         first.kill()
         done = wait_for(lambda: (j := c.get(f"/jobs/{job}").json())["status"] == "done" and j, 20)
     assert job_hash(url, job)["worker"].endswith(str(second.pid))

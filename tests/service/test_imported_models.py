@@ -140,7 +140,8 @@ REQUESTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # diffusers' DDIMPipeline call: leading spacing, the network's eps kept after clipping x0
     "cifar32": ({"steps": 2, "spacing": "leading", "ddim_eps": "model"}, {"t_star": 0.3, "steps": 1}),
     "ddpm256": ({"steps": 1}, {"t_star": 0.3, "steps": 1}),  # the costly one: few evaluations
-    "cm64": ({"times": [0.45], "labels": [7, 998]}, {"t_star": 0.5, "steps": 1, "labels": [3]}),
+    # a named strength: the t* of medium's noise level on the CM's own Karras grid
+    "cm64": ({"times": [0.45], "labels": [7, 998]}, {"strength": "medium", "steps": 1, "labels": [3]}),
     "ddim16": ({"steps": 3}, {"t_star": 0.4, "steps": 2}),
     "bare16": ({"steps": 3}, {"t_star": 0.4, "steps": 2}),
     "old16": ({"steps": 3}, {"t_star": 0.4, "steps": 2}),
@@ -156,6 +157,9 @@ def test_every_layout_served_equals_the_library(served: Served, monkeypatch: pyt
         assert {n: models[n]["image_shape"] for n in SIZES} == {n: [3, s, s] for n, s in SIZES.items()}
         assert models["cm64"]["kind"] == "consistency" and models["cm64"]["num_classes"] == 1000
         assert len({models[n]["hash"] for n in SIZES}) == len(SIZES)
+        # Named strengths are one noise level (sigma 0.17 / 0.34 / 0.72) at each model's own t*.
+        assert models["cifar32"]["strengths"] == {"light": 0.05, "medium": 0.1, "strong": 0.2}
+        assert models["cm64"]["strengths"] == {"light": 0.275, "medium": 0.325, "strong": 0.4}
         # Every job first (async), then every result: they share the worker's running batches.
         jobs: dict[tuple[str, str], str] = {}
         for name, (sample, purify) in REQUESTS.items():
@@ -181,6 +185,7 @@ def test_every_layout_served_equals_the_library(served: Served, monkeypatch: pyt
     for name, (sample, purify) in REQUESTS.items():
         pipe = Pipeline.from_checkpoint(served.folders[name], name=name)
         assert pipe.info.hash == models[name]["hash"]
+        assert pipe.info.strengths == models[name]["strengths"]
         kw = {k: v for k, v in sample.items() if k != "labels"}
         sampler = default_sampler(pipe.info.kind)  # what a request naming none runs
         ours = pipe.sample(seeds, sampler=sampler, labels=sample.get("labels"), **kw)
@@ -193,7 +198,10 @@ def test_every_layout_served_equals_the_library(served: Served, monkeypatch: pyt
         assert served_png == imgs.png_b64(ours[1].numpy()), f"{name}: served PNG differs"
 
         decoded = imgs.decode(base64.b64decode(_png(photos[name])), "images[0]", None)[0].array
-        kw = {k: v for k, v in purify.items() if k != "labels"}
+        kw = {k: v for k, v in purify.items() if k not in ("labels", "strength")}
+        if "strength" in purify:
+            kw["t_star"] = pipe.info.strengths[purify["strength"]]
+        assert results[(name, "purify")]["t_star"] == kw["t_star"]  # the response says which t* ran
         image = torch.from_numpy(decoded)[None]
         purified = pipe.purify(image, [9], sampler=sampler, labels=purify.get("labels"), **kw)
         served_purified = results[(name, "purify")]["images"][0][0]

@@ -175,8 +175,26 @@ def test_purify_job_t_star_and_its_step_default() -> None:
     assert shallow.t_star == 0.05
     tiny = resolve.purify_job(purify_req(t_star=0.004), entry(), how, 1, "npy", 8, 0)
     assert tiny.steps == 4  # the default lowered to what fits below t*
+    dpm = resolve.sampling(purify_req(sampler="dpm-solver++"), entry(), 20)
+    assert (
+        resolve.purify_job(purify_req(t_star=0.004), entry(), dpm, 1, "npy", 8, 0).steps == 10
+    )  # log-SNR grid
     asked = resolve.sampling(purify_req(steps=9), entry(), 20)
     assert resolve.purify_job(purify_req(steps=9, t_star=0.004), entry(), asked, 1, "npy", 8, 0).steps == 9
+
+
+def test_a_named_strength_is_the_t_star_its_worker_registered() -> None:
+    """The name is a noise level: each model's entry carries its own t* for it (a CM's Karras grid);
+    an entry from a worker that registered none gets DDPM's t* 0.05 / 0.1 / 0.2."""
+    cm = entry(kind="consistency", timesteps=40, strengths={"light": 0.275, "medium": 0.325, "strong": 0.4})
+    how = resolve.sampling(purify_req(), cm, 20)
+    for name, t in (("light", 0.275), ("strong", 0.4), (None, 0.325)):
+        job = resolve.purify_job(purify_req(strength=name), cm, how, 1, "npy", 8, 0)
+        assert job.t_star == t and job.steps == 1
+    assert resolve.purify_job(purify_req(t_star=0.1), cm, how, 1, "npy", 8, 0).t_star == 0.1  # as given
+    assert entry().strengths == {"light": 0.05, "medium": 0.1, "strong": 0.2}
+    older = ModelEntry.model_validate_json(entry().model_dump_json(exclude={"strengths"}))
+    assert older.strengths == entry().strengths
 
 
 def test_purify_refusals() -> None:
