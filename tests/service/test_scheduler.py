@@ -313,6 +313,8 @@ def test_bad_policy_settings_are_refused() -> None:
         Scheduler(4, policy="srpt", srpt_fill=0.5)
     with pytest.raises(ValueError, match="max_defer_steps must be >= 0"):
         Scheduler(4, max_defer_steps=-1)
+
+
 def test_unadmitted_jobs_wait_again_in_their_order_and_run_from_step_zero() -> None:
     """The worker's mark 'running' failed (Redis went away): the boundary's admissions are undone."""
     s = Scheduler(max_rows=8)
