@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.errors import UserError
 from models.pipeline import DEFAULT_MICRO_BATCH_PIXELS, CpuOptions, Pipeline, rows_per_call
 from models.testing import tiny_checkpoint
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,9 @@ def test_rows_per_call_edges() -> None:
     assert Settings().cpu_micro_batch_pixels == DEFAULT_MICRO_BATCH_PIXELS == CpuOptions().micro_batch_pixels
     with pytest.raises(ValueError, match="micro_batch_pixels"):
         CpuOptions(micro_batch_pixels=0).check()
+    with pytest.raises(UserError) as err:
+        load_settings(cpu_micro_batch_pixels=0)
+    assert err.value.field == "ROBUSTDIFF_CPU_MICRO_BATCH_PIXELS"
 
 
 def test_the_pipeline_calls_the_network_with_that_many_rows(tmp_path: Path) -> None:
