@@ -110,7 +110,7 @@ class Stack:
         return proc
 
     def wait_ready(self, timeout: float = 120) -> None:
-        self.wait(lambda: httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200, timeout)
+        wait_until_ready(self.base, timeout)
 
     @staticmethod
     def wait(predicate: Any, timeout: float) -> None:
@@ -142,6 +142,27 @@ class Stack:
                 w.send_signal(signal.SIGKILL)
                 w.wait()
         self.redis.close()
+
+
+def wait_until_ready(
+    base: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
+    """Poll ``base``/readyz until it answers 200; a ``proc`` that exits meanwhile ends the wait with the
+    tail of its ``log``, and one still not ready at ``timeout`` is killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise SystemExit(f"serve exited before it was ready:\n{tail}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    if proc is not None:
+        proc.kill()
+    raise SystemExit(f"{base} not ready within {timeout} s")
 
 
 class RssSampler:

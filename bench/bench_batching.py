@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _stack import percentile, wait_until_ready
 
 from models.bench_cli import BenchParser, positive_int
 
@@ -46,11 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def start_serve(
@@ -78,18 +74,8 @@ def start_serve(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=src, stdout=out,
             stderr=out,
         )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve from {src} exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"serve from {src} not ready within 300 s")
+    wait_until_ready(f"http://127.0.0.1:{port}", 300, proc, log)
+    return proc
 
 
 class Recorder:

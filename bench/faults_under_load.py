@@ -38,7 +38,7 @@ import psutil
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stack import BASE_ENV, ROOT, machine, tiny_model
+from _stack import BASE_ENV, ROOT, machine, tiny_model, wait_until_ready
 
 from service.queue import GROUP, job_key, stream_key
 from service.redis_server import free_port
@@ -76,17 +76,7 @@ class Serve:
                 start_new_session=True,
             )
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise SystemExit(f"serve exited: {self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        raise SystemExit("serve was not ready within 180 s")
+        wait_until_ready(self.base, 180, self.proc, self.log)
 
     def child(self, what: str) -> psutil.Process:
         for proc in psutil.Process(self.proc.pid).children(recursive=True):
