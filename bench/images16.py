@@ -38,7 +38,7 @@ from models.data import downsample, load_fashion_mnist
 from models.denoisers import EpsDenoiser
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.quality import extract_features, fd_of_features
-from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid, paired
+from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid_bootstrap, paired
 from models.generate import generate
 from models.noise import NoiseSource
 from models.train.config import build
@@ -60,11 +60,12 @@ class Judge:
 
     def score(self, images16: torch.Tensor) -> dict[str, Any]:
         fake = self.features(images16)
+        kid_value, kid_ci = kid_bootstrap(self.real, fake, rounds=30)
         return {
             "fd": fd_of_features(fake, self.real),
             "fd_ci95": bootstrap_ci(self.real, fake, fd_of_features, rounds=30),
-            "kid": kid(self.real, fake),
-            "kid_ci95": bootstrap_ci(self.real, fake, kid, rounds=30),
+            "kid": kid_value,
+            "kid_ci95": kid_ci,
             "n": len(images16),
         }
 
@@ -127,12 +128,26 @@ def write(out: Path, report: dict[str, Any]) -> None:
 
 def seed_a(args: Any) -> None:
     out, work = Path(args.out), Path(args.work) / "seed_a"
-    judge = Judge(args.n_real)
     corruption = {"kind": "gaussian", "fraction": 0.9, "sigma": args.sigma, "clamp": False, "seed": 0}
     report = header(args, "seed A, 16x16 Fashion-MNIST, 90% noisy (unclamped)") | {
         "runs": [],
         "sweep": [],
     }
+    if args.append and out.with_suffix(".json").exists():  # more seeds or arms for a finished report
+        prev = json.loads(out.with_suffix(".json").read_text())
+        was = prev["args"]
+        if (
+            args.sweep
+            or tuple(args.chosen) != (prev["chosen"]["lambda"], prev["chosen"]["r_max"])
+            or (args.updates, args.sigma) != (was["updates"], was["sigma"])
+        ):
+            raise SystemExit(
+                f"--append: use --sweep none --chosen {prev['chosen']['lambda']}:{prev['chosen']['r_max']}"
+                f" --updates {was['updates']} --sigma {was['sigma']} (what {out}.json was run with)"
+            )
+        report |= {"runs": prev["runs"], "sweep": prev.get("sweep", [])}
+        report["earlier_commands"] = [*prev.get("earlier_commands", []), prev["command"]]
+    judge = Judge(args.n_real)
 
     def run(arm: str, seed: int, method: str, options: dict[str, Any]) -> dict[str, Any]:
         cfg = base_config(
@@ -190,7 +205,7 @@ def seed_a(args: Any) -> None:
             if (arm, seed) in done:
                 continue  # standard and the chosen adversarial setting already ran on seed 0 in the sweep
             report["runs"].append(run(arm, seed, method, options))
-            others = [a for a in arms if a != "standard"]
+            others = sorted({r["arm"] for r in report["runs"]} - {"standard"})
             report["comparisons"] = compare(report["runs"], "standard", others, args.nfe)
             write(out, report)
     plot_a(report, out.with_suffix(".png"), args.nfe)
@@ -480,7 +495,9 @@ def main() -> None:
     )
     p.add_argument("--init", help="seed-b: fine-tune from this checkpoint instead of pre-training")
     p.add_argument("--pretrain-report", help="seed-b with --init: OUT.json of the run that pre-trained it")
-    p.add_argument("--append", action="store_true", help="seed-b: keep OUT.json's runs and add these seeds")
+    p.add_argument(
+        "--append", action="store_true", help="keep OUT.json's runs and add these seeds (seed-a: or arms)"
+    )
     p.add_argument(
         "--arms-b",
         type=lambda t: t.split(","),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,28 @@ def test_a_stopped_training_run_ends_the_experiment() -> None:
         images16.finish(Stopped())  # type: ignore[arg-type]
     Stopped.stop_reason = None  # type: ignore[assignment]
     images16.finish(Stopped())  # type: ignore[arg-type]
+
+
+def test_seed_a_append_refuses_a_different_setting(tmp_path: Path) -> None:
+    """Adding seeds or arms to a finished seed-A report must train them exactly as it was trained."""
+    prev = {
+        "command": "robustdiff bench images16 seed-a ...",
+        "chosen": {"lambda": 1.0, "r_max": 0.5},
+        "args": {"updates": 800, "sigma": 0.2},
+        "runs": [],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(prev))
+    base = [
+        sys.executable,
+        "bench/images16.py",
+        "seed-a",
+        "--append",
+        "--sweep",
+        "none",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    for extra in (["--chosen", "3:0.5", "--updates", "800"], ["--chosen", "1:0.5", "--updates", "300"]):
+        proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert "--chosen 1.0:0.5 --updates 800 --sigma 0.2" in proc.stderr
