@@ -9,6 +9,7 @@ where bfloat16 drifts by ~4% (docs/BENCHMARKS.md); the tensor cores run both at 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -84,8 +85,9 @@ class CpuOptions:
     ``micro_batch`` rows per network call, fewer for images so large that the call would exceed
     ``micro_batch_pixels`` pixels (``rows_for``); ``pad`` fills the last micro-batch up to that shape;
     ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
-    the micro-batch shape (and so pads: one shape, one compiled graph); ``channels_last`` stores
-    activations NHWC.
+    the micro-batch shape (and so pads: one shape, one compiled graph); ``freeze`` compiles with
+    Inductor's freezing (the weights become constants it folds and prepacks for oneDNN);
+    ``channels_last`` stores activations NHWC.
     """
 
     micro_batch: int = DEFAULT_MICRO_BATCH
@@ -93,6 +95,7 @@ class CpuOptions:
     pad: bool = False
     dtype: str = "float32"
     compile: bool = False
+    freeze: bool = False
     channels_last: bool = False
 
     @property
@@ -110,8 +113,19 @@ class CpuOptions:
             raise ValueError(f"micro_batch_pixels: {self.micro_batch_pixels} must be >= 1")
         if self.dtype not in CPU_DTYPES:
             raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
+        if self.freeze and not self.compile:
+            raise ValueError("cpu freeze: freezing is part of torch.compile; it needs compile on")
         if self.dtype == "bfloat16" and cpu_bf16_support() is None:
             raise ValueError("cpu dtype: bfloat16 needs a CPU with avx512_bf16 or AMX; this one has neither")
+
+
+def _freezing(on: bool) -> contextlib.AbstractContextManager[object]:
+    """Inductor's freezing (weights folded as constants and prepacked for oneDNN) while ``on``."""
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
 
 
 def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
@@ -245,12 +259,19 @@ class Pipeline:
         fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
         body: Callable[..., torch.Tensor] = (
-            torch.compile(self.net, dynamic=False) if opts.compile else self.net
+            torch.compile(self.net, dynamic=False, options={"freezing": opts.freeze})
+            if opts.compile
+            else self.net
         )
         autocast = opts.dtype == "bfloat16"
 
         def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            # Freezing is read while Dynamo traces (it then guards on this module's weights and
+            # passes them as constants), not only by Inductor, so the compile options alone do not
+            # carry it: it is set around every call, when a trace can happen. The options still
+            # name it, so a frozen and an unfrozen compile (equal backends otherwise) never share
+            # a compiled graph of UNet.forward.
+            with _freezing(opts.freeze), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
 
         return net
