@@ -30,6 +30,8 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -84,16 +86,29 @@ WORKER_CLIENT_PREFIX = "robustdiff-worker:"
 
 
 def connect(
-    url: str, max_connections: int = 100, pool_timeout_s: float = 10.0, client_name: str | None = None
+    url: str,
+    max_connections: int = 100,
+    pool_timeout_s: float = 10.0,
+    client_name: str | None = None,
+    retry_closed: bool = False,
 ) -> Redis:
     """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging,
-    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage)."""
+    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage).
+
+    ``retry_closed`` (the API's clients): a command that meets a closed connection is sent once more
+    on a fresh one (redis-py's Retry), since a pooled connection dies with a restarted Redis and the
+    first request on it must not be a 503. Only connection errors are retried, at once: a Redis still
+    down is refused again in no time, and a timeout (a hung Redis) is not waited out twice. The
+    worker keeps its own retry loops, built around at-least-once delivery.
+    """
+    retries = 1 if retry_closed else 0
     pool = _QueueingPool.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=2.0,
         socket_timeout=10.0,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), retries=retries, supported_errors=(RedisConnectionError,)),
         max_connections=max_connections,
         timeout=pool_timeout_s,
         client_name=client_name,
@@ -101,7 +116,10 @@ def connect(
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
+# The job id is new to each call, so an existing job hash means this very call already ran (the API
+# client sent it again after its reply was lost with the connection): answer as the first run did.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', ARGV[1]} end
 if KEYS[3] ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {'existing', prev} end
