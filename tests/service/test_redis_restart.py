@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import logging
 import time
 import uuid
 from typing import Any
 
 from service.jobs import Job
-from service.queue import JobQueue, SubmitResult, connect, stream_key
+from service.queue import REDIS_ERRORS, Delivery, JobQueue, SubmitResult, connect, stream_key
 from service.redis_server import RedisServer
 from tests.service.test_hardening import register_tiny
 
@@ -71,3 +74,37 @@ def test_a_submission_sent_twice_is_one_job(private_redis: Any, monkeypatch: Any
     results, entries = asyncio.run(twice())
     assert [(s.job_id, s.created) for s in results] == [(uuid.UUID(int=7).hex, True)] * 2
     assert entries == 1
+
+
+def test_a_worker_call_cut_by_a_redis_restart_leaves_no_pipeline_open(
+    private_redis: Any, caplog: Any
+) -> None:
+    """A pipeline of scripts (the worker's start and progress) that met the dead connection of a
+    restarted Redis kept it: asyncio logged 'Unclosed Pipeline client' at ERROR, and the connection
+    never went back to the pool."""
+    register_tiny(private_redis.url)
+    job = Job(kind="sample", model="tiny", sampler="ddim", steps=1, seeds=[0])
+
+    async def calls_across_a_restart() -> tuple[int, int]:
+        r = connect(private_redis.url, max_connections=4)  # the worker's client: no retry of its own
+        q = JobQueue(r)
+        try:
+            submitted = await q.submit(job, max_depth=10)
+            d = Delivery("0-1", submitted.job_id, job, time.time())
+            assert await q.start("w", [d]) == ["running"]
+            for call in (lambda: q.start("w", [d]), lambda: q.progress([(d, 1, 2)])):
+                private_redis.stop()
+                private_redis.start()  # same port: every pooled connection is dead
+                with contextlib.suppress(*REDIS_ERRORS):  # the worker retries later: what matters
+                    await call()  # is what the pipeline left behind
+            gc.collect()
+            await asyncio.sleep(0)
+            pool = r.connection_pool
+            return len(pool._in_use_connections), len(pool._available_connections)  # type: ignore[attr-defined]
+        finally:
+            await r.aclose()
+
+    with caplog.at_level(logging.ERROR):
+        in_use, _ = asyncio.run(calls_across_a_restart())
+    assert [rec.getMessage() for rec in caplog.records if "Unclosed" in rec.getMessage()] == []
+    assert in_use == 0
