@@ -106,3 +106,19 @@ def test_a_malformed_heartbeat_is_absent_and_logged(
         assert set(r.hkeys(HEARTBEATS_KEY)) == {"good", *bad}  # not ours to delete: a newer writer's may be
     finally:
         r.close()
+
+
+def test_models_list_the_training_seed(private_redis: Any, make_client: Any) -> None:
+    """GET /models shows each model's training seed; null for one registered without (an older worker)."""
+    r = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        old = entry("old").model_dump_json(exclude={"seed"})
+        r.hset(
+            "robustdiff:models", mapping={"trained": entry("trained", seed=17).model_dump_json(), "old": old}
+        )
+        with make_client(private_redis.url, default_model="trained") as c:
+            listed = c.get("/models")
+        assert listed.status_code == 200, listed.text
+        assert {m["name"]: m["seed"] for m in listed.json()["models"]} == {"old": None, "trained": 17}
+    finally:
+        r.close()
