@@ -6,7 +6,9 @@ z ~ N(0, diag(s_i^2)). Training sets: clean; 90% of points + N(0, sigma^2 I) for
 off-subspace residual mean ||(I - U U^T) x|| / sqrt(D) (truth 0), the in-subspace covariance error
 ||U^T C U - diag(s^2)||_F / ||diag(s^2)||_F and the largest principal angle between span(U) and the
 samples' top-K principal subspace. Arms: standard, equivariant random / adversarial (the paper's
-radius), the invariance ablation and the earlier pixel-floor radius.
+radius), the invariance ablation and the earlier pixel-floor radius; ``--strong LAMBDA:R_MAX`` adds
+an adversarial and a random arm with that weight and box (e.g. 10:3, to check the linear-Gaussian
+bound of ``subspace-theory``), ``--arms`` picks which arms train on the corrupted sets.
 
 ``plane``: the 3-D plane toy of bench/seed_a_plane.py (6-Gaussian mixture on a plane, 10% uniform
 outliers) with the same arms; off-support fraction and mean distance to the plane.
@@ -55,6 +57,32 @@ ARMS_A: dict[str, tuple[str, dict[str, Any]]] = {
         {"variant": "adversarial", "radius": "pixel-floor", "attack": "residual"},
     ),
 }
+
+
+def strong_setting(text: str) -> tuple[float, float]:
+    """argparse type for ``--strong``: ``LAMBDA:R_MAX``, both numbers >= 0 (e.g. ``10:3``)."""
+    error = argparse.ArgumentTypeError(f"expected LAMBDA:R_MAX with two finite numbers >= 0, got {text!r}")
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise error
+    try:
+        lam, r_max = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise error from None
+    if not all(math.isfinite(v) and v >= 0 for v in (lam, r_max)):
+        raise error
+    return lam, r_max
+
+
+def arm_table(strong: list[tuple[float, float]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """ARMS_A plus, for each (lambda, r_max) in ``strong``, the adversarial and random equivariant arms
+    with the paper's radius family at that weight and box."""
+    arms = dict(ARMS_A)
+    for lam, r_max in strong:
+        for variant in ("adversarial", "random"):
+            name = f"equivariant {variant} (lambda {lam:g}, r_max {r_max:g})"
+            arms[name] = ("equivariant-at", {"variant": variant, "lambda": lam, "r_max": r_max})
+    return arms
 
 
 def log(msg: str) -> None:
@@ -139,8 +167,23 @@ class Subspace:
         }
 
 
+def subspace_arms(args: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[str], list[str]]:
+    """The arm table and the arms trained on the corrupted sets and on the clean set; ``standard``
+    must be among both (every comparison is paired against it)."""
+    table = arm_table(args.strong)
+    corrupted = list(table) if args.arms is None else args.arms
+    for option, chosen in (("--arms", corrupted), ("--clean-arms", args.clean_arms)):
+        unknown = [a for a in chosen if a not in table]
+        if unknown:
+            raise SystemExit(f"seed_known: {option}: unknown arm {unknown[0]!r}; known: {', '.join(table)}")
+        if "standard" not in chosen:
+            raise SystemExit(f"seed_known: {option} must include 'standard' (the paired baseline)")
+    return table, corrupted, list(args.clean_arms)
+
+
 def subspace(args: Any) -> None:
     out = Path(args.out)
+    table, corrupted, clean_arms = subspace_arms(args)
     space = Subspace(args.dim, args.k)
     extra = " + outliers" if args.outliers_with_noise else ""
     # The noisy sets first: they carry the paper's claim; the clean set only measures the cost.
@@ -150,9 +193,9 @@ def subspace(args: Any) -> None:
     for cond in conditions:
         train_metrics = space.metrics(space.training(cond, args.n_train, 0))
         per_seed: dict[str, dict[str, list[float]]] = {}
-        arms = args.clean_arms if cond == "clean" else list(ARMS_A)
+        arms = clean_arms if cond == "clean" else corrupted
         for arm in arms:
-            method, options = ARMS_A[arm]
+            method, options = table[arm]
             per_seed[arm] = {}
             for seed in range(args.seeds):
                 data = space.training(cond, args.n_train, seed)
@@ -285,18 +328,19 @@ def plot_subspace(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conds = list(report["results"])
+    arms = list(dict.fromkeys(a for c in conds for a in report["results"][c]["summary"]))
     metrics = ["off_subspace", "cov_error", "max_principal_angle_deg"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8))
-    width = 0.8 / len(ARMS_A)
+    width = 0.8 / len(arms)
     for ax, metric in zip(axes, metrics, strict=True):
-        for j, arm in enumerate(ARMS_A):
+        for j, arm in enumerate(arms):
             means, lo, hi = [], [], []
             for c in conds:
                 row = report["results"][c]["summary"].get(arm, {}).get(metric)
                 means.append(row["mean"] if row else float("nan"))
                 lo.append(row["mean"] - row["ci95"][0] if row else 0)
                 hi.append(row["ci95"][1] - row["mean"] if row else 0)
-            xs = [i + (j - len(ARMS_A) / 2 + 0.5) * width for i in range(len(conds))]
+            xs = [i + (j - len(arms) / 2 + 0.5) * width for i in range(len(conds))]
             ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=arm)
         ax.set_xticks(range(len(conds)), conds, fontsize=7)
         ax.set_title(f"{metric} (mean, 95% CI over seeds)", fontsize=8)
@@ -443,7 +487,7 @@ def plot_mixture(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def build_parser() -> BenchParser:
     p = BenchParser(description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=("subspace", "subspace-theory", "plane", "mixture"))
     p.add_argument("--seeds", type=positive_int, default=5)
@@ -464,9 +508,23 @@ def main() -> None:
         help="subspace: 10%% outliers inside each noisy set (default), or a separate outliers-only set",
     )
     p.add_argument(
+        "--strong",
+        type=strong_setting,
+        nargs="+",
+        default=[],
+        metavar="LAMBDA:R_MAX",
+        help="subspace: add 'equivariant adversarial (lambda L, r_max R)' and its random twin per setting",
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="subspace: arms trained on the corrupted sets (default: all, the --strong ones included; "
+        "standard must be among them)",
+    )
+    p.add_argument(
         "--clean-arms",
         nargs="+",
-        choices=list(ARMS_A),
         default=["standard", "equivariant adversarial"],
         help="subspace: arms trained on the clean set (the cost of AT; standard must be among them)",
     )
@@ -491,7 +549,11 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 10], help="mixture: DDIM NFEs")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     experiments = {
         "subspace": subspace,

@@ -6,6 +6,7 @@ answer; the corruptions hit the stated shares of points.
 """
 
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
@@ -16,7 +17,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from _toy import MLP, VectorTrainer
-from seed_known import Subspace, linear_gaussian_std_ratio, penalty_scale
+from seed_known import (
+    ARMS_A,
+    Subspace,
+    build_parser,
+    linear_gaussian_std_ratio,
+    penalty_scale,
+    subspace,
+    subspace_arms,
+)
 
 from models.generate import sampler_grid
 from models.noise import NoiseSource
@@ -166,3 +175,85 @@ def test_linear_gaussian_bound_is_1_without_penalty_and_shrinks_with_lambda() ->
     assert linear_gaussian_std_ratio(0.04, "adversarial", 0.0, 0.5, steps=20) == pytest.approx(1.0)
     ratios = [linear_gaussian_std_ratio(0.04, "adversarial", lam, 3.0, steps=20) for lam in (0.3, 3.0, 30.0)]
     assert 1.0 > ratios[0] > ratios[1] > ratios[2]
+
+
+STRONG_ADV = "equivariant adversarial (lambda 10, r_max 3)"
+STRONG_RANDOM = "equivariant random (lambda 10, r_max 3)"
+
+
+def test_without_strong_the_subspace_arms_are_the_published_ones() -> None:
+    args = build_parser().parse_args(["subspace", "--out", "x"])
+    table, corrupted, clean = subspace_arms(args)
+    assert table == ARMS_A
+    assert corrupted == list(ARMS_A)
+    assert clean == ["standard", "equivariant adversarial"]
+
+
+def test_strong_adds_an_adversarial_arm_and_its_random_twin_at_that_lambda_and_box() -> None:
+    args = build_parser().parse_args(
+        ["subspace", "--strong", "10:3", "1:1.5", "--arms", "standard", STRONG_ADV, "--out", "x"]
+    )
+    assert args.strong == [(10.0, 3.0), (1.0, 1.5)]
+    table, corrupted, _ = subspace_arms(args)
+    assert list(table)[: len(ARMS_A)] == list(ARMS_A)
+    assert list(table)[len(ARMS_A) :] == [
+        STRONG_ADV,
+        STRONG_RANDOM,
+        "equivariant adversarial (lambda 1, r_max 1.5)",
+        "equivariant random (lambda 1, r_max 1.5)",
+    ]
+    assert corrupted == ["standard", STRONG_ADV]
+    for name, variant in ((STRONG_ADV, "adversarial"), (STRONG_RANDOM, "random")):
+        method_name, options = table[name]
+        method = get_method(method_name, options)
+        assert isinstance(method, EquivariantAT)
+        o = method.options
+        assert (o.variant, o.lam, o.r_max, o.radius, o.rho) == (variant, 10.0, 3.0, "paper", 2.0)
+
+
+@pytest.mark.parametrize("bad", ["10", "10:3:1", "ten:3", "-1:3", "10:-3", "nan:3", "10:inf"])
+def test_strong_refuses_anything_but_two_numbers_at_least_0(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["subspace", f"--strong={bad}", "--out", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "LAMBDA:R_MAX" in err and repr(bad) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arms", "standard", STRONG_ADV], "--arms: unknown arm"),  # no --strong 10:3
+        (["--strong", "10:3", "--arms", STRONG_ADV], "--arms must include 'standard'"),
+        (["--clean-arms", "standard", "equivariant sideways"], "--clean-arms: unknown arm"),
+        (["--clean-arms", "equivariant adversarial"], "--clean-arms must include 'standard'"),
+    ],
+)
+def test_subspace_arms_refuse_unknown_arms_and_a_missing_baseline(argv: list[str], message: str) -> None:
+    args = build_parser().parse_args(["subspace", *argv, "--out", "x"])
+    with pytest.raises(SystemExit, match=message):
+        subspace_arms(args)
+
+
+def test_subspace_trains_only_the_chosen_arms_and_pairs_the_strong_ones_with_standard(
+    tmp_path: Path,
+) -> None:
+    """A tiny end-to-end run: the report holds exactly the chosen arms per set, each paired with
+    standard over the same seeds."""
+    argv = ["subspace", "--dim", "8", "--k", "2", "--seeds", "2", "--updates", "3", "--batch", "8"]
+    argv += ["--hidden", "8", "--n-train", "40", "--n-samples", "20", "--steps", "2", "--sigmas", "0.2"]
+    argv += ["--strong", "10:3", "--arms", "standard", STRONG_ADV, STRONG_RANDOM]
+    argv += ["--clean-arms", "standard", STRONG_ADV, "--out", str(tmp_path / "sub")]
+    subspace(build_parser().parse_args(argv))
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert (tmp_path / "sub.png").stat().st_size > 0
+    noisy, clean = report["results"]["noisy sigma 0.2 + outliers"], report["results"]["clean"]
+    assert list(noisy["summary"]) == ["standard", STRONG_ADV, STRONG_RANDOM]
+    assert list(clean["summary"]) == ["standard", STRONG_ADV]
+    for arm in (STRONG_ADV, STRONG_RANDOM):
+        assert len(noisy["per_seed"][arm]["off_subspace"]) == 2
+        assert "vs_standard" in noisy["summary"][arm]["off_subspace"]
+    # the strong regulariser changes the model: the arms are not the same training under another name
+    assert noisy["per_seed"][STRONG_ADV]["off_subspace"] != noisy["per_seed"]["standard"]["off_subspace"]
