@@ -249,75 +249,89 @@ def penalty_scale(
     return lam * er2 / (3.0 if variant == "random" else 1.0)
 
 
-def linear_gaussian_std_ratio(
-    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
-) -> float:
-    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x.
+def linear_gaussian_ddim_variance(
+    v: torch.Tensor, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> torch.Tensor:
+    """Variance of deterministic DDIM samples (``steps`` on the bench's grid, from N(0, 1)) for
+    N(0, v) data in each direction (``v`` a tensor of variances) and the loss-optimal linear eps-model.
 
     The loss E(k x_t - eps)^2 + lambda E[w^2] (k s_t - 1)^2 (the equivariance residual of a linear
-    model is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)): the exact denoiser of
-    variance v / (1 + c). Returns the std of deterministic DDIM samples (``steps`` on the bench's grid)
-    with that k over the std with the standard k (c = 0): how much the regulariser can shrink the
-    noise the training set holds in that direction.
+    model k(t) x is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)), c =
+    ``penalty_scale``: the exact denoiser of variance v / (1 + c); lambda = 0 is the standard model.
     """
     sch = Schedule()
     ts = sampler_grid(sch, "ddim", steps=steps)
+    var = torch.ones_like(v, dtype=torch.float64)
+    for t, t_next in itertools.pairwise(ts):
+        ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
+        st = (1 - ab).sqrt()
+        c = penalty_scale(st, variant, lam, r_max, radius)
+        k = st * (1 + c) / (ab * v + st**2 * (1 + c))
+        var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
+    return var
 
-    def final_std(with_penalty: bool) -> float:
-        var = torch.tensor(1.0, dtype=torch.float64)
-        for t, t_next in itertools.pairwise(ts):
-            ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
-            st = (1 - ab).sqrt()
-            c = (
-                penalty_scale(st, variant, lam, r_max)
-                if with_penalty
-                else torch.zeros((), dtype=torch.float64)
-            )
-            k = st * (1 + c) / (ab * v + st**2 * (1 + c))
-            var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
-        return float(var.sqrt())
 
-    return final_std(True) / final_std(False)
+def linear_gaussian_std_ratio(
+    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x: the std of
+    DDIM samples with the AT optimum over the std with the standard one (lambda = 0); how much the
+    regulariser can shrink the noise the training set holds in that direction."""
+    vt = torch.tensor(v, dtype=torch.float64)
+    at = linear_gaussian_ddim_variance(vt, variant, lam, r_max, steps, radius)
+    return float((at / linear_gaussian_ddim_variance(vt, variant, 0.0, r_max, steps, radius)).sqrt())
+
+
+def in_subspace_variance_ratio_bound(
+    v: torch.Tensor, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """tr(U^T C U) of AT samples over the standard model's, exact for the linear-Gaussian model with
+    per-direction data variances ``v``: the cost the regulariser's optimum has inside the subspace."""
+    at = linear_gaussian_ddim_variance(v, variant, lam, r_max, steps, radius)
+    return float(at.sum() / linear_gaussian_ddim_variance(v, variant, 0.0, r_max, steps, radius).sum())
 
 
 def subspace_theory(args: Any) -> None:
-    """Off-subspace std of AT samples / standard's, exact for the linear-Gaussian model, over a grid of
-    (lambda, r_max): what the regulariser can do at best on this data, before any training noise."""
+    """The linear-Gaussian bound over a grid of (lambda, r_max), per training set: the off-subspace
+    std of AT samples / standard's, and the in-subspace variance ratio (the cost); what the
+    regulariser can do at best on this data, before any training noise."""
     out = Path(args.out)
+    space = Subspace(args.dim, args.k)
     report = header(args, "seed A: linear-Gaussian bound for the subspace data's off-subspace noise") | {
         "rows": []
     }
+    extra = " + outliers" if args.outliers_with_noise else ""
+    # (set, sigma, per-direction variance off the subspace, in it): with outliers the noisy sets hold
+    # 81% noisy points, 10% outliers N(0, 0.25^2 I) and 9% clean ones; the clean set only has s_i^2.
+    keep = 0.9 if args.outliers_with_noise else 1.0
+    sets = []
     for sigma in args.sigmas:
-        # off the subspace the training set holds 81% noisy points, 10% outliers N(0, 0.25^2), 9% clean
-        v = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
-        for variant in ("random", "adversarial"):
-            for lam in args.lambdas:
-                for r_max in args.r_maxes:
-                    ratio = linear_gaussian_std_ratio(v, variant, lam, r_max, args.steps)
-                    report["rows"].append(
-                        {
-                            "sigma": sigma,
-                            "variant": variant,
-                            "lambda": lam,
-                            "r_max": r_max,
-                            "std_ratio": ratio,
-                        }
-                    )
-                    log(
-                        f"sigma {sigma:g} {variant:11s} lambda {lam:g} r_max {r_max:g}: AT / standard {ratio:.4f}"
-                    )
-        # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
-        ratio = linear_gaussian_std_ratio(v, "adversarial", 0.3, 0.0, args.steps, radius="pixel-floor")
-        report["rows"].append(
-            {
-                "sigma": sigma,
-                "variant": "adversarial",
-                "radius": "pixel-floor",
-                "lambda": 0.3,
-                "std_ratio": ratio,
-            }
-        )
-        log(f"sigma {sigma:g} adversarial, pixel-floor radius, lambda 0.3: AT / standard {ratio:.4f}")
+        off = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
+        sets.append((f"noisy sigma {sigma:g}{extra}", sigma, off, keep * space.scales**2 + off))
+    sets.append(("clean", 0.0, None, space.scales**2))
+    settings = [
+        ("paper", variant, lam, r_max)
+        for variant in ("random", "adversarial")
+        for lam in args.lambdas
+        for r_max in args.r_maxes
+    ]
+    # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
+    settings.append(("pixel-floor", "adversarial", 0.3, 0.0))
+    for data, sigma, off, inside in sets:
+        for radius, variant, lam, r_max in settings:
+            row: dict[str, Any] = {"data": data, "sigma": sigma, "variant": variant, "lambda": lam}
+            row |= {"r_max": r_max} if radius == "paper" else {"radius": radius}
+            if off is not None:
+                row["std_ratio"] = linear_gaussian_std_ratio(off, variant, lam, r_max, args.steps, radius)
+            row["in_subspace_variance_ratio"] = in_subspace_variance_ratio_bound(
+                inside, variant, lam, r_max, args.steps, radius
+            )
+            report["rows"].append(row)
+            log(
+                f"{data} {variant:11s} {radius} lambda {lam:g} r_max {r_max:g}: off-subspace std AT / "
+                f"standard {row.get('std_ratio', float('nan')):.4f}, in-subspace variance "
+                f"{row['in_subspace_variance_ratio']:.4f}"
+            )
     write(out, report)
 
 

@@ -21,6 +21,8 @@ from seed_known import (
     ARMS_A,
     Subspace,
     build_parser,
+    in_subspace_variance_ratio_bound,
+    linear_gaussian_ddim_variance,
     linear_gaussian_std_ratio,
     penalty_scale,
     subspace,
@@ -175,6 +177,31 @@ def test_linear_gaussian_bound_is_1_without_penalty_and_shrinks_with_lambda() ->
     assert linear_gaussian_std_ratio(0.04, "adversarial", 0.0, 0.5, steps=20) == pytest.approx(1.0)
     ratios = [linear_gaussian_std_ratio(0.04, "adversarial", lam, 3.0, steps=20) for lam in (0.3, 3.0, 30.0)]
     assert 1.0 > ratios[0] > ratios[1] > ratios[2]
+
+
+def test_linear_gaussian_standard_variance_is_ddims_exact_map() -> None:
+    v = torch.tensor([0.0012, 0.04, 0.16], dtype=torch.float64)
+    got = linear_gaussian_ddim_variance(v, "adversarial", 0.0, 3.0, steps=50)
+    torch.testing.assert_close(got, ddim_variance(v, Schedule(), 50), rtol=1e-12, atol=0.0)
+
+
+def test_linear_gaussian_bound_uses_the_radius_it_is_given() -> None:
+    """The pixel-floor box is >= 0.1 noise units everywhere (6.3 at t = 1/T), the paper's box with
+    r_max = 0 only its bias U[16/255, 32/255]: the pixel-floor bound must cut more."""
+    paper = linear_gaussian_std_ratio(0.0386, "adversarial", 0.3, 0.0, radius="paper")
+    floor = linear_gaussian_std_ratio(0.0386, "adversarial", 0.3, 0.0, radius="pixel-floor")
+    assert floor < paper - 0.03
+    assert paper > 0.99
+
+
+def test_in_subspace_bound_is_the_variance_weighted_mean_of_per_direction_ratios() -> None:
+    v = torch.tensor([0.16, 0.01], dtype=torch.float64)
+    ratios = [linear_gaussian_std_ratio(float(x), "random", 10.0, 3.0, steps=20) ** 2 for x in v]
+    assert in_subspace_variance_ratio_bound(v[:1], "random", 10.0, 3.0, steps=20) == pytest.approx(ratios[0])
+    standard = ddim_variance(v, Schedule(), 20)
+    expected = float((standard * torch.tensor(ratios)).sum() / standard.sum())
+    assert in_subspace_variance_ratio_bound(v, "random", 10.0, 3.0, steps=20) == pytest.approx(expected)
+    assert 0 < expected < 1
 
 
 STRONG_ADV = "equivariant adversarial (lambda 10, r_max 3)"
