@@ -168,15 +168,15 @@ class Subspace:
 
 
 def subspace_arms(args: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[str], list[str]]:
-    """The arm table and the arms trained on the corrupted sets and on the clean set; ``standard``
-    must be among both (every comparison is paired against it)."""
+    """The arm table and the arms trained on the corrupted sets and on the clean set (none: no clean
+    set); ``standard`` must be among each (every comparison is paired against it)."""
     table = arm_table(args.strong)
     corrupted = list(table) if args.arms is None else args.arms
     for option, chosen in (("--arms", corrupted), ("--clean-arms", args.clean_arms)):
         unknown = [a for a in chosen if a not in table]
         if unknown:
             raise SystemExit(f"seed_known: {option}: unknown arm {unknown[0]!r}; known: {', '.join(table)}")
-        if "standard" not in chosen:
+        if chosen and "standard" not in chosen:
             raise SystemExit(f"seed_known: {option} must include 'standard' (the paired baseline)")
     return table, corrupted, list(args.clean_arms)
 
@@ -188,7 +188,7 @@ def subspace(args: Any) -> None:
     extra = " + outliers" if args.outliers_with_noise else ""
     # The noisy sets first: they carry the paper's claim; the clean set only measures the cost.
     conditions = [f"noisy sigma {s:g}{extra}" for s in args.sigmas]
-    conditions += ([] if args.outliers_with_noise else ["outliers"]) + ["clean"]
+    conditions += ([] if args.outliers_with_noise else ["outliers"]) + (["clean"] if clean_arms else [])
     report = header(args, "seed A: linearized subspace data, D x K") | {"results": {}}
     for cond in conditions:
         train_metrics = space.metrics(space.training(cond, args.n_train, 0))
@@ -538,9 +538,10 @@ def build_parser() -> BenchParser:
     )
     p.add_argument(
         "--clean-arms",
-        nargs="+",
+        nargs="*",
         default=["standard", "equivariant adversarial"],
-        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them)",
+        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them); "
+        "none: skip the clean set",
     )
     p.add_argument(
         "--skip",

@@ -284,3 +284,9 @@ def test_subspace_trains_only_the_chosen_arms_and_pairs_the_strong_ones_with_sta
         assert "vs_standard" in noisy["summary"][arm]["off_subspace"]
     # the strong regulariser changes the model: the arms are not the same training under another name
     assert noisy["per_seed"][STRONG_ADV]["off_subspace"] != noisy["per_seed"]["standard"]["off_subspace"]
+
+    # --clean-arms with no names: no clean set at all
+    subspace(
+        build_parser().parse_args([*argv[:-5], "--seeds", "1", "--clean-arms", "--out", str(tmp_path / "c")])
+    )
+    assert list(json.loads((tmp_path / "c.json").read_text())["results"]) == ["noisy sigma 0.2 + outliers"]
