@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def log(msg: str) -> None:
 def header(args: Any, experiment: str) -> dict[str, Any]:
     return {
         "experiment": experiment,
-        "command": "robustdiff bench seed_known " + " ".join(sys.argv[1:]),
+        "command": "robustdiff bench seed_known " + shlex.join(sys.argv[1:]),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg_start": list(os.getloadavg()),
