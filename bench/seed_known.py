@@ -292,6 +292,16 @@ def in_subspace_variance_ratio_bound(
     return float(at.sum() / linear_gaussian_ddim_variance(v, variant, 0.0, r_max, steps, radius).sum())
 
 
+def skip_only_off_subspace(sigma_data: float, dim: int, k: int, steps: int = 50) -> float:
+    """Off-subspace residual ||(I - U U^T) x|| / sqrt(D) (RMS) of DDIM samples from the preconditioned
+    MLP with F = 0, the Gaussian eps of N(0, sigma_data^2 I): where a model ends that learns nothing
+    off the subspace beyond its skip path."""
+    var = linear_gaussian_ddim_variance(
+        torch.tensor(sigma_data**2, dtype=torch.float64), "random", 0.0, 0.0, steps
+    )
+    return math.sqrt(float(var) * (dim - k) / dim)
+
+
 def subspace_theory(args: Any) -> None:
     """The linear-Gaussian bound over a grid of (lambda, r_max), per training set: the off-subspace
     std of AT samples / standard's, and the in-subspace variance ratio (the cost); what the
@@ -299,7 +309,8 @@ def subspace_theory(args: Any) -> None:
     out = Path(args.out)
     space = Subspace(args.dim, args.k)
     report = header(args, "seed A: linear-Gaussian bound for the subspace data's off-subspace noise") | {
-        "rows": []
+        "rows": [],
+        "skip_only_off_subspace": {},
     }
     extra = " + outliers" if args.outliers_with_noise else ""
     # (set, sigma, per-direction variance off the subspace, in it): with outliers the noisy sets hold
@@ -319,6 +330,14 @@ def subspace_theory(args: Any) -> None:
     # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
     settings.append(("pixel-floor", "adversarial", 0.3, 0.0))
     for data, sigma, off, inside in sets:
+        sigma_data = float(
+            space.training(data, args.n_train, 0).pow(2).mean().sqrt()
+        )  # --skip sigma-data, seed 0
+        residual = skip_only_off_subspace(sigma_data, args.dim, args.k, args.steps)
+        report["skip_only_off_subspace"][data] = {"sigma_data": sigma_data, "residual": residual}
+        log(
+            f"{data}: the skip path alone (F = 0, sigma_data {sigma_data:.4f}) ends {residual:.4f} off the subspace"
+        )
         for radius, variant, lam, r_max in settings:
             row: dict[str, Any] = {"data": data, "sigma": sigma, "variant": variant, "lambda": lam}
             row |= {"r_max": r_max} if radius == "paper" else {"radius": radius}

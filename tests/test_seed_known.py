@@ -25,6 +25,7 @@ from seed_known import (
     linear_gaussian_ddim_variance,
     linear_gaussian_std_ratio,
     penalty_scale,
+    skip_only_off_subspace,
     subspace,
     subspace_arms,
 )
@@ -290,3 +291,19 @@ def test_subspace_trains_only_the_chosen_arms_and_pairs_the_strong_ones_with_sta
         build_parser().parse_args([*argv[:-5], "--seeds", "1", "--clean-arms", "--out", str(tmp_path / "c")])
     )
     assert list(json.loads((tmp_path / "c.json").read_text())["results"]) == ["noisy sigma 0.2 + outliers"]
+
+
+def test_a_preconditioned_mlp_that_learns_nothing_ends_where_skip_only_off_subspace_says() -> None:
+    """F = 0 (zeroed output layer): the samples' off-subspace RMS is the Gaussian answer's, through
+    the bench's own sampler, within the sampling error of 1,000 x 28 coordinates."""
+    space = Subspace(32, 4)
+    sigma_data = 0.2
+    tr = VectorTrainer(32, "standard", {}, 1, 0, sigma_data=sigma_data)
+    last = tr.ema.net[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    x = tr.sample(1000, 50, seed=7).double()
+    off = x - (x @ space.u) @ space.u.T
+    rms = float(off.pow(2).sum(dim=1).mean().sqrt()) / math.sqrt(32)
+    assert rms == pytest.approx(skip_only_off_subspace(sigma_data, 32, 4, steps=50), rel=0.02)
