@@ -1,4 +1,4 @@
-"""Seed A and seed B on 16x16 Fashion-MNIST, several training seeds per arm, paired across seeds.
+"""Seed A and seed B on Fashion-MNIST (16x16 on a CPU, 32x32 on a GPU), several training seeds per arm, paired.
 
 ``seed-a``: 90% of the training images carry N(0, sigma^2) noise (unclamped, zero-mean); standard
 vs equivariant-at (adversarial, random) with the paper's radius. A small sweep of (lambda, r_max) on
@@ -10,9 +10,16 @@ and dro-at for equal *minibatches* (dro-at spends m updates per minibatch), and 
 update count (``standard-equal-updates``, the control for "more updates alone"); FD/KID at NFE 5 and
 10 and the exposure bias per sampling step, every arm paired against the others across seeds.
 
-FD and KID are measured in the feature space of the project's classifier on 32x32 inputs: both the
-16x16 samples and the 16x16 test images are upsampled (nearest) to 32x32 the same way. Results are
-written after every run (``OUT.json``), so a run cut short still reports what it finished.
+``--size 16`` (the default) reads Fashion-MNIST at 32x32 and averages it to 16x16 (``downsample``
+2) for the small ``fmnist16-cpu`` preset; ``--size 32`` trains the ``fmnist`` preset on the full
+32x32 images, meant for ``--device cuda`` (``bench/gpu_seeds.sh``). ``--preset`` overrides the
+network (its image size set to ``--size``).
+
+FD and KID are measured in the feature space of the project's classifier on 32x32 inputs: at 16x16
+both the samples and the test images are upsampled (nearest) to 32x32 the same way; at 32x32 both
+are scored as they are. Results are written after every run (``OUT.json``), so a run cut short still
+reports what it finished; ``--time-limit`` ends an experiment (with its plot) before a seed that would
+not finish in time.
 
     OMP_NUM_THREADS=1 nice -n 10 robustdiff bench images16 seed-a --out bench/results/images16_seed_a
 """
@@ -36,6 +43,7 @@ from _toy import machine
 from models.bench_cli import BenchParser, positive_int
 from models.data import downsample, load_fashion_mnist
 from models.denoisers import EpsDenoiser
+from models.devices import device_option
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.quality import extract_features, fd_of_features
 from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid_bootstrap, paired
@@ -43,46 +51,75 @@ from models.generate import generate
 from models.noise import NoiseSource
 from models.train.config import build
 from models.train.trainer import Trainer
+from models.unet import PRESETS
+
+# Image size -> (preset, downsample factor of the 32x32 padded Fashion-MNIST images).
+SIZES = {16: ("fmnist16-cpu", 2), 32: ("fmnist", 1)}
+CLASSIFIER_SIZE = 32  # the evaluation classifier's input size
 
 
 class Judge:
-    """FD and KID of 16x16 samples against the clean 16x16 test split, in the classifier's features."""
+    """FD and KID of samples against the clean test split at the same size, in the classifier's
+    features; 16x16 images (samples and test alike) are upsampled x2 (nearest) to its 32x32 input."""
 
-    def __init__(self, n_real: int) -> None:
-        self.net, _ = load_classifier(DEFAULT_CLASSIFIER, "cpu")
-        test = downsample(load_fashion_mnist("test").images, 2)
+    def __init__(self, n_real: int, size: int = 16, device: str = "cpu", data: str | None = None) -> None:
+        self.device = torch.device(device)
+        self.net, _ = load_classifier(DEFAULT_CLASSIFIER, self.device)
+        self.scale = CLASSIFIER_SIZE // size
+        test = downsample(load_fashion_mnist("test", data).images, SIZES[size][1])
         idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n_real]
-        self.test16 = test[idx]
-        self.real = self.features(self.test16)
+        self.test = test[idx].to(self.device)
+        self.real = self.features(self.test)
 
-    def features(self, images16: torch.Tensor) -> np.ndarray:
-        return extract_features(self.net, F.interpolate(images16, scale_factor=2, mode="nearest"))
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        images = images.to(self.device)
+        if self.scale != 1:
+            images = F.interpolate(images, scale_factor=self.scale, mode="nearest")
+        return extract_features(self.net, images)
 
-    def score(self, images16: torch.Tensor) -> dict[str, Any]:
-        fake = self.features(images16)
+    def score(self, images: torch.Tensor) -> dict[str, Any]:
+        fake = self.features(images)
         kid_value, kid_ci = kid_bootstrap(self.real, fake, rounds=30)
         return {
             "fd": fd_of_features(fake, self.real),
             "fd_ci95": bootstrap_ci(self.real, fake, fd_of_features, rounds=30),
             "kid": kid_value,
             "kid_ci95": kid_ci,
-            "n": len(images16),
+            "n": len(images),
         }
 
 
 @torch.no_grad()
 def samples(trainer: Trainer, steps: int, n: int) -> torch.Tensor:
     den = EpsDenoiser(trainer.ema, trainer.schedule)
-    return generate(den, NoiseSource(range(n), (1, 16, 16)), sampler="ddim", steps=steps)
+    shape = tuple(trainer.data.images.shape[1:])
+    return generate(den, NoiseSource(range(n), shape, trainer.device), sampler="ddim", steps=steps)
+
+
+def data_config(args: Any, **fields: Any) -> dict[str, Any]:
+    """Fashion-MNIST at ``args.size`` (from ``args.data`` when given, else the Debian package)."""
+    data: dict[str, Any] = {"name": "fashion-mnist", "downsample": SIZES[args.size][1]}
+    if args.data:
+        data["path"] = args.data
+    return data | fields
+
+
+def network(args: Any) -> dict[str, Any]:
+    """The preset for ``args.size`` (or ``args.preset``), its image size set to ``args.size``."""
+    name = args.preset or SIZES[args.size][0]
+    fields: dict[str, Any] = {"preset": name}
+    if PRESETS[name].image_size != args.size:
+        fields["model"] = {"image_size": args.size}
+    return fields
 
 
 def base_config(args: Any, out: Path, **fields: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "preset": "fmnist16-cpu",
-        "data": {"name": "fashion-mnist", "downsample": 2},
+        **network(args),
+        "data": data_config(args),
         "batch_size": args.batch,
-        "device": "cpu",
-        "num_threads": 1,
+        "device": args.device,
+        "num_threads": 1 if args.device == "cpu" else None,  # the GPU runs the network; torch picks
         "out_dir": str(out),
         "checkpoint_every": 10**9,
         "sample_count": 0,
@@ -109,15 +146,33 @@ def log(msg: str) -> None:
 
 
 def header(args: Any, experiment: str) -> dict[str, Any]:
+    on_gpu = torch.device(args.device).type == "cuda"
+    scoring = "16x16 upsampled x2 (nearest)" if args.size == 16 else "32x32 as is (no upsampling)"
     return {
         "experiment": experiment,
         "command": "robustdiff bench images16 " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": (
+            f"{torch.cuda.get_device_name(args.device)}, {os.cpu_count()} CPU cores; torch {torch.__version__}"
+            if on_gpu
+            else machine()
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg_start": list(os.getloadavg()),
         "args": {k: v for k, v in vars(args).items() if k != "func"},
-        "feature_space": "penultimate layer of models/weights/fmnist-classifier.safetensors; 16x16 upsampled x2 (nearest)",
+        "network": network(args),
+        "feature_space": f"penultimate layer of models/weights/fmnist-classifier.safetensors; {scoring}",
     }
+
+
+def time_left_for(args: Any, last_seed_s: float | None) -> bool:
+    """Whether another seed, as long as the last one, still ends within ``args.time_limit`` seconds
+    of the start (always, without a limit or before the first seed)."""
+    if args.time_limit is None or last_seed_s is None:
+        return True
+    return time.monotonic() - STARTED + last_seed_s <= args.time_limit
+
+
+STARTED = time.monotonic()
 
 
 def write(out: Path, report: dict[str, Any]) -> None:
@@ -129,25 +184,28 @@ def write(out: Path, report: dict[str, Any]) -> None:
 def seed_a(args: Any) -> None:
     out, work = Path(args.out), Path(args.work) / "seed_a"
     corruption = {"kind": "gaussian", "fraction": 0.9, "sigma": args.sigma, "clamp": False, "seed": 0}
-    report = header(args, "seed A, 16x16 Fashion-MNIST, 90% noisy (unclamped)") | {
+    report = header(args, f"seed A, {args.size}x{args.size} Fashion-MNIST, 90% noisy (unclamped)") | {
         "runs": [],
         "sweep": [],
     }
     if args.append and out.with_suffix(".json").exists():  # more seeds or arms for a finished report
         prev = json.loads(out.with_suffix(".json").read_text())
         was = prev["args"]
+        trained = (was["updates"], was["sigma"], was.get("size", 16), was.get("preset"))
         if (
             args.sweep
             or tuple(args.chosen) != (prev["chosen"]["lambda"], prev["chosen"]["r_max"])
-            or (args.updates, args.sigma) != (was["updates"], was["sigma"])
+            or (args.updates, args.sigma, args.size, args.preset) != trained
         ):
+            preset = f" --preset {was['preset']}" if was.get("preset") else ""
             raise SystemExit(
                 f"--append: use --sweep none --chosen {prev['chosen']['lambda']}:{prev['chosen']['r_max']}"
-                f" --updates {was['updates']} --sigma {was['sigma']} (what {out}.json was run with)"
+                f" --updates {was['updates']} --sigma {was['sigma']} --size {was.get('size', 16)}{preset}"
+                f" (what {out}.json was run with)"
             )
         report |= {"runs": prev["runs"], "sweep": prev.get("sweep", [])}
         report["earlier_commands"] = [*prev.get("earlier_commands", []), prev["command"]]
-    judge = Judge(args.n_real)
+    judge = Judge(args.n_real, args.size, args.device, args.data)
 
     def run(arm: str, seed: int, method: str, options: dict[str, Any]) -> dict[str, Any]:
         cfg = base_config(
@@ -157,7 +215,7 @@ def seed_a(args: Any) -> None:
             options=options,
             seed=seed,
             updates=args.updates,
-            data={"name": "fashion-mnist", "downsample": 2, "corruption": corruption},
+            data=data_config(args, corruption=corruption),
         )
         t0 = time.time()
         tr = Trainer(build(cfg))
@@ -200,7 +258,12 @@ def seed_a(args: Any) -> None:
         if name in wanted
     }
     done = {(r["arm"], r["seed"]) for r in report["runs"]}
+    last_seed_s = None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if not time_left_for(args, last_seed_s):
+            stop_early(report, out, seed)
+            break
+        t0 = time.monotonic()
         for arm, (method, options) in arms.items():
             if (arm, seed) in done:
                 continue  # standard and the chosen adversarial setting already ran on seed 0 in the sweep
@@ -208,8 +271,16 @@ def seed_a(args: Any) -> None:
             others = sorted({r["arm"] for r in report["runs"]} - {"standard"})
             report["comparisons"] = compare(report["runs"], "standard", others, args.nfe)
             write(out, report)
-    plot_a(report, out.with_suffix(".png"), args.nfe)
+        last_seed_s = time.monotonic() - t0
+    plot_a(report, out.with_suffix(".png"), args.nfe, args.size)
     log(f"wrote {out}.json/.png")
+
+
+def stop_early(report: dict[str, Any], out: Path, seed: int) -> None:
+    """Record that ``--time-limit`` ended the seeds before ``seed``."""
+    report["stopped"] = f"--time-limit: seed {seed} would not have finished in time; seeds before it ran"
+    log(report["stopped"])
+    write(out, report)
 
 
 SEED_A_ARMS = {
@@ -237,8 +308,9 @@ def compare(runs: list[dict[str, Any]], base: str, arms: list[str], nfe: list[in
 
 def seed_b(args: Any) -> None:
     out, work = Path(args.out), Path(args.work) / "seed_b"
-    judge = Judge(args.n_real)
-    report = header(args, "seed B, 16x16 Fashion-MNIST, pre-train then fine-tune from one checkpoint") | {
+    judge = Judge(args.n_real, args.size, args.device, args.data)
+    size = f"{args.size}x{args.size}"
+    report = header(args, f"seed B, {size} Fashion-MNIST, pre-train then fine-tune from one checkpoint") | {
         "pretrain": [],
         "runs": [],
     }
@@ -257,7 +329,12 @@ def seed_b(args: Any) -> None:
     report["init"] = str(served)
     arms = seed_b_arms(args.arms_b, args.finetune, args.m)
     report["arms"] = {a: {"method": m, "options": o, "updates": u} for a, (m, o, u) in arms.items()}
+    last_seed_s = None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if not time_left_for(args, last_seed_s):
+            stop_early(report, out, seed)
+            break
+        t0_seed = time.monotonic()
         for arm, (method, options, updates) in arms.items():
             cfg = base_config(
                 args,
@@ -277,7 +354,7 @@ def seed_b(args: Any) -> None:
             row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
             den = EpsDenoiser(tr.ema, tr.schedule)
             row["exposure"] = {
-                f"nfe{s}": exposure_bias(den, judge.test16, steps=s, n=args.n_exposure) for s in args.nfe
+                f"nfe{s}": exposure_bias(den, judge.test, steps=s, n=args.n_exposure) for s in args.nfe
             }
             log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
             report["runs"].append(row)
@@ -288,7 +365,8 @@ def seed_b(args: Any) -> None:
                     report["comparisons"] |= compare(report["runs"], base, [a], args.nfe)
                     report["exposure_comparison"] |= exposure_compare(report["runs"], args.nfe, a, base)
             write(out, report)
-    plot_b(report, out.with_suffix(".png"), args.nfe)
+        last_seed_s = time.monotonic() - t0_seed
+    plot_b(report, out.with_suffix(".png"), args.nfe, args.size)
     log(f"wrote {out}.json/.png")
 
 
@@ -318,15 +396,24 @@ def seed_b_arms(names: list[str], minibatches: int, m: int) -> dict[str, tuple[s
 
 def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: Path) -> Path:
     """Standard on clean data in chunks until FD at the last NFE changes by less than ``args.plateau``
-    (relative) over one chunk, or ``args.pretrain`` updates; returns the exported checkpoint."""
+    (relative) over one chunk, or ``args.pretrain`` updates, or (``args.pretrain_seconds``) before a
+    chunk as long as the last one would end past that many seconds; returns the exported checkpoint."""
     pre_dir = work / "pretrain"
     served = work / "pretrain.safetensors"
     chunk = args.pretrain_chunk
     key = f"nfe{args.nfe[-1]}"
     rule = f"plateau when |FD@{args.nfe[-1]} change| over one {chunk}-update chunk < {args.plateau:.0%}"
+    if args.pretrain_seconds is not None:
+        rule += f", or before a chunk that would end past {args.pretrain_seconds:g} s of pre-training"
     report["plateau"] = {"rule": rule, "reached": False}
     updates = 0
+    t0, last_chunk_s = time.monotonic(), 0.0
     while updates < args.pretrain:
+        spent = time.monotonic() - t0
+        if args.pretrain_seconds is not None and updates and spent + last_chunk_s > args.pretrain_seconds:
+            report["plateau"]["stopped_by_time"] = spent
+            log(f"pre-training stops at {updates} updates: the next chunk would end past the time cap")
+            break
         updates = min(updates + chunk, args.pretrain)
         cfg = build(
             base_config(args, pre_dir, seed=0, updates=updates, export_path=str(served))
@@ -334,6 +421,7 @@ def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: P
         )
         tr = Trainer(cfg, resume=pre_dir if updates > chunk else None)
         finish(tr)
+        last_chunk_s = time.monotonic() - t0 - spent
         last = args.nfe[-1]  # the plateau rule reads one NFE; scoring only it halves the cost of a check
         row = {"updates": updates, key: judge.score(samples(tr, last, args.n))}
         report["pretrain"].append(row)
@@ -391,7 +479,7 @@ def _bars(ax: Any, comparisons: dict[str, Any], title: str) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def plot_a(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
+def plot_a(report: dict[str, Any], path: Path, nfe: list[int], size: int = 16) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,13 +497,13 @@ def plot_a(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
     axes[0].set_xlabel("training seed")
     axes[0].set_ylabel(f"FD vs clean test @ NFE {nfe[-1]}")
     axes[0].legend(fontsize=7)
-    _bars(axes[1], report.get("comparisons", {}), "seed A, 90% noisy 16x16 Fashion-MNIST")
+    _bars(axes[1], report.get("comparisons", {}), f"seed A, 90% noisy {size}x{size} Fashion-MNIST")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def plot_b(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
+def plot_b(report: dict[str, Any], path: Path, nfe: list[int], size: int = 16) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,7 +515,7 @@ def plot_b(report: dict[str, Any], path: Path, nfe: list[int]) -> None:
     axes[0].set_xlabel("pre-training updates")
     axes[0].set_ylabel(f"FD @ NFE {nfe[-1]}")
     axes[0].set_title("pre-training (standard, clean)", fontsize=8)
-    _bars(axes[1], report.get("comparisons", {}), "seed B fine-tune from one checkpoint")
+    _bars(axes[1], report.get("comparisons", {}), f"seed B fine-tune from one checkpoint, {size}x{size}")
     for arm, colour in (("standard", "grey"), ("standard-equal-updates", "tab:blue"), ("dro-at", "tab:red")):
         rows = [r for r in report["runs"] if r["arm"] == arm]
         for j, r in enumerate(rows):
@@ -459,6 +547,21 @@ def pairs(text: str) -> list[tuple[float, float]]:
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=("seed-a", "seed-b"))
+    p.add_argument(
+        "--size",
+        type=int,
+        choices=sorted(SIZES),
+        default=16,
+        help="image size: 16 (downsample 2, fmnist16-cpu) or 32 (full size, fmnist)",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="network (default: the size's preset)")
+    p.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--data", help="Fashion-MNIST IDX folder (default: the Debian package)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds: start no seed that, as long as the last one, would end past this",
+    )
     p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument(
         "--first-seed",
@@ -493,6 +596,11 @@ def main() -> None:
         default=0.03,
         help="seed-b: stop pre-training when FD changes less (relative)",
     )
+    p.add_argument(
+        "--pretrain-seconds",
+        type=float,
+        help="seed-b: start no pre-training chunk that, as long as the last one, would end past this",
+    )
     p.add_argument("--init", help="seed-b: fine-tune from this checkpoint instead of pre-training")
     p.add_argument("--pretrain-report", help="seed-b with --init: OUT.json of the run that pre-trained it")
     p.add_argument(
@@ -526,7 +634,10 @@ def main() -> None:
         p.error(str(e))
     if unknown := set(args.arms_a) - set(SEED_A_ARMS):
         p.error(f"unknown seed-a arm(s) {sorted(unknown)}; choose from {list(SEED_A_ARMS)}")
-    torch.set_num_threads(1)
+    if args.data and not Path(args.data).is_dir():
+        p.error(f"--data: {args.data} is not a folder")
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(1)
     (seed_a if args.experiment == "seed-a" else seed_b)(args)
 
 

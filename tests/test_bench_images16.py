@@ -1,14 +1,24 @@
-"""bench/images16.py: the seed-B arm set (the equal-updates control) and its paired comparisons."""
+"""bench/images16.py: the seed-B arm set (the equal-updates control), its paired comparisons, and
+the image size / device options (16x16 on the CPU, 32x32 for the GPU script)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+
+from models.data import FASHION_MNIST_DIR, load_fashion_mnist
+from models.evaluation.quality import extract_features
+from models.train.config import build
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -96,3 +106,76 @@ def test_seed_a_append_refuses_a_different_setting(tmp_path: Path) -> None:
         proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1
         assert "--chosen 1.0:0.5 --updates 800 --sigma 0.2" in proc.stderr
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    return argparse.Namespace(
+        **({"size": 16, "preset": None, "data": None, "device": "cpu"} | kw), batch=8, lr=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "preset", "downsample", "image_size"),
+    [(16, "fmnist16-cpu", 2, 16), (32, "fmnist", 1, 32)],
+)
+def test_size_picks_preset_and_data(size: int, preset: str, downsample: int, image_size: int) -> None:
+    cfg = images16.base_config(_args(size=size), Path("unused"), updates=1)
+    assert (cfg["preset"], cfg["data"], "model" in cfg) == (
+        preset,
+        {"name": "fashion-mnist", "downsample": downsample},
+        False,
+    )
+    assert (cfg["device"], cfg["num_threads"]) == ("cpu", 1)
+    assert build(cfg).model_config_().image_size == image_size
+
+
+def test_preset_override_takes_the_size_and_cuda_leaves_threads_to_torch() -> None:
+    cfg = images16.base_config(_args(size=32, preset="tiny", device="cuda", data="/d"), Path("u"))
+    assert (cfg["preset"], cfg["model"], cfg["data"]["path"]) == ("tiny", {"image_size": 32}, "/d")
+    assert (cfg["device"], cfg["num_threads"]) == ("cuda", None)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_judge_scores_32x32_as_is_and_16x16_upsampled() -> None:
+    test32 = load_fashion_mnist("test").images
+    j32, j16 = images16.Judge(4, size=32), images16.Judge(4, size=16)
+    idx = torch.randperm(len(test32), generator=torch.Generator().manual_seed(0))[:4]
+    assert torch.equal(j32.test, test32[idx])  # the 32x32 test split itself
+    assert torch.equal(j16.test, F.avg_pool2d(test32[idx], 2))
+    x32 = j32.test.flip(-1)
+    assert np.array_equal(j32.features(x32), extract_features(j32.net, x32))  # no upsampling
+    x16 = j16.test.flip(-1)
+    up = F.interpolate(x16, scale_factor=2, mode="nearest")
+    assert np.array_equal(j16.features(x16), extract_features(j16.net, up))
+    assert j32.score(j32.test)["fd"] < 1e-6 < j32.score(x32)["fd"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--size", "24"], "argument --size: invalid choice: 24 (choose from 16, 32)"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+        (["--device", "tpu"], "argument --device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["--data", "/no/such/folder"], "--data: /no/such/folder is not a folder"),
+        (["--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'"),
+        (["--pretrain-seconds", "x"], "argument --pretrain-seconds: invalid float value: 'x'"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available here")]),
+)
+def test_argument_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["images16.py", "seed-b", *argv, "--out", "x"])
+    with pytest.raises(SystemExit) as exc:
+        images16.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_time_limit_stops_before_a_seed_that_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images16, "STARTED", time.monotonic() - 100)  # 100 s spent
+    assert images16.time_left_for(_args(time_limit=None), 1e9)
+    assert images16.time_left_for(_args(time_limit=10.0), None)  # the first seed always starts
+    assert images16.time_left_for(_args(time_limit=200.0), 50.0)
+    assert not images16.time_left_for(_args(time_limit=140.0), 50.0)

@@ -296,3 +296,68 @@ def test_gpu_protocol_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Pa
     )
     assert [line.split()[1] for line in summary] == ["skipped"] * 5  # 100, 240, 240, 100, 100 s limits > 90 s
     assert [p.name for p in out.iterdir()] == ["protocol.log"]
+
+
+def _small_fashion_mnist(folder: Path, n_train: int, n_test: int) -> Path:
+    """The first images of each split as uncompressed IDX files: a quick stand-in for DATA."""
+    from models.data import read_idx
+
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            arr = read_idx(FASHION_MNIST_DIR / f"{prefix}-{kind}-ubyte.gz")[:n]
+            head = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            (folder / f"{prefix}-{kind}-ubyte").write_bytes(head + arr.tobytes())
+    return folder
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_gpu_seeds_script_runs_both_experiments_at_32x32_and_brings_back_few_files(tmp_path: Path) -> None:
+    """The one-call seed-A/B script, shrunk for the CPU: 32x32, both experiments paired over 2 seeds."""
+    out = tmp_path / "out"
+    shrink = {"DEVICE": "cpu", "PRESET": "tiny", "BATCH": "4", "PRETRAIN": "2", "PRETRAIN_CHUNK": "1"}
+    shrink |= {"FINETUNE": "1", "M": "2", "SEEDS_B": "2", "UPDATES_A": "1", "SEEDS_A": "2"}
+    shrink |= {"N": "8", "N_EXPOSURE": "4", "N_REAL": "16", "NFE": "1,2"}
+    data = _small_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=32)
+    summary = _run_device_script(
+        "gpu_seeds.sh", out, "seeds.log", DATA=str(data), WORK_DIR=str(tmp_path / "w"), **shrink
+    )
+    assert [line.split()[:2] for line in summary] == [["seed-b", "rc=0"], ["seed-a", "rc=0"]]
+    b = json.loads((out / "seed_b.json").read_text())
+    assert b["args"]["size"] == 32 and b["args"]["data"] == str(data)
+    assert b["network"] == {"preset": "tiny", "model": {"image_size": 32}}
+    assert "32x32 as is" in b["feature_space"] and [r["updates"] for r in b["pretrain"]] == [1, 2]
+    assert sorted((r["arm"], r["seed"], r["updates"]) for r in b["runs"]) == [
+        ("dro-at", 0, 2),
+        ("dro-at", 1, 2),
+        ("standard", 0, 1),
+        ("standard", 1, 1),
+        ("standard-equal-updates", 0, 2),
+        ("standard-equal-updates", 1, 2),
+    ]
+    assert b["comparisons"]["dro-at vs standard, fd @ NFE 2"]["seed_ids"] == [0, 1]
+    assert len(b["runs"][0]["exposure"]["nfe2"]) == 2
+    a = json.loads((out / "seed_a.json").read_text())
+    assert a["chosen"] == {"lambda": 1.0, "r_max": 0.5, "by": "given (--chosen), no sweep"}
+    assert a["args"]["sigma"] == 0.2 and a["args"]["updates"] == 1
+    assert {r["arm"] for r in a["runs"]} == {"standard", "equivariant adversarial", "equivariant random"}
+    assert a["comparisons"]["equivariant random vs standard, kid @ NFE 1"]["seed_ids"] == [0, 1]
+    assert all(r["nfe2"]["n"] == 8 for r in a["runs"] + b["runs"])
+    for name in ("seed_a", "seed_b"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "seed_a.json",
+        "seed_a.png",
+        "seed_b.json",
+        "seed_b.png",
+        "seeds.log",
+    ]  # the script promises at most 5 files
+
+
+def test_gpu_seeds_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = _run_device_script(
+        "gpu_seeds.sh", out, "seeds.log", BUDGET_S="200", WORK_DIR=str(tmp_path / "w")
+    )
+    assert [line.split()[:2] for line in summary] == [["seed-b", "skipped"], ["seed-a", "skipped"]]
+    assert [p.name for p in out.iterdir()] == ["seeds.log"]

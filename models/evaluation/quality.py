@@ -153,6 +153,7 @@ def extract_features(net: Any, images: torch.Tensor, batch_size: int = 500) -> n
     return (
         torch.cat([net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
         .double()
+        .cpu()
         .numpy()
     )
 

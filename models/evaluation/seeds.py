@@ -138,14 +138,15 @@ def exposure_bias(
     mean no exposure bias.
     """
     rec = _Recording(denoiser)
-    shape = tuple(data.shape[1:])
-    generate(rec, NoiseSource(range(seed, seed + n), shape), sampler="ddim", steps=steps, clip_x0=True)
+    shape, device = tuple(data.shape[1:]), data.device  # the network's device (CPU draws, moved there)
+    noise_source = NoiseSource(range(seed, seed + n), shape, device)
+    generate(rec, noise_source, sampler="ddim", steps=steps, clip_x0=True)
     g = torch.Generator().manual_seed(seed + 1)
-    x0 = data[torch.randint(0, len(data), (n,), generator=g)]
+    x0 = data[torch.randint(0, len(data), (n,), generator=g).to(device)]
     rows = []
     for timestep, x_norm, eps_norm in rec.steps:
-        t = (timestep.to(torch.float64) + 1.0) / denoiser.schedule.T  # net_time inverted
-        noise = torch.randn(x0.shape, generator=g)
+        t = (timestep.cpu().to(torch.float64) + 1.0) / denoiser.schedule.T  # net_time inverted
+        noise = torch.randn(x0.shape, generator=g).to(device)
         x_t = denoiser.schedule.diffuse(x0, t, noise)
         fwd_eps = denoiser.forward(x_t, timestep)
         tt = float(t[0])
