@@ -33,10 +33,10 @@ OPTIONS: dict[str, dict[str, object]] = {
     "bf16": {"dtype": "bfloat16"},
     "cl": {"channels_last": True},
     "pad": {"pad": True},
-    "compile": {"compile": True},
+    "compile": {"compile": True, "freeze": False},
     "compile-freeze": {"compile": True, "freeze": True},
     "compile-freeze-cl": {"compile": True, "freeze": True, "channels_last": True},
-    "bf16compile": {"dtype": "bfloat16", "compile": True},
+    "bf16compile": {"dtype": "bfloat16", "compile": True, "freeze": False},
     "bf16compile-freeze": {"dtype": "bfloat16", "compile": True, "freeze": True},
     "bf16compile-freeze-cl": {"dtype": "bfloat16", "compile": True, "freeze": True, "channels_last": True},
 }

@@ -85,9 +85,9 @@ class CpuOptions:
     ``micro_batch`` rows per network call, fewer for images so large that the call would exceed
     ``micro_batch_pixels`` pixels (``rows_for``); ``pad`` fills the last micro-batch up to that shape;
     ``dtype`` bfloat16 is autocast (needs avx512_bf16 or AMX); ``compile`` runs torch.compile at
-    the micro-batch shape (and so pads: one shape, one compiled graph); ``freeze`` compiles with
-    Inductor's freezing (the weights become constants it folds and prepacks for oneDNN);
-    ``channels_last`` stores activations NHWC.
+    the micro-batch shape (and so pads: one shape, one compiled graph), with Inductor's freezing
+    unless ``freeze`` is off (the weights become constants it folds and prepacks for oneDNN once,
+    not every call; measured no slower, docs/BENCHMARKS.md); ``channels_last`` stores activations NHWC.
     """
 
     micro_batch: int = DEFAULT_MICRO_BATCH
@@ -95,7 +95,7 @@ class CpuOptions:
     pad: bool = False
     dtype: str = "float32"
     compile: bool = False
-    freeze: bool = False
+    freeze: bool = True
     channels_last: bool = False
 
     @property
@@ -113,8 +113,6 @@ class CpuOptions:
             raise ValueError(f"micro_batch_pixels: {self.micro_batch_pixels} must be >= 1")
         if self.dtype not in CPU_DTYPES:
             raise ValueError(f"cpu dtype: {self.dtype!r} is not one of {', '.join(CPU_DTYPES)}")
-        if self.freeze and not self.compile:
-            raise ValueError("cpu freeze: freezing is part of torch.compile; it needs compile on")
         if self.dtype == "bfloat16" and cpu_bf16_support() is None:
             raise ValueError("cpu dtype: bfloat16 needs a CPU with avx512_bf16 or AMX; this one has neither")
 

@@ -135,7 +135,8 @@ class Settings(BaseSettings):
     cpu_compile: bool = Field(
         False,
         description="torch.compile the network on the CPU for the micro-batch shape (pads every "
-        "micro-batch); compiled while the worker starts, before it reports ready.",
+        "micro-batch), with Inductor's freezing (weights prepacked once); compiled while the worker "
+        "starts (minutes), before it reports ready.",
     )
     cpu_channels_last: bool = Field(
         False, description="Store CPU activations channels-last (NHWC); measured slower on the served models."
