@@ -466,9 +466,8 @@ MERGE_SETTINGS |= {"n_real": None, "nfe": None}
 MERGE_SETTINGS_A: dict[str, Any] = {"updates": None, "sigma": None, "lr": None}
 MERGE_SETTINGS_B: dict[str, Any] = {"finetune": None, "m": None, "finetune_lr": None, "n_exposure": None}
 # What differs between parts by design: which seeds and arms a process ran, and where it wrote.
-PART_ARGS = frozenset(
-    "experiment first_seed seeds arms_a arms_b out work time_limit append pretrain_only parts".split()
-)
+PART_ARGS = {"experiment", "first_seed", "seeds", "arms_a", "arms_b", "out", "work", "time_limit"}
+PART_ARGS |= {"append", "pretrain_only", "parts"}
 
 
 def merge_settings(report: dict[str, Any]) -> dict[str, Any]:
