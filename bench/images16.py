@@ -276,8 +276,9 @@ def seed_a(args: Any) -> None:
             report["comparisons"] = seed_a_comparisons(report["runs"], args.nfe)
             write(out, report)
         last_seed_s = time.monotonic() - t0
-    plot_a(report, out.with_suffix(".png"), args.nfe, args.size)
-    log(f"wrote {out}.json/.png")
+    if args.plot:
+        plot_a(report, out.with_suffix(".png"), args.nfe, args.size)
+    log(f"wrote {out}.json" + (" and .png" if args.plot else ""))
 
 
 def stop_early(report: dict[str, Any], out: Path, seed: int) -> None:
@@ -374,8 +375,9 @@ def seed_b(args: Any) -> None:
             report |= seed_b_comparisons(report["runs"], args.nfe)
             write(out, report)
         last_seed_s = time.monotonic() - t0_seed
-    plot_b(report, out.with_suffix(".png"), args.nfe, args.size)
-    log(f"wrote {out}.json/.png")
+    if args.plot:
+        plot_b(report, out.with_suffix(".png"), args.nfe, args.size)
+    log(f"wrote {out}.json" + (" and .png" if args.plot else ""))
 
 
 SEED_B_ARMS = ("standard", "standard-equal-updates", "dro-at")
@@ -467,7 +469,7 @@ MERGE_SETTINGS_A: dict[str, Any] = {"updates": None, "sigma": None, "lr": None}
 MERGE_SETTINGS_B: dict[str, Any] = {"finetune": None, "m": None, "finetune_lr": None, "n_exposure": None}
 # What differs between parts by design: which seeds and arms a process ran, and where it wrote.
 PART_ARGS = {"experiment", "first_seed", "seeds", "arms_a", "arms_b", "out", "work", "time_limit"}
-PART_ARGS |= {"append", "pretrain_only", "parts"}
+PART_ARGS |= {"append", "pretrain_only", "parts", "plot"}
 
 
 def merge_settings(report: dict[str, Any]) -> dict[str, Any]:
@@ -557,6 +559,17 @@ def merge(args: Any) -> None:
     arms = sorted(set(expected) | {arm for arm, _ in where})
     seeds = sorted(set(range(args.first_seed, args.first_seed + args.seeds)) | {s for _, s in where})
     report["missing"] = [{"arm": a, "seed": s} for s in seeds for a in arms if (a, s) not in where]
+    rates: dict[str, list[float]] = {}  # the first check of a sizing: were the parts as fast as assumed?
+    for r in runs:
+        if r.get("train_s"):
+            rates.setdefault(r["arm"], []).append(
+                r.get("updates", report["args"].get("updates", 0)) / r["train_s"]
+            )
+    report["updates_per_s"] = {arm: [min(v), max(v)] for arm, v in rates.items()}
+    log(
+        "updates/s per run (train_s: building the trainer and training): "
+        + "; ".join(f"{arm} {min(v):.2f}-{max(v):.2f}" for arm, v in rates.items())
+    )
     out = Path(args.out)
     write(out, report)
     (plot_a if settings["experiment"] == "seed A" else plot_b)(
@@ -762,6 +775,12 @@ def main() -> None:
     )
     p.add_argument("--n-real", type=positive_int, default=2000, help="clean test images in the reference")
     p.add_argument("--nfe", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10])
+    p.add_argument(
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="write no OUT.png (a part that a merge will plot)",
+    )
     p.add_argument("--work", default="runs/images16", help="training run folders")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = p.parse_intermixed_args()

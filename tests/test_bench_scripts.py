@@ -312,37 +312,59 @@ def _small_fashion_mnist(folder: Path, n_train: int, n_test: int) -> Path:
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
-def test_gpu_seeds_script_runs_both_experiments_at_32x32_and_brings_back_few_files(tmp_path: Path) -> None:
-    """The one-call seed-A/B script, shrunk for the CPU: 32x32, both experiments paired over 2 seeds."""
+def test_gpu_seeds_script_runs_both_experiments_side_by_side_and_survives_a_failed_process(
+    tmp_path: Path,
+) -> None:
+    """The one-call seed-A/B script, shrunk for the CPU (32x32, 2 arms, 2 processes at a time): every
+    (arm, seed) its own process, merged; a process that fails costs only its own run."""
     out = tmp_path / "out"
     shrink = {"DEVICE": "cpu", "PRESET": "tiny", "BATCH": "4", "PRETRAIN": "2", "PRETRAIN_CHUNK": "1"}
-    shrink |= {"FINETUNE": "1", "M": "2", "SEEDS_B": "2", "UPDATES_A": "1", "SEEDS_A": "2"}
+    shrink |= {"FINETUNE": "1", "M": "2", "SEEDS_B": "2", "ARMS_B": "dro-at,standard", "UPDATES_A": "1"}
+    shrink |= {"SEEDS_A": "1", "ARMS_A": "adversarial,standard", "JOBS": "2"}
     shrink |= {"N": "8", "N_EXPOSURE": "4", "N_REAL": "16", "NFE": "1,2"}
     data = _small_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=32)
-    summary = _run_device_script(
-        "gpu_seeds.sh", out, "seeds.log", DATA=str(data), WORK_DIR=str(tmp_path / "w"), **shrink
+    python = tmp_path / "python"  # the seed-A adversarial process fails at once, as a crashed one would
+    python.write_text(
+        '#!/usr/bin/env bash\n[[ " $* " == *" --arms-a adversarial "* ]] && exit 3\n'
+        f'exec {sys.executable} "$@"\n'
     )
-    assert [line.split()[:2] for line in summary] == [["seed-b", "rc=0"], ["seed-a", "rc=0"]]
+    python.chmod(0o755)
+    summary = _run_device_script(
+        "gpu_seeds.sh",
+        out,
+        "seeds.log",
+        DATA=str(data),
+        WORK_DIR=str(tmp_path / "w"),
+        PYTHON=str(python),
+        **shrink,
+    )
+    ended = {line.split()[0]: line.split()[1] for line in summary}
+    assert ended.pop("a-adversarial-s0") == "rc=3"
+    names = {"b-pretrain", "a-standard-s0", "merge-b", "merge-a"}
+    names |= {f"b-{arm}-s{k}" for arm in ("dro-at", "standard") for k in (0, 1)}
+    assert ended == dict.fromkeys(names, "rc=0")
     b = json.loads((out / "seed_b.json").read_text())
     assert b["args"]["size"] == 32 and b["args"]["data"] == str(data)
     assert b["network"] == {"preset": "tiny", "model": {"image_size": 32}}
     assert "32x32 as is" in b["feature_space"] and [r["updates"] for r in b["pretrain"]] == [1, 2]
-    assert sorted((r["arm"], r["seed"], r["updates"]) for r in b["runs"]) == [
-        ("dro-at", 0, 2),
-        ("dro-at", 1, 2),
-        ("standard", 0, 1),
-        ("standard", 1, 1),
-        ("standard-equal-updates", 0, 2),
-        ("standard-equal-updates", 1, 2),
+    assert b["init"] == str(tmp_path / "w/b-pretrain/seed_b/pretrain.safetensors")
+    assert [(r["seed"], r["arm"], r["updates"]) for r in b["runs"]] == [
+        (0, "dro-at", 2),
+        (0, "standard", 1),
+        (1, "dro-at", 2),
+        (1, "standard", 1),
     ]
     assert b["comparisons"]["dro-at vs standard, fd @ NFE 2"]["seed_ids"] == [0, 1]
-    assert len(b["runs"][0]["exposure"]["nfe2"]) == 2
+    assert len(b["exposure_comparison"]["dro-at vs standard, eps_norm_gap @ NFE 2"]) == 2
+    assert b["missing"] == [] and len(b["parts"]) == 4
     a = json.loads((out / "seed_a.json").read_text())
     assert a["chosen"] == {"lambda": 1.0, "r_max": 0.5, "by": "given (--chosen), no sweep"}
     assert a["args"]["sigma"] == 0.2 and a["args"]["updates"] == 1
-    assert {r["arm"] for r in a["runs"]} == {"standard", "equivariant adversarial", "equivariant random"}
-    assert a["comparisons"]["equivariant random vs standard, kid @ NFE 1"]["seed_ids"] == [0, 1]
+    assert [(r["seed"], r["arm"]) for r in a["runs"]] == [(0, "standard")] and a["comparisons"] == {}
+    assert a["missing"] == [{"arm": "equivariant adversarial", "seed": 0}]
     assert all(r["nfe2"]["n"] == 8 for r in a["runs"] + b["runs"])
+    log = (out / "seeds.log").read_text()
+    assert "[a-standard-s0] " in log and "missing: equivariant adversarial seed 0" in log
     for name in ("seed_a", "seed_b"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -354,10 +376,14 @@ def test_gpu_seeds_script_runs_both_experiments_at_32x32_and_brings_back_few_fil
     ]  # the script promises at most 5 files
 
 
-def test_gpu_seeds_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+def test_gpu_seeds_script_skips_processes_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+    """40 s of budget, 30 kept for the merges: no process's expected time (>= START_S = 20 s) fits."""
     out = tmp_path / "out"
     summary = _run_device_script(
-        "gpu_seeds.sh", out, "seeds.log", BUDGET_S="200", WORK_DIR=str(tmp_path / "w")
+        "gpu_seeds.sh", out, "seeds.log", BUDGET_S="40", WORK_DIR=str(tmp_path / "w")
     )
-    assert [line.split()[:2] for line in summary] == [["seed-b", "skipped"], ["seed-a", "skipped"]]
+    ended = [line.split()[:2] for line in summary]
+    assert ended[0] == ["b-pretrain", "skipped"] and len(ended) == 1 + 9 + 2
+    assert all(state == "skipped" for _, state in ended[1:10])
+    assert ended[10:] == [["merge-b", "nothing-to-merge"], ["merge-a", "nothing-to-merge"]]
     assert [p.name for p in out.iterdir()] == ["seeds.log"]
