@@ -20,29 +20,34 @@
 #   lists the missing runs (`missing` in the JSON), and the summary gives each process's exit code.
 #
 # Sizing. Rate, from the one GPU rate measured (docs/BENCHMARKS.md "Training on the GPU",
-# MODEL_CARDS.md): on a shared H100 the 1.62M-parameter fmnist-cpu network trained at 5.7 updates/s
-# (standard, batch 128) with the GPU nearly idle and the host cores oversubscribed. The `fmnist`
-# preset (6.5M) has the same depth (levels 1-2-2, 2 res blocks, attention at 8x8), so the same number
-# of kernel launches per update; sized at RATE = 6 updates/s for standard and dro-at updates, and
-# 2.6x / 2.0x that cost for equivariant adversarial / random (the CPU ratios of docs/BENCHMARKS.md
-# "Training"). Batch 256: the fmnist preset costs 8.6 GFLOP per image forward + backward (torch's
-# FLOP counter), 2.2 TFLOP per update, 13 TFLOP/s at 6 updates/s: under 2% of an H100/H200's bf16
-# peak, so kernel launches and host work, not the GPU, set the rate. Side by side: ASSUMED that each
-# of up to 8 processes keeps about that single-process rate, since the GPU is > 95% idle and the
-# 16 host cores give each process its own (bench/gpu_train.sh runs its runs side by side for the
-# same reason); never measured. The first GPU run must check it: train_s per run in the JSON and the
-# updates/s per arm that each merge prints. Per process: START_S = 20 s to start (imports, data,
-# the classifier's reference features), EVAL = 3 s per seed-A model and 5 s per fine-tuned model
-# (500 samples at NFE 5 + 10, FD/KID with 30 bootstrap rounds; seed B also the exposure bias):
+# MODEL_CARDS.md): seven training runs and a classifier side by side on one H100 each trained the
+# 1.62M-parameter fmnist-cpu network at 3-7 updates/s (5.7 for standard, batch 128), with the GPU
+# nearly idle and the 16 host cores oversubscribed. The `fmnist` preset (6.5M) has the same depth
+# (levels 1-2-2, 2 res blocks, attention at 8x8), so the same number of kernel launches per update;
+# sized at RATE = 6 updates/s for standard and dro-at updates, and 2.6x / 2.0x that cost for
+# equivariant adversarial / random (the CPU ratios of docs/BENCHMARKS.md "Training"). Batch 256: the
+# fmnist preset costs 8.6 GFLOP per image forward + backward (torch's FLOP counter), 2.2 TFLOP per
+# update, 13 TFLOP/s at 6 updates/s (bf16 autocast): under 2% of an H100/H200's bf16 dense peak (989
+# TFLOP/s), so kernel launches and host work, not the GPU, set the rate. Side by side: ASSUMED that
+# each of up to 8 processes keeps about that single-process rate, since the GPU is > 95% idle under
+# one and the 16 host cores give each process its own (one torch thread each, unlike the
+# oversubscribed H100 run); 8 processes need ~105 TFLOP/s in all, ~11% of the peak, which small
+# kernels, time-sliced between processes, may or may not reach. Not measured: the first GPU run must
+# check it from train_s per run in the JSON and the updates/s per arm that each merge prints (and
+# lower JOBS or BATCH if the rate falls). Per process: START_S = 20 s to start and end (imports, data,
+# the classifier's reference features, interpreter exit), EVAL = 3 s per seed-A model and 5 s per
+# fine-tuned model (500 samples at NFE 5 + 10, FD/KID with 30 bootstrap rounds, ~3-4 s measured on
+# the CPU; seed B also the exposure bias):
 #   seed-A adversarial 20 + 800 x 2.6 / 6 + 3 = 370 s, random 20 + 800 x 2.0 / 6 + 3 = 290 s,
-#   standard 20 + 800 / 6 + 3 = 156 s; pre-training 20 + 150 = 170 s;
-#   seed-B dro-at and standard-equal-updates 20 + 600 / 6 + 5 = 125 s, standard 20 + 200 / 6 + 5 = 58 s.
-# Longest first on 8 slots: at 0 s pre-training, 3 adversarial, 3 random, standard s0; standard s1
-# at 156 s, s2 at 170 s (pre-training done: the 12 fine-tunes join the queue); dro-at at 290 (x3) and
-# 312 s, standard-equal-updates at 326 and 370 (x3) s, standard fine-tunes at 415 (x3) and 437 s;
-# the last ends at 495 s, 3,850 of the 8 x 495 slot-seconds busy (97%). MERGE_S = 30 s is kept for
-# the two merges (~10 s each): 495 + 30 <= 540. Per-process fine-tune of all three arms serially
-# (7 x 200 updates, 265 s) or per-seed seed A (800 x 5.6 / 6 = 747 s) would not fit.
+#   standard 20 + 800 / 6 + 3 = 157 s; pre-training 20 + 150 = 170 s;
+#   seed-B dro-at and standard-equal-updates 20 + 600 / 6 + 5 = 125 s, standard 20 + 200 / 6 + 5 = 59 s
+#   (each rounded up). Longest first on 8 slots: at 0 s pre-training, 3 adversarial, 3 random and
+#   standard s0; standard s1 at 157 s, s2 at 170 s (pre-training done: the 12 fine-tunes join the
+#   queue); dro-at at 290 (x3) and 314 s, standard-equal-updates at 327 and 370 (x3) s, standard
+#   fine-tunes at 415 (x3) and 439 s; the last ends at 498 s, with 3,857 of the 8 x 498 slot-seconds
+#   busy (97%). MERGE_S = 30 s is kept for the two merges (~10 s each): 498 + 30 = 528 <= 540.
+#   Fewer, longer processes do not fit: one per seed-A seed (its arms one after another) needs
+#   20 + 800 x 5.6 / 6 + 9 = 776 s, and one per seed-B seed (7 x 200 updates) moves the end to 583 s.
 # Each process runs under a limit that ends at the deadline (BUDGET_S - MERGE_S); one whose expected
 # time (at RATE) no longer fits before it is skipped, not started. The update counts are fixed so
 # that seeds pair: if the rate is lower, the longest runs are cut (their arm goes missing), and the
