@@ -6,7 +6,9 @@ z ~ N(0, diag(s_i^2)). Training sets: clean; 90% of points + N(0, sigma^2 I) for
 off-subspace residual mean ||(I - U U^T) x|| / sqrt(D) (truth 0), the in-subspace covariance error
 ||U^T C U - diag(s^2)||_F / ||diag(s^2)||_F and the largest principal angle between span(U) and the
 samples' top-K principal subspace. Arms: standard, equivariant random / adversarial (the paper's
-radius), the invariance ablation and the earlier pixel-floor radius.
+radius), the invariance ablation and the earlier pixel-floor radius; ``--strong LAMBDA:R_MAX`` adds
+an adversarial and a random arm with that weight and box (e.g. 10:3, to check the linear-Gaussian
+bound of ``subspace-theory``), ``--arms`` picks which arms train on the corrupted sets.
 
 ``plane``: the 3-D plane toy of bench/seed_a_plane.py (6-Gaussian mixture on a plane, 10% uniform
 outliers) with the same arms; off-support fraction and mean distance to the plane.
@@ -26,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,6 +60,32 @@ ARMS_A: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def strong_setting(text: str) -> tuple[float, float]:
+    """argparse type for ``--strong``: ``LAMBDA:R_MAX``, both numbers >= 0 (e.g. ``10:3``)."""
+    error = argparse.ArgumentTypeError(f"expected LAMBDA:R_MAX with two finite numbers >= 0, got {text!r}")
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise error
+    try:
+        lam, r_max = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise error from None
+    if not all(math.isfinite(v) and v >= 0 for v in (lam, r_max)):
+        raise error
+    return lam, r_max
+
+
+def arm_table(strong: list[tuple[float, float]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """ARMS_A plus, for each (lambda, r_max) in ``strong``, the adversarial and random equivariant arms
+    with the paper's radius family at that weight and box."""
+    arms = dict(ARMS_A)
+    for lam, r_max in strong:
+        for variant in ("adversarial", "random"):
+            name = f"equivariant {variant} (lambda {lam:g}, r_max {r_max:g})"
+            arms[name] = ("equivariant-at", {"variant": variant, "lambda": lam, "r_max": r_max})
+    return arms
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -64,7 +93,7 @@ def log(msg: str) -> None:
 def header(args: Any, experiment: str) -> dict[str, Any]:
     return {
         "experiment": experiment,
-        "command": "robustdiff bench seed_known " + " ".join(sys.argv[1:]),
+        "command": "robustdiff bench seed_known " + shlex.join(sys.argv[1:]),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg_start": list(os.getloadavg()),
@@ -139,20 +168,35 @@ class Subspace:
         }
 
 
+def subspace_arms(args: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[str], list[str]]:
+    """The arm table and the arms trained on the corrupted sets and on the clean set (none: no clean
+    set); ``standard`` must be among each (every comparison is paired against it)."""
+    table = arm_table(args.strong)
+    corrupted = list(table) if args.arms is None else args.arms
+    for option, chosen in (("--arms", corrupted), ("--clean-arms", args.clean_arms)):
+        unknown = [a for a in chosen if a not in table]
+        if unknown:
+            raise SystemExit(f"seed_known: {option}: unknown arm {unknown[0]!r}; known: {', '.join(table)}")
+        if chosen and "standard" not in chosen:
+            raise SystemExit(f"seed_known: {option} must include 'standard' (the paired baseline)")
+    return table, corrupted, list(args.clean_arms)
+
+
 def subspace(args: Any) -> None:
     out = Path(args.out)
+    table, corrupted, clean_arms = subspace_arms(args)
     space = Subspace(args.dim, args.k)
     extra = " + outliers" if args.outliers_with_noise else ""
     # The noisy sets first: they carry the paper's claim; the clean set only measures the cost.
     conditions = [f"noisy sigma {s:g}{extra}" for s in args.sigmas]
-    conditions += ([] if args.outliers_with_noise else ["outliers"]) + ["clean"]
+    conditions += ([] if args.outliers_with_noise else ["outliers"]) + (["clean"] if clean_arms else [])
     report = header(args, "seed A: linearized subspace data, D x K") | {"results": {}}
     for cond in conditions:
         train_metrics = space.metrics(space.training(cond, args.n_train, 0))
         per_seed: dict[str, dict[str, list[float]]] = {}
-        arms = args.clean_arms if cond == "clean" else list(ARMS_A)
+        arms = clean_arms if cond == "clean" else corrupted
         for arm in arms:
-            method, options = ARMS_A[arm]
+            method, options = table[arm]
             per_seed[arm] = {}
             for seed in range(args.seeds):
                 data = space.training(cond, args.n_train, seed)
@@ -206,75 +250,108 @@ def penalty_scale(
     return lam * er2 / (3.0 if variant == "random" else 1.0)
 
 
-def linear_gaussian_std_ratio(
-    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
-) -> float:
-    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x.
+def linear_gaussian_ddim_variance(
+    v: torch.Tensor, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> torch.Tensor:
+    """Variance of deterministic DDIM samples (``steps`` on the bench's grid, from N(0, 1)) for
+    N(0, v) data in each direction (``v`` a tensor of variances) and the loss-optimal linear eps-model.
 
     The loss E(k x_t - eps)^2 + lambda E[w^2] (k s_t - 1)^2 (the equivariance residual of a linear
-    model is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)): the exact denoiser of
-    variance v / (1 + c). Returns the std of deterministic DDIM samples (``steps`` on the bench's grid)
-    with that k over the std with the standard k (c = 0): how much the regulariser can shrink the
-    noise the training set holds in that direction.
+    model k(t) x is (k s_t - 1) w) is least at k = s (1 + c) / (a^2 v + s^2 (1 + c)), c =
+    ``penalty_scale``: the exact denoiser of variance v / (1 + c); lambda = 0 is the standard model.
     """
     sch = Schedule()
     ts = sampler_grid(sch, "ddim", steps=steps)
+    var = torch.ones_like(v, dtype=torch.float64)
+    for t, t_next in itertools.pairwise(ts):
+        ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
+        st = (1 - ab).sqrt()
+        c = penalty_scale(st, variant, lam, r_max, radius)
+        k = st * (1 + c) / (ab * v + st**2 * (1 + c))
+        var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
+    return var
 
-    def final_std(with_penalty: bool) -> float:
-        var = torch.tensor(1.0, dtype=torch.float64)
-        for t, t_next in itertools.pairwise(ts):
-            ab, ab_next = sch.alphabar(t), sch.alphabar(t_next)
-            st = (1 - ab).sqrt()
-            c = (
-                penalty_scale(st, variant, lam, r_max)
-                if with_penalty
-                else torch.zeros((), dtype=torch.float64)
-            )
-            k = st * (1 + c) / (ab * v + st**2 * (1 + c))
-            var = var * ((ab_next / ab).sqrt() * (1 - st * k) + (1 - ab_next).sqrt() * k) ** 2
-        return float(var.sqrt())
 
-    return final_std(True) / final_std(False)
+def linear_gaussian_std_ratio(
+    v: float, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """The exact answer for N(0, v) data in one direction and a linear eps-model k(t) x: the std of
+    DDIM samples with the AT optimum over the std with the standard one (lambda = 0); how much the
+    regulariser can shrink the noise the training set holds in that direction."""
+    vt = torch.tensor(v, dtype=torch.float64)
+    at = linear_gaussian_ddim_variance(vt, variant, lam, r_max, steps, radius)
+    return float((at / linear_gaussian_ddim_variance(vt, variant, 0.0, r_max, steps, radius)).sqrt())
+
+
+def in_subspace_variance_ratio_bound(
+    v: torch.Tensor, variant: str, lam: float, r_max: float, steps: int = 50, radius: str = "paper"
+) -> float:
+    """tr(U^T C U) of AT samples over the standard model's, exact for the linear-Gaussian model with
+    per-direction data variances ``v``: the cost the regulariser's optimum has inside the subspace."""
+    at = linear_gaussian_ddim_variance(v, variant, lam, r_max, steps, radius)
+    return float(at.sum() / linear_gaussian_ddim_variance(v, variant, 0.0, r_max, steps, radius).sum())
+
+
+def skip_only_off_subspace(sigma_data: float, dim: int, k: int, steps: int = 50) -> float:
+    """Off-subspace residual ||(I - U U^T) x|| / sqrt(D) (RMS) of DDIM samples from the preconditioned
+    MLP with F = 0, the Gaussian eps of N(0, sigma_data^2 I): where a model ends that learns nothing
+    off the subspace beyond its skip path."""
+    var = linear_gaussian_ddim_variance(
+        torch.tensor(sigma_data**2, dtype=torch.float64), "random", 0.0, 0.0, steps
+    )
+    return math.sqrt(float(var) * (dim - k) / dim)
 
 
 def subspace_theory(args: Any) -> None:
-    """Off-subspace std of AT samples / standard's, exact for the linear-Gaussian model, over a grid of
-    (lambda, r_max): what the regulariser can do at best on this data, before any training noise."""
+    """The linear-Gaussian bound over a grid of (lambda, r_max), per training set: the off-subspace
+    std of AT samples / standard's, and the in-subspace variance ratio (the cost); what the
+    regulariser can do at best on this data, before any training noise."""
     out = Path(args.out)
+    space = Subspace(args.dim, args.k)
     report = header(args, "seed A: linear-Gaussian bound for the subspace data's off-subspace noise") | {
-        "rows": []
+        "rows": [],
+        "skip_only_off_subspace": {},
     }
+    extra = " + outliers" if args.outliers_with_noise else ""
+    # (set, sigma, per-direction variance off the subspace, in it): with outliers the noisy sets hold
+    # 81% noisy points, 10% outliers N(0, 0.25^2 I) and 9% clean ones; the clean set only has s_i^2.
+    keep = 0.9 if args.outliers_with_noise else 1.0
+    sets = []
     for sigma in args.sigmas:
-        # off the subspace the training set holds 81% noisy points, 10% outliers N(0, 0.25^2), 9% clean
-        v = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
-        for variant in ("random", "adversarial"):
-            for lam in args.lambdas:
-                for r_max in args.r_maxes:
-                    ratio = linear_gaussian_std_ratio(v, variant, lam, r_max, args.steps)
-                    report["rows"].append(
-                        {
-                            "sigma": sigma,
-                            "variant": variant,
-                            "lambda": lam,
-                            "r_max": r_max,
-                            "std_ratio": ratio,
-                        }
-                    )
-                    log(
-                        f"sigma {sigma:g} {variant:11s} lambda {lam:g} r_max {r_max:g}: AT / standard {ratio:.4f}"
-                    )
-        # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
-        ratio = linear_gaussian_std_ratio(v, "adversarial", 0.3, 0.0, args.steps, radius="pixel-floor")
-        report["rows"].append(
-            {
-                "sigma": sigma,
-                "variant": "adversarial",
-                "radius": "pixel-floor",
-                "lambda": 0.3,
-                "std_ratio": ratio,
-            }
+        off = 0.9 * 0.9 * sigma**2 + 0.1 * 0.25**2 if args.outliers_with_noise else 0.9 * sigma**2
+        sets.append((f"noisy sigma {sigma:g}{extra}", sigma, off, keep * space.scales**2 + off))
+    sets.append(("clean", 0.0, None, space.scales**2))
+    settings = [
+        ("paper", variant, lam, r_max)
+        for variant in ("random", "adversarial")
+        for lam in args.lambdas
+        for r_max in args.r_maxes
+    ]
+    # The old rule's box is huge near t = 0 (6.3 noise units at t = 1/T): its bound for comparison.
+    settings.append(("pixel-floor", "adversarial", 0.3, 0.0))
+    for data, sigma, off, inside in sets:
+        sigma_data = float(
+            space.training(data, args.n_train, 0).pow(2).mean().sqrt()
+        )  # --skip sigma-data, seed 0
+        residual = skip_only_off_subspace(sigma_data, args.dim, args.k, args.steps)
+        report["skip_only_off_subspace"][data] = {"sigma_data": sigma_data, "residual": residual}
+        log(
+            f"{data}: the skip path alone (F = 0, sigma_data {sigma_data:.4f}) ends {residual:.4f} off the subspace"
         )
-        log(f"sigma {sigma:g} adversarial, pixel-floor radius, lambda 0.3: AT / standard {ratio:.4f}")
+        for radius, variant, lam, r_max in settings:
+            row: dict[str, Any] = {"data": data, "sigma": sigma, "variant": variant, "lambda": lam}
+            row |= {"r_max": r_max} if radius == "paper" else {"radius": radius}
+            if off is not None:
+                row["std_ratio"] = linear_gaussian_std_ratio(off, variant, lam, r_max, args.steps, radius)
+            row["in_subspace_variance_ratio"] = in_subspace_variance_ratio_bound(
+                inside, variant, lam, r_max, args.steps, radius
+            )
+            report["rows"].append(row)
+            log(
+                f"{data} {variant:11s} {radius} lambda {lam:g} r_max {r_max:g}: off-subspace std AT / "
+                f"standard {row.get('std_ratio', float('nan')):.4f}, in-subspace variance "
+                f"{row['in_subspace_variance_ratio']:.4f}"
+            )
     write(out, report)
 
 
@@ -285,18 +362,19 @@ def plot_subspace(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conds = list(report["results"])
+    arms = list(dict.fromkeys(a for c in conds for a in report["results"][c]["summary"]))
     metrics = ["off_subspace", "cov_error", "max_principal_angle_deg"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8))
-    width = 0.8 / len(ARMS_A)
+    width = 0.8 / len(arms)
     for ax, metric in zip(axes, metrics, strict=True):
-        for j, arm in enumerate(ARMS_A):
+        for j, arm in enumerate(arms):
             means, lo, hi = [], [], []
             for c in conds:
                 row = report["results"][c]["summary"].get(arm, {}).get(metric)
                 means.append(row["mean"] if row else float("nan"))
                 lo.append(row["mean"] - row["ci95"][0] if row else 0)
                 hi.append(row["ci95"][1] - row["mean"] if row else 0)
-            xs = [i + (j - len(ARMS_A) / 2 + 0.5) * width for i in range(len(conds))]
+            xs = [i + (j - len(arms) / 2 + 0.5) * width for i in range(len(conds))]
             ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=arm)
         ax.set_xticks(range(len(conds)), conds, fontsize=7)
         ax.set_title(f"{metric} (mean, 95% CI over seeds)", fontsize=8)
@@ -443,7 +521,7 @@ def plot_mixture(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def build_parser() -> BenchParser:
     p = BenchParser(description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=("subspace", "subspace-theory", "plane", "mixture"))
     p.add_argument("--seeds", type=positive_int, default=5)
@@ -464,11 +542,26 @@ def main() -> None:
         help="subspace: 10%% outliers inside each noisy set (default), or a separate outliers-only set",
     )
     p.add_argument(
-        "--clean-arms",
+        "--strong",
+        type=strong_setting,
         nargs="+",
-        choices=list(ARMS_A),
+        default=[],
+        metavar="LAMBDA:R_MAX",
+        help="subspace: add 'equivariant adversarial (lambda L, r_max R)' and its random twin per setting",
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="subspace: arms trained on the corrupted sets (default: all, the --strong ones included; "
+        "standard must be among them)",
+    )
+    p.add_argument(
+        "--clean-arms",
+        nargs="*",
         default=["standard", "equivariant adversarial"],
-        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them)",
+        help="subspace: arms trained on the clean set (the cost of AT; standard must be among them); "
+        "none: skip the clean set",
     )
     p.add_argument(
         "--skip",
@@ -491,7 +584,11 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 10], help="mixture: DDIM NFEs")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     experiments = {
         "subspace": subspace,

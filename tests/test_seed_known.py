@@ -6,6 +6,7 @@ answer; the corruptions hit the stated shares of points.
 """
 
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
@@ -16,7 +17,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from _toy import MLP, VectorTrainer
-from seed_known import Subspace, linear_gaussian_std_ratio, penalty_scale
+from seed_known import (
+    ARMS_A,
+    Subspace,
+    build_parser,
+    in_subspace_variance_ratio_bound,
+    linear_gaussian_ddim_variance,
+    linear_gaussian_std_ratio,
+    penalty_scale,
+    skip_only_off_subspace,
+    subspace,
+    subspace_arms,
+)
 
 from models.generate import sampler_grid
 from models.noise import NoiseSource
@@ -166,3 +178,132 @@ def test_linear_gaussian_bound_is_1_without_penalty_and_shrinks_with_lambda() ->
     assert linear_gaussian_std_ratio(0.04, "adversarial", 0.0, 0.5, steps=20) == pytest.approx(1.0)
     ratios = [linear_gaussian_std_ratio(0.04, "adversarial", lam, 3.0, steps=20) for lam in (0.3, 3.0, 30.0)]
     assert 1.0 > ratios[0] > ratios[1] > ratios[2]
+
+
+def test_linear_gaussian_standard_variance_is_ddims_exact_map() -> None:
+    v = torch.tensor([0.0012, 0.04, 0.16], dtype=torch.float64)
+    got = linear_gaussian_ddim_variance(v, "adversarial", 0.0, 3.0, steps=50)
+    torch.testing.assert_close(got, ddim_variance(v, Schedule(), 50), rtol=1e-12, atol=0.0)
+
+
+def test_linear_gaussian_bound_uses_the_radius_it_is_given() -> None:
+    """The pixel-floor box is >= 0.1 noise units everywhere (6.3 at t = 1/T), the paper's box with
+    r_max = 0 only its bias U[16/255, 32/255]: the pixel-floor bound must cut more."""
+    paper = linear_gaussian_std_ratio(0.0386, "adversarial", 0.3, 0.0, radius="paper")
+    floor = linear_gaussian_std_ratio(0.0386, "adversarial", 0.3, 0.0, radius="pixel-floor")
+    assert floor < paper - 0.03
+    assert paper > 0.99
+
+
+def test_in_subspace_bound_is_the_variance_weighted_mean_of_per_direction_ratios() -> None:
+    v = torch.tensor([0.16, 0.01], dtype=torch.float64)
+    ratios = [linear_gaussian_std_ratio(float(x), "random", 10.0, 3.0, steps=20) ** 2 for x in v]
+    assert in_subspace_variance_ratio_bound(v[:1], "random", 10.0, 3.0, steps=20) == pytest.approx(ratios[0])
+    standard = ddim_variance(v, Schedule(), 20)
+    expected = float((standard * torch.tensor(ratios)).sum() / standard.sum())
+    assert in_subspace_variance_ratio_bound(v, "random", 10.0, 3.0, steps=20) == pytest.approx(expected)
+    assert 0 < expected < 1
+
+
+STRONG_ADV = "equivariant adversarial (lambda 10, r_max 3)"
+STRONG_RANDOM = "equivariant random (lambda 10, r_max 3)"
+
+
+def test_without_strong_the_subspace_arms_are_the_published_ones() -> None:
+    args = build_parser().parse_args(["subspace", "--out", "x"])
+    table, corrupted, clean = subspace_arms(args)
+    assert table == ARMS_A
+    assert corrupted == list(ARMS_A)
+    assert clean == ["standard", "equivariant adversarial"]
+
+
+def test_strong_adds_an_adversarial_arm_and_its_random_twin_at_that_lambda_and_box() -> None:
+    args = build_parser().parse_args(
+        ["subspace", "--strong", "10:3", "1:1.5", "--arms", "standard", STRONG_ADV, "--out", "x"]
+    )
+    assert args.strong == [(10.0, 3.0), (1.0, 1.5)]
+    table, corrupted, _ = subspace_arms(args)
+    assert list(table)[: len(ARMS_A)] == list(ARMS_A)
+    assert list(table)[len(ARMS_A) :] == [
+        STRONG_ADV,
+        STRONG_RANDOM,
+        "equivariant adversarial (lambda 1, r_max 1.5)",
+        "equivariant random (lambda 1, r_max 1.5)",
+    ]
+    assert corrupted == ["standard", STRONG_ADV]
+    for name, variant in ((STRONG_ADV, "adversarial"), (STRONG_RANDOM, "random")):
+        method_name, options = table[name]
+        method = get_method(method_name, options)
+        assert isinstance(method, EquivariantAT)
+        o = method.options
+        assert (o.variant, o.lam, o.r_max, o.radius, o.rho) == (variant, 10.0, 3.0, "paper", 2.0)
+
+
+@pytest.mark.parametrize("bad", ["10", "10:3:1", "ten:3", "-1:3", "10:-3", "nan:3", "10:inf"])
+def test_strong_refuses_anything_but_two_numbers_at_least_0(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["subspace", f"--strong={bad}", "--out", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "LAMBDA:R_MAX" in err and repr(bad) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arms", "standard", STRONG_ADV], "--arms: unknown arm"),  # no --strong 10:3
+        (["--strong", "10:3", "--arms", STRONG_ADV], "--arms must include 'standard'"),
+        (["--clean-arms", "standard", "equivariant sideways"], "--clean-arms: unknown arm"),
+        (["--clean-arms", "equivariant adversarial"], "--clean-arms must include 'standard'"),
+    ],
+)
+def test_subspace_arms_refuse_unknown_arms_and_a_missing_baseline(argv: list[str], message: str) -> None:
+    args = build_parser().parse_args(["subspace", *argv, "--out", "x"])
+    with pytest.raises(SystemExit, match=message):
+        subspace_arms(args)
+
+
+def test_subspace_trains_only_the_chosen_arms_and_pairs_the_strong_ones_with_standard(
+    tmp_path: Path,
+) -> None:
+    """A tiny end-to-end run: the report holds exactly the chosen arms per set, each paired with
+    standard over the same seeds."""
+    argv = ["subspace", "--dim", "8", "--k", "2", "--seeds", "2", "--updates", "3", "--batch", "8"]
+    argv += ["--hidden", "8", "--n-train", "40", "--n-samples", "20", "--steps", "2", "--sigmas", "0.2"]
+    argv += ["--strong", "10:3", "--arms", "standard", STRONG_ADV, STRONG_RANDOM]
+    argv += ["--clean-arms", "standard", STRONG_ADV, "--out", str(tmp_path / "sub")]
+    subspace(build_parser().parse_args(argv))
+    report = json.loads((tmp_path / "sub.json").read_text())
+    assert (tmp_path / "sub.png").stat().st_size > 0
+    noisy, clean = report["results"]["noisy sigma 0.2 + outliers"], report["results"]["clean"]
+    assert list(noisy["summary"]) == ["standard", STRONG_ADV, STRONG_RANDOM]
+    assert list(clean["summary"]) == ["standard", STRONG_ADV]
+    for arm in (STRONG_ADV, STRONG_RANDOM):
+        assert len(noisy["per_seed"][arm]["off_subspace"]) == 2
+        assert "vs_standard" in noisy["summary"][arm]["off_subspace"]
+    # the strong regulariser changes the model: the arms are not the same training under another name
+    assert noisy["per_seed"][STRONG_ADV]["off_subspace"] != noisy["per_seed"]["standard"]["off_subspace"]
+
+    # --clean-arms with no names: no clean set at all
+    subspace(
+        build_parser().parse_args([*argv[:-5], "--seeds", "1", "--clean-arms", "--out", str(tmp_path / "c")])
+    )
+    assert list(json.loads((tmp_path / "c.json").read_text())["results"]) == ["noisy sigma 0.2 + outliers"]
+
+
+def test_a_preconditioned_mlp_that_learns_nothing_ends_where_skip_only_off_subspace_says() -> None:
+    """F = 0 (zeroed output layer): the samples' off-subspace RMS is the Gaussian answer's, through
+    the bench's own sampler, within the sampling error of 1,000 x 28 coordinates."""
+    space = Subspace(32, 4)
+    sigma_data = 0.2
+    tr = VectorTrainer(32, "standard", {}, 1, 0, sigma_data=sigma_data)
+    last = tr.ema.net[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    x = tr.sample(1000, 50, seed=7).double()
+    off = x - (x @ space.u) @ space.u.T
+    rms = float(off.pow(2).sum(dim=1).mean().sqrt()) / math.sqrt(32)
+    assert rms == pytest.approx(skip_only_off_subspace(sigma_data, 32, 4, steps=50), rel=0.02)
