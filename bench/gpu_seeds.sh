@@ -103,6 +103,7 @@ exec > >(tee "$out/seeds.log") 2>&1
 
 source "$(dirname "$0")/_steps.sh"
 deadline=$((budget_end - MERGE_S))
+((JOBS >= 1)) || { echo "JOBS=$JOBS: at least 1 process at a time" && exit 2; }
 
 nvidia-smi -L || true
 "$py" -c "import importlib.util as u, sys; m = [n for n in sys.argv[1:] if u.find_spec(n) is None]; \
@@ -152,7 +153,7 @@ while ((${#queue[@]} + ${#running[@]})); do
   fi
   reap
   if [[ $ended == b-pretrain ]]; then
-    if [[ -f $checkpoint ]]; then
+    if ((ended_rc == 0)) && [[ -f $checkpoint ]]; then
       for arm in ${ARMS_B//,/ }; do
         for ((k = 0; k < SEEDS_B; k++)); do queue+=("b $arm $k"); done
       done
