@@ -54,7 +54,7 @@ reap() {
       unset "running[$pid]" "started[$pid]"
       return
     done
-    sleep 1
+    sleep 0.2
   done
 }
 

@@ -387,3 +387,52 @@ def test_gpu_seeds_script_skips_processes_that_do_not_fit_the_budget(tmp_path: P
     assert all(state == "skipped" for _, state in ended[1:10])
     assert ended[10:] == [["merge-b", "nothing-to-merge"], ["merge-a", "nothing-to-merge"]]
     assert [p.name for p in out.iterdir()] == ["seeds.log"]
+
+
+@pytest.mark.parametrize("pretrain_rc", [0, 1])
+def test_gpu_seeds_script_schedules_longest_first_within_jobs(tmp_path: Path, pretrain_rc: int) -> None:
+    """The scheduler alone, with a stand-in for python that only records its processes: at most JOBS
+    at once, seed-A arms longest first, fine-tunes only after a pre-training that made its checkpoint."""
+    record, work = tmp_path / "record", tmp_path / "w"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        "[[ $1 == -c ]] && exit 0\n"  # the package check
+        f'echo "start $(date +%s.%N) $*" >>{record}\n'
+        'if [[ " $* " == *" --pretrain-only "* ]]; then\n'
+        f"  mkdir -p {work}/b-pretrain/seed_b && touch {work}/b-pretrain/seed_b/pretrain.safetensors\n"
+        f'  sleep 0.5; echo "end $(date +%s.%N) $*" >>{record}; exit {pretrain_rc}\n'
+        "fi\n"
+        f'sleep 0.2; echo "end $(date +%s.%N) $*" >>{record}\n'
+    )
+    python.chmod(0o755)
+    env = {"JOBS": "3", "SEEDS_A": "2", "SEEDS_B": "2", "PYTHON": str(python), "WORK_DIR": str(work)}
+    summary = _run_device_script("gpu_seeds.sh", tmp_path / "out", "seeds.log", **env)
+
+    def name(args: list[str]) -> str:
+        if "--pretrain-only" in args:
+            return "b-pretrain"
+        flag = "--arms-a" if "seed-a" in args else "--arms-b"
+        return f"{flag[-1]}-{args[args.index(flag) + 1]}"
+
+    events = sorted(
+        (float(t), kind, name(args)) for kind, t, *args in map(str.split, record.read_text().splitlines())
+    )
+    busy = peak = 0
+    for _, kind, _ in events:
+        busy += 1 if kind == "start" else -1
+        peak = max(peak, busy)
+    assert peak == 3
+    started = [what for _, kind, what in events if kind == "start"]
+    assert started[:7] == ["b-pretrain"] + ["a-adversarial"] * 2 + ["a-random"] * 2 + ["a-standard"] * 2
+    pretrain_end = next(t for t, kind, what in events if (kind, what) == ("end", "b-pretrain"))
+    fine_tunes = [
+        t for t, kind, what in events if kind == "start" and what.startswith("b-") and what != "b-pretrain"
+    ]
+    if pretrain_rc == 0:
+        assert started[7:] == ["b-dro-at"] * 2 + ["b-standard-equal-updates"] * 2 + ["b-standard"] * 2
+        assert min(fine_tunes) > pretrain_end
+    else:
+        assert fine_tunes == []
+        assert "no pre-trained checkpoint (b-pretrain rc=1)" in (tmp_path / "out/seeds.log").read_text()
+    assert summary[-2:] == ["merge-b nothing-to-merge 0s", "merge-a nothing-to-merge 0s"]
