@@ -58,6 +58,13 @@ class TrainingInfo(BaseModel):
     wall_time_s: float | None = None
     final_loss: float | None = None
 
+    @property
+    def seed(self) -> int | None:
+        """The training seed, which the trainer's export records among the options; None where none
+        was (an imported or randomly initialised model)."""
+        seed = self.options.get("seed")
+        return seed if type(seed) is int else None
+
 
 class CheckpointHeader(BaseModel):
     """Everything a server needs to know about a checkpoint, without reading its tensors."""

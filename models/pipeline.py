@@ -137,6 +137,7 @@ class ModelInfo:
     dataset: str = "unknown"
     eval_s: float = 0.0  # measured at warm-up: seconds per image per network evaluation (0: not measured)
     strengths: dict[str, float] = field(default_factory=dict)  # name -> t* with that noise level here
+    seed: int | None = None  # the training seed (None: not recorded, e.g. an imported model)
 
 
 class Pipeline:
@@ -179,6 +180,7 @@ class Pipeline:
             default_steps=default_steps(header.kind),
             dataset=header.training.dataset,
             strengths=strength_times(self.schedule),
+            seed=header.training.seed,
         )
 
     @classmethod

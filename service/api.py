@@ -60,10 +60,13 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = connect(
-            settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+            settings.redis_url,
+            settings.redis_max_connections,
+            settings.redis_pool_timeout_s,
+            retry_closed=True,
         )
         # Probes get connections of their own, so a burst that fills the pool never fails /readyz.
-        self.probe = connect(settings.redis_url, max_connections=4, pool_timeout_s=2.0)
+        self.probe = connect(settings.redis_url, max_connections=4, pool_timeout_s=2.0, retry_closed=True)
         self.queue = JobQueue(self.redis, job_ttl_s=settings.job_ttl_s)
         self.probe_queue = JobQueue(self.probe, job_ttl_s=settings.job_ttl_s)
         self.listener = CompletionListener(self.redis)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from service import metrics as m
+from service.jobs import Heartbeat
 from service.queue import REDIS_ERRORS, JobQueue
 from service.resolve import default_model
 from service.schemas import ModelEntry, ServedModel
@@ -18,11 +19,11 @@ from service.schemas import ModelEntry, ServedModel
 DEAD_WORKER_RETENTION_S = 600.0
 """A worker silent this long is forgotten (its heartbeat-age series disappears); alerts fire well before."""
 
-Beats = dict[str, dict[str, Any]]
+Beats = dict[str, Heartbeat]
 
 
 def live_workers(beats: Beats, now: float, liveness_s: float) -> list[str]:
-    return [w for w, b in beats.items() if now - float(b.get("ts", 0)) < liveness_s]
+    return [w for w, b in beats.items() if b.age(now) < liveness_s]
 
 
 def served_models(
@@ -34,7 +35,7 @@ def served_models(
     return [
         ServedModel(
             **entry.model_dump(),
-            workers=sum(name in b.get("models", []) for b in live),
+            workers=sum(name in b.models for b in live),
             default=name == default,
         )
         for name, entry in sorted(served.items())
@@ -47,13 +48,13 @@ def readiness(beats: Beats, connected: set[str] | None, now: float, liveness_s: 
     live = [
         w
         for w in live_workers(beats, now, liveness_s)
-        if beats[w].get("models") and (connected is None or w in connected)
+        if beats[w].models and (connected is None or w in connected)
     ]
     return {
         "ready": bool(live),
         "redis": "ok",
         "workers": len(live),
-        "worker_metrics": sorted(beats[w]["metrics"] for w in live if beats[w].get("metrics")),
+        "worker_metrics": sorted(url for w in live if (url := beats[w].metrics)),
     }
 
 
@@ -71,7 +72,7 @@ async def refresh_gauges(queue: JobQueue, liveness_s: float) -> None:
         m.WORKERS_ALIVE.set(0)
         return
     now = time.time()
-    ages = {w: now - float(b.get("ts", 0)) for w, b in beats.items()}
+    ages = {w: b.age(now) for w, b in beats.items()}
     m.HEARTBEAT_AGE.clear()
     for worker, age in ages.items():
         m.HEARTBEAT_AGE.labels(worker=worker).set(age)

@@ -3,7 +3,9 @@ JSON in the job's Redis hash.
 
 The API writes a ``Job`` and resolves every default (model, sampler, steps, seeds, labels, t*)
 before it does, so the worker reads exactly what it will run. The worker writes back a
-``JobResult`` (which the API answers, adding the total time) or a ``JobError``.
+``JobResult`` (which the API answers, adding the total time) or a ``JobError``, and says it is
+alive with a ``Heartbeat`` (read by the API's /readyz, /models and gauges, and by the other
+workers, which reclaim a dead one's jobs).
 """
 
 from __future__ import annotations
@@ -106,3 +108,19 @@ class JobError(BaseModel):
     field: str = "job"
     reason: str = "failed"
     code: str = ""
+
+
+class Heartbeat(BaseModel):
+    """A worker's word that it is alive, rewritten every ROBUSTDIFF_HEARTBEAT_S."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # a newer worker's extra field is not an error
+
+    ts: float = Field(description="Wall time (Unix seconds) of the beat.")
+    models: list[str] = Field(default_factory=list, description="Models loaded and warmed; empty: loading.")
+    pid: int | None = None
+    host: str = ""
+    device: str = Field("", description="Devices its models run on, comma-separated.")
+    metrics: str | None = Field(None, description="URL of its /metrics (None: not served).")
+
+    def age(self, now: float) -> float:
+        return now - self.ts

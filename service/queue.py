@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -30,11 +29,13 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs import Job, JobError, JobResult
+from service.jobs import Heartbeat, Job, JobError, JobResult
 from service.schemas import ModelEntry
 
 PREFIX = "robustdiff"
@@ -84,16 +85,29 @@ WORKER_CLIENT_PREFIX = "robustdiff-worker:"
 
 
 def connect(
-    url: str, max_connections: int = 100, pool_timeout_s: float = 10.0, client_name: str | None = None
+    url: str,
+    max_connections: int = 100,
+    pool_timeout_s: float = 10.0,
+    client_name: str | None = None,
+    retry_closed: bool = False,
 ) -> Redis:
     """A client that fails fast when Redis is down, so the API can answer 503 instead of hanging,
-    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage)."""
+    and queues for a connection when all ``max_connections`` are in use (a burst, not an outage).
+
+    ``retry_closed`` (the API's clients): a command that meets a closed connection is sent once more
+    on a fresh one (redis-py's Retry), since a pooled connection dies with a restarted Redis and the
+    first request on it must not be a 503. Only connection errors are retried, at once: a Redis still
+    down is refused again in no time, and a timeout (a hung Redis) is not waited out twice. The
+    worker keeps its own retry loops, built around at-least-once delivery.
+    """
+    retries = 1 if retry_closed else 0
     pool = _QueueingPool.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=2.0,
         socket_timeout=10.0,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), retries=retries, supported_errors=(RedisConnectionError,)),
         max_connections=max_connections,
         timeout=pool_timeout_s,
         client_name=client_name,
@@ -101,7 +115,10 @@ def connect(
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
+# The job id is new to each call, so an existing job hash means this very call already ran (the API
+# client sent it again after its reply was lost with the connection): answer as the first run did.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', ARGV[1]} end
 if KEYS[3] ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {'existing', prev} end
@@ -349,18 +366,25 @@ class JobQueue:
         names = (str(c.get("name") or "") for c in clients)
         return {n.removeprefix(WORKER_CLIENT_PREFIX) for n in names if n.startswith(WORKER_CLIENT_PREFIX)}
 
-    async def heartbeats(self) -> dict[str, dict[str, Any]]:
+    async def heartbeats(self) -> dict[str, Heartbeat]:
+        """Each worker's last heartbeat; one this process cannot read is logged and taken as absent."""
         raw: dict[str, str] = await self.redis.hgetall(HEARTBEATS_KEY)  # type: ignore[assignment]
-        return {worker: json.loads(beat) for worker, beat in raw.items()}
+        out = {}
+        for worker, beat in raw.items():
+            try:
+                out[worker] = Heartbeat.model_validate_json(beat)
+            except ValidationError as err:
+                log.warning("worker %r: unreadable heartbeat (%s)", worker, err.errors()[0]["msg"])
+        return out
 
     async def waiting(self, models: Iterable[str]) -> dict[str, int]:
         """Jobs not yet delivered to any worker, per model."""
         names = list(models)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.xlen(stream_key(name))
-            pipe.xpending(stream_key(name), GROUP)
-        replies = await pipe.execute(raise_on_error=False)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xlen(stream_key(name))
+                pipe.xpending(stream_key(name), GROUP)
+            replies = await pipe.execute(raise_on_error=False)
         out = {}
         for i, name in enumerate(names):
             length, pending = replies[2 * i], replies[2 * i + 1]
@@ -378,22 +402,23 @@ class JobQueue:
                 await self.redis.xgroup_create(stream_key(name), GROUP, id="0", mkstream=True)
 
     async def register(self, worker: str, infos: dict[str, ModelEntry], meta: dict[str, Any]) -> None:
-        """Heartbeat: say which models this worker serves, and that it is alive now."""
-        beat = dict(meta, ts=time.time(), models=sorted(infos))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(MODELS_KEY, mapping={name: info.model_dump_json() for name, info in infos.items()})
-        pipe.hset(HEARTBEATS_KEY, worker, json.dumps(beat))
-        await pipe.execute()
+        """Heartbeat: say which models this worker serves, and that it is alive now (``meta``: the
+        other ``Heartbeat`` fields)."""
+        beat = Heartbeat.model_validate({**meta, "ts": time.time(), "models": sorted(infos)})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(MODELS_KEY, mapping={name: info.model_dump_json() for name, info in infos.items()})
+            pipe.hset(HEARTBEATS_KEY, worker, beat.model_dump_json())
+            await pipe.execute()
 
     async def deregister(self, worker: str) -> None:
         await self.redis.hdel(HEARTBEATS_KEY, worker)
 
-    async def forget_dead_workers(self, beats: dict[str, dict[str, Any]], max_age_s: float) -> list[str]:
+    async def forget_dead_workers(self, beats: dict[str, Heartbeat], max_age_s: float) -> list[str]:
         """Drop heartbeats older than ``max_age_s``: a killed worker never deregisters, and its
         ever-growing heartbeat age would otherwise keep the stale-worker alert firing forever.
         Its unacknowledged jobs are not touched: other workers reclaim them (XAUTOCLAIM)."""
         now = time.time()
-        dead = [w for w, b in beats.items() if now - float(b.get("ts", 0)) > max_age_s]
+        dead = [w for w, b in beats.items() if b.age(now) > max_age_s]
         if dead:
             await self.redis.hdel(HEARTBEATS_KEY, *dead)
         return dead
@@ -418,10 +443,10 @@ class JobQueue:
     ) -> list[Delivery]:
         if not entries:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for _, _, data in entries:
-            pipe.hmget(job_key(data.get("id", "")), ["kind", "model", "request", "created"])
-        rows = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, _, data in entries:
+                pipe.hmget(job_key(data.get("id", "")), ["kind", "model", "request", "created"])
+            rows = await pipe.execute()
         out = []
         for (stream, entry_id, data), (_, _, request, created) in zip(entries, rows, strict=True):
             if request is None:  # expired or malformed entry: nothing to run
@@ -437,10 +462,10 @@ class JobQueue:
         return out
 
     async def ack(self, stream: str, entry_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(stream, GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
 
     async def reclaim(
         self,
@@ -518,23 +543,23 @@ class JobQueue:
 
     async def start(self, worker: str, deliveries: list[Delivery]) -> list[str]:
         """Mark jobs running; returns each one's status ('running' means: run it)."""
-        pipe = self.redis.pipeline(transaction=False)
         now = repr(time.time())
-        for d in deliveries:
-            await self._scripts["start"](
-                keys=[job_key(d.job_id)],
-                args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id, self.job_ttl_s],
-                client=pipe,
-            )
-        return [str(s) for s in await pipe.execute()]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in deliveries:
+                await self._scripts["start"](
+                    keys=[job_key(d.job_id)],
+                    args=[worker, now, CANCELLED_ERROR, EVENTS_CHANNEL, d.job_id, self.job_ttl_s],
+                    client=pipe,
+                )
+            return [str(s) for s in await pipe.execute()]
 
     async def progress(self, jobs: list[tuple[Delivery, int, int]]) -> list[bool]:
         """Record each running job's (delivery, step i, of n steps), never recreating an expired record;
         returns each job's cancel flag."""
-        pipe = self.redis.pipeline(transaction=False)
-        for d, step, steps in jobs:
-            await self._scripts["progress"](keys=[job_key(d.job_id)], args=[step, steps], client=pipe)
-        return [int(reply) == 1 for reply in await pipe.execute()]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d, step, steps in jobs:
+                await self._scripts["progress"](keys=[job_key(d.job_id)], args=[step, steps], client=pipe)
+            return [int(reply) == 1 for reply in await pipe.execute()]
 
     async def finish(
         self,
@@ -584,11 +609,15 @@ class CompletionListener:
         self._recheck_s = recheck_s
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        # The loop also ends by itself within a read (1 s): a cancel that meets redis-py's read
+        # timeout as it expires can be lost (Python 3.11), which once hung the API's shutdown.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -596,12 +625,12 @@ class CompletionListener:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(EVENTS_CHANNEL)
                 backoff = 0.1
-                while True:
+                while not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._wake(str(message["data"]))

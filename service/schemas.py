@@ -179,6 +179,9 @@ class ModelEntry(BaseModel):
         description="t* of each named strength on this model's schedule: the grid time whose noise level is "
         "nearest to the name's (light / medium / strong: sigma 0.17 / 0.34 / 0.72).",
     )
+    seed: int | None = Field(
+        None, description="The seed the model was trained with (null: not recorded, e.g. an imported model)."
+    )
 
 
 class ServedModel(ModelEntry):

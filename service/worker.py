@@ -628,7 +628,7 @@ class Worker:
         now = time.time()
         liveness = self.settings.liveness_s
         beats = await self.queue.heartbeats()
-        dead = [w for w, b in beats.items() if w != self.id and now - float(b.get("ts", 0)) > liveness]
+        dead = [w for w, b in beats.items() if w != self.id and b.age(now) > liveness]
         for model in self.models:
             claimed, lost = await self.queue.reclaim(
                 self.id,

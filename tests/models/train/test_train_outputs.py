@@ -75,3 +75,20 @@ def test_a_run_without_export_writes_only_its_folder(tmp_path: Path) -> None:
     assert main(["train", str(config), "--out-dir", str(tmp_path / "run")]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"tiny.toml", "run"}
     assert (tmp_path / "run" / "tiny.safetensors").is_file()
+
+
+def test_the_training_seed_reaches_the_served_header_and_the_models_listing(tmp_path: Path) -> None:
+    """The trainer's end and `robustdiff export` both write the header with served_header."""
+    from models.checkpoint import read_header
+    from models.pipeline import Pipeline
+    from models.train.config import build
+    from models.train.export import served_header, write_served
+    from models.unet import UNet
+    from service.worker import model_entry
+
+    cfg = build({"name": "tiny", "preset": "tiny", "seed": 17, "data": {"name": "digits"}})
+    header = served_header(cfg, updates=2, command=None, hardware=None, wall_s=None, final_loss=None)
+    served = write_served(tmp_path / "served.safetensors", UNet(cfg.model_config_()), header)
+    assert read_header(served).training.seed == 17
+    entry = model_entry(Pipeline.from_checkpoint(served))
+    assert entry.seed == 17 and '"seed":17' in entry.model_dump_json()  # what GET /models lists
