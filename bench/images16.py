@@ -289,8 +289,10 @@ def stop_early(report: dict[str, Any], out: Path, seed: int) -> None:
 
 
 def seed_a_comparisons(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, Any]:
-    """Every equivariant arm in ``runs`` against standard, paired by seed."""
-    return compare(runs, "standard", sorted({r["arm"] for r in runs} - {"standard"}), nfe)
+    """Every equivariant arm in ``runs`` against standard, and adversarial against random (the paper
+    says the adversarial box helps more than random draws from it), paired by seed."""
+    out = compare(runs, "standard", sorted({r["arm"] for r in runs} - {"standard"}), nfe)
+    return out | compare(runs, "equivariant random", ["equivariant adversarial"], nfe)
 
 
 SEED_A_ARMS = {

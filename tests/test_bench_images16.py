@@ -307,3 +307,17 @@ def test_merge_refuses_mixed_experiments_duplicates_and_non_reports(
     ):
         with pytest.raises(SystemExit, match=message):
             _merge(tmp_path, parts, monkeypatch)
+
+
+def test_seed_a_pairs_adversarial_against_random_too() -> None:
+    fds = {
+        "standard": [10.0, 11.0, 12.0],
+        "equivariant random": [9.0, 10.0, 11.0],
+        "equivariant adversarial": [8.0, 9.5, 10.0],
+    }
+    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    out = images16.seed_a_comparisons(runs, [10])
+    assert out["equivariant random vs standard, fd @ NFE 10"]["difference"] == pytest.approx(-1.0)
+    c = out["equivariant adversarial vs equivariant random, fd @ NFE 10"]
+    assert c["difference"] == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
+    assert c["seed_ids"] == [0, 1, 2]
