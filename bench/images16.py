@@ -21,6 +21,11 @@ are scored as they are. Results are written after every run (``OUT.json``), so a
 reports what it finished; ``--time-limit`` ends an experiment (with its plot) before a seed that would
 not finish in time.
 
+``merge --out OUT PART.json...`` joins reports of one experiment run side by side (one process per
+seed or per arm and seed, ``--first-seed K --seeds 1``; seed B's from one ``--pretrain-only``
+checkpoint through ``--init``) into one report with the paired comparisons over all their runs; it
+refuses parts trained or scored differently and lists the expected runs no part has.
+
     OMP_NUM_THREADS=1 nice -n 10 robustdiff bench images16 seed-a --out bench/results/images16_seed_a
 """
 
@@ -220,7 +225,7 @@ def seed_a(args: Any) -> None:
         t0 = time.time()
         tr = Trainer(build(cfg))
         finish(tr)
-        row = {"arm": arm, "seed": seed, "options": options, "train_s": time.time() - t0}
+        row: dict[str, Any] = {"arm": arm, "seed": seed, "options": options, "train_s": time.time() - t0}
         row |= {f"nfe{s}": judge.score(samples(tr, s, args.n)) for s in args.nfe}
         log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
         return row
@@ -268,12 +273,12 @@ def seed_a(args: Any) -> None:
             if (arm, seed) in done:
                 continue  # standard and the chosen adversarial setting already ran on seed 0 in the sweep
             report["runs"].append(run(arm, seed, method, options))
-            others = sorted({r["arm"] for r in report["runs"]} - {"standard"})
-            report["comparisons"] = compare(report["runs"], "standard", others, args.nfe)
+            report["comparisons"] = seed_a_comparisons(report["runs"], args.nfe)
             write(out, report)
         last_seed_s = time.monotonic() - t0
-    plot_a(report, out.with_suffix(".png"), args.nfe, args.size)
-    log(f"wrote {out}.json/.png")
+    if args.plot:
+        plot_a(report, out.with_suffix(".png"), args.nfe, args.size)
+    log(f"wrote {out}.json" + (" and .png" if args.plot else ""))
 
 
 def stop_early(report: dict[str, Any], out: Path, seed: int) -> None:
@@ -281,6 +286,13 @@ def stop_early(report: dict[str, Any], out: Path, seed: int) -> None:
     report["stopped"] = f"--time-limit: seed {seed} would not have finished in time; seeds before it ran"
     log(report["stopped"])
     write(out, report)
+
+
+def seed_a_comparisons(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, Any]:
+    """Every equivariant arm in ``runs`` against standard, and adversarial against random (the paper
+    says the adversarial box helps more than random draws from it), paired by seed."""
+    out = compare(runs, "standard", sorted({r["arm"] for r in runs} - {"standard"}), nfe)
+    return out | compare(runs, "equivariant random", ["equivariant adversarial"], nfe)
 
 
 SEED_A_ARMS = {
@@ -327,6 +339,10 @@ def seed_b(args: Any) -> None:
         }
     served = Path(args.init) if args.init else pretrain(args, work, judge, report, out)
     report["init"] = str(served)
+    if args.pretrain_only:  # the fine-tuning arms run elsewhere, from --init this checkpoint
+        write(out, report)
+        log(f"pre-trained {served}; wrote {out}.json")
+        return
     arms = seed_b_arms(args.arms_b, args.finetune, args.m)
     report["arms"] = {a: {"method": m, "options": o, "updates": u} for a, (m, o, u) in arms.items()}
     last_seed_s = None
@@ -358,16 +374,12 @@ def seed_b(args: Any) -> None:
             }
             log(f"{arm} seed {seed}: " + ", ".join(f"FD@{s} {row[f'nfe{s}']['fd']:.2f}" for s in args.nfe))
             report["runs"].append(row)
-            report["comparisons"] = {}
-            report["exposure_comparison"] = {}
-            for a, base in B_COMPARISONS:
-                if a in arms and base in arms:
-                    report["comparisons"] |= compare(report["runs"], base, [a], args.nfe)
-                    report["exposure_comparison"] |= exposure_compare(report["runs"], args.nfe, a, base)
+            report |= seed_b_comparisons(report["runs"], args.nfe)
             write(out, report)
         last_seed_s = time.monotonic() - t0_seed
-    plot_b(report, out.with_suffix(".png"), args.nfe, args.size)
-    log(f"wrote {out}.json/.png")
+    if args.plot:
+        plot_b(report, out.with_suffix(".png"), args.nfe, args.size)
+    log(f"wrote {out}.json" + (" and .png" if args.plot else ""))
 
 
 SEED_B_ARMS = ("standard", "standard-equal-updates", "dro-at")
@@ -377,6 +389,17 @@ B_COMPARISONS = (
     ("dro-at", "standard-equal-updates"),
     ("standard-equal-updates", "standard"),
 )
+
+
+def seed_b_comparisons(runs: list[dict[str, Any]], nfe: list[int]) -> dict[str, Any]:
+    """``comparisons`` (FD/KID) and ``exposure_comparison`` of each B_COMPARISONS pair in ``runs``."""
+    present = {r["arm"] for r in runs}
+    out: dict[str, Any] = {"comparisons": {}, "exposure_comparison": {}}
+    for a, base in B_COMPARISONS:
+        if a in present and base in present:
+            out["comparisons"] |= compare(runs, base, [a], nfe)
+            out["exposure_comparison"] |= exposure_compare(runs, nfe, a, base)
+    return out
 
 
 def seed_b_arms(names: list[str], minibatches: int, m: int) -> dict[str, tuple[str, dict[str, Any], int]]:
@@ -438,6 +461,125 @@ def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: P
             break
     write(out, report)
     return served
+
+
+# What every part of a merge must share, read from each part's args (default for older reports):
+# the paired comparisons are only fair between runs trained and scored the same way.
+MERGE_SETTINGS: dict[str, Any] = {"size": 16, "preset": None, "data": None, "batch": None, "n": None}
+MERGE_SETTINGS |= {"n_real": None, "nfe": None}
+MERGE_SETTINGS_A: dict[str, Any] = {"updates": None, "sigma": None, "lr": None}
+MERGE_SETTINGS_B: dict[str, Any] = {"finetune": None, "m": None, "finetune_lr": None, "n_exposure": None}
+# What differs between parts by design: which seeds and arms a process ran, and where it wrote.
+PART_ARGS = {"experiment", "first_seed", "seeds", "arms_a", "arms_b", "out", "work", "time_limit"}
+PART_ARGS |= {"append", "pretrain_only", "parts", "plot"}
+
+
+def merge_settings(report: dict[str, Any]) -> dict[str, Any]:
+    """The settings a merge compares: the experiment, the MERGE_SETTINGS args, seed A's chosen
+    (lambda, r_max) and seed B's ``--init`` checkpoint."""
+    kind = report["experiment"][:6]  # "seed A" or "seed B"
+    args = report["args"]
+    fields = MERGE_SETTINGS | (MERGE_SETTINGS_A if kind == "seed A" else MERGE_SETTINGS_B)
+    out = {"experiment": kind} | {k: args.get(k, default) for k, default in fields.items()}
+    if kind == "seed A":
+        chosen = report.get("chosen", {})  # absent only in a part cut during its sweep
+        out |= {"lambda": chosen.get("lambda"), "r_max": chosen.get("r_max")}
+    else:
+        out["init"] = report.get("init")
+    return out
+
+
+def merge(args: Any) -> None:
+    """One report from per-seed (or per-arm) reports of the same experiment and settings: their runs
+    together, the paired comparisons recomputed over all of them, and the runs expected (``--arms-a``/
+    ``--arms-b`` x ``--first-seed``.. seeds, and every arm and seed seen) but in no part listed as missing."""
+    paths = [Path(p) for p in args.parts]
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SystemExit(f"merge: {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"merge: {path} is not a JSON report ({e})") from None
+        if not isinstance(parts[-1], dict) or str(parts[-1].get("experiment"))[:6] not in (
+            "seed A",
+            "seed B",
+        ):
+            raise SystemExit(f"merge: {path} is not a seed-a or seed-b report (no experiment 'seed A/B ...')")
+    first = parts[0]
+    settings = merge_settings(first)
+    where: dict[tuple[str, int], Path] = {}
+    for path, part in zip(paths, parts, strict=True):
+        for field, value in merge_settings(part).items():
+            if value != settings[field]:
+                raise SystemExit(
+                    f"merge: {path} differs from {paths[0]} in {field}: {value!r} vs {settings[field]!r}"
+                )
+        for r in part.get("runs", []):
+            if (r["arm"], r["seed"]) in where:
+                raise SystemExit(
+                    f"merge: {r['arm']} seed {r['seed']} is in both {where[(r['arm'], r['seed'])]} and {path}"
+                )
+            where[(r["arm"], r["seed"])] = path
+    runs = sorted((r for part in parts for r in part.get("runs", [])), key=lambda r: (r["seed"], r["arm"]))
+    report: dict[str, Any] = {
+        "experiment": first["experiment"],
+        "command": "robustdiff bench images16 " + " ".join(sys.argv[1:]),
+        "machine": first["machine"],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": list(os.getloadavg()),
+        "args": {k: v for k, v in first["args"].items() if k not in PART_ARGS},
+        "network": first["network"],
+        "feature_space": first["feature_space"],
+        "parts": [
+            {
+                "file": str(path),
+                "runs": [[r["arm"], r["seed"]] for r in part.get("runs", [])],
+                **{k: part[k] for k in ("command", "date", "machine", "stopped") if k in part},
+            }
+            for path, part in zip(paths, parts, strict=True)
+        ],
+        "runs": runs,
+    }
+    nfe = settings["nfe"]
+    if settings["experiment"] == "seed A":
+        expected = [SEED_A_ARMS[a] for a in args.arms_a]
+        report |= {
+            "chosen": next((part["chosen"] for part in parts if "chosen" in part), None),
+            "sweep": [row for part in parts for row in part.get("sweep", [])],
+        }
+        report["comparisons"] = seed_a_comparisons(runs, nfe)
+    else:
+        expected = list(args.arms_b)
+        curve = next((part for part in parts if part.get("pretrain")), first)
+        report |= {k: curve[k] for k in ("pretrain", "plateau", "pretrain_command") if k in curve}
+        report.setdefault("pretrain", [])
+        arms_b = {a: spec for part in parts for a, spec in part.get("arms", {}).items()}
+        report |= {"init": first.get("init"), "arms": arms_b}
+        report |= seed_b_comparisons(runs, nfe)
+    arms = sorted(set(expected) | {arm for arm, _ in where})
+    seeds = sorted(set(range(args.first_seed, args.first_seed + args.seeds)) | {s for _, s in where})
+    report["missing"] = [{"arm": a, "seed": s} for s in seeds for a in arms if (a, s) not in where]
+    rates: dict[str, list[float]] = {}  # the first check of a sizing: were the parts as fast as assumed?
+    for r in runs:
+        if r.get("train_s"):
+            rates.setdefault(r["arm"], []).append(
+                r.get("updates", report["args"].get("updates", 0)) / r["train_s"]
+            )
+    report["updates_per_s"] = {arm: [min(v), max(v)] for arm, v in rates.items()}
+    log(
+        "updates/s per run (train_s: building the trainer and training): "
+        + "; ".join(f"{arm} {min(v):.2f}-{max(v):.2f}" for arm, v in rates.items())
+    )
+    out = Path(args.out)
+    write(out, report)
+    (plot_a if settings["experiment"] == "seed A" else plot_b)(
+        report, out.with_suffix(".png"), nfe, settings["size"]
+    )
+    gaps = ", ".join(f"{m['arm']} seed {m['seed']}" for m in report["missing"])
+    log(f"merged {len(runs)} runs from {len(parts)} parts" + (f"; missing: {gaps}" if gaps else ""))
+    log(f"wrote {out}.json/.png")
 
 
 def exposure_compare(
@@ -546,7 +688,12 @@ def pairs(text: str) -> list[tuple[float, float]]:
 
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("seed-a", "seed-b"))
+    p.add_argument("experiment", choices=("seed-a", "seed-b", "merge"))
+    p.add_argument(
+        "parts",
+        nargs="*",
+        help="merge: OUT.json reports of one experiment and setting (e.g. one per seed) to merge",
+    )
     p.add_argument(
         "--size",
         type=int,
@@ -602,6 +749,11 @@ def main() -> None:
         help="seed-b: start no pre-training chunk that, as long as the last one, would end past this",
     )
     p.add_argument("--init", help="seed-b: fine-tune from this checkpoint instead of pre-training")
+    p.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="seed-b: pre-train, write OUT.json (its 'init' is the checkpoint) and stop",
+    )
     p.add_argument("--pretrain-report", help="seed-b with --init: OUT.json of the run that pre-trained it")
     p.add_argument(
         "--append", action="store_true", help="keep OUT.json's runs and add these seeds (seed-a: or arms)"
@@ -625,9 +777,21 @@ def main() -> None:
     )
     p.add_argument("--n-real", type=positive_int, default=2000, help="clean test images in the reference")
     p.add_argument("--nfe", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10])
+    p.add_argument(
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="write no OUT.png (a part that a merge will plot)",
+    )
     p.add_argument("--work", default="runs/images16", help="training run folders")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
+    if args.experiment == "merge" and not args.parts:
+        p.error("merge: name the OUT.json reports to merge")
+    if args.experiment != "merge" and args.parts:
+        p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge takes reports)")
+    if args.pretrain_only and (args.experiment != "seed-b" or args.init):
+        p.error("--pretrain-only is for seed-b without --init")
     try:
         seed_b_arms(args.arms_b, args.finetune, args.m)
     except ValueError as e:
@@ -638,7 +802,7 @@ def main() -> None:
         p.error(f"--data: {args.data} is not a folder")
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(1)
-    (seed_a if args.experiment == "seed-a" else seed_b)(args)
+    {"seed-a": seed_a, "seed-b": seed_b, "merge": merge}[args.experiment](args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
         (["seed_a_plane", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
         (["bench_service", "--concurrency", "0"], "argument --concurrency: must be >= 1, got 0"),
         (["_toy"], "name: no benchmark '_toy'"),
+        (["images16", "merge", "--out", "{tmp}/O", "{tmp}/none.json"], "images16: error: merge: "),
     ],
 )
 def test_bad_bench_arguments_are_one_line_and_exit_2(

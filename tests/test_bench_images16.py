@@ -159,6 +159,8 @@ def test_judge_scores_32x32_as_is_and_16x16_upsampled() -> None:
         (["--data", "/no/such/folder"], "--data: /no/such/folder is not a folder"),
         (["--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'"),
         (["--pretrain-seconds", "x"], "argument --pretrain-seconds: invalid float value: 'x'"),
+        (["--pretrain-only", "--init", "m.safetensors"], "--pretrain-only is for seed-b without --init"),
+        (["stray.json"], "unrecognized arguments: stray.json (only merge takes reports)"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available here")]),
 )
@@ -179,3 +181,143 @@ def test_time_limit_stops_before_a_seed_that_would_not_fit(monkeypatch: pytest.M
     assert images16.time_left_for(_args(time_limit=10.0), None)  # the first seed always starts
     assert images16.time_left_for(_args(time_limit=200.0), 50.0)
     assert not images16.time_left_for(_args(time_limit=140.0), 50.0)
+
+
+def _part(kind: str, runs: list[dict[str, Any]], **changes: Any) -> dict[str, Any]:
+    """A hand-made per-seed report as ``images16 seed-a|seed-b`` writes it (no training)."""
+    args = {"size": 32, "preset": "tiny", "data": None, "batch": 4, "n": 8, "n_real": 16, "nfe": [10]}
+    args |= {"updates": 800, "sigma": 0.2, "lr": 1e-3, "finetune": 200, "m": 3, "finetune_lr": 2e-4}
+    args |= {"n_exposure": 4, "first_seed": runs[0]["seed"] if runs else 0, "seeds": 1, "out": "part"}
+    args |= {k: v for k, v in changes.items() if k in args}
+    report: dict[str, Any] = {
+        "experiment": f"{kind}, 32x32 Fashion-MNIST",
+        "command": f"robustdiff bench images16 {kind} (part)",
+        "machine": "test",
+        "date": "2026-12-03 17:00 UTC",
+        "args": args,
+        "network": {"preset": "tiny", "model": {"image_size": 32}},
+        "feature_space": "test",
+        "runs": runs,
+    }
+    if kind == "seed A":
+        chosen = {"lambda": changes.get("lam", 1.0), "r_max": changes.get("r_max", 0.5), "by": "given"}
+        report |= {"chosen": chosen, "sweep": []}
+    else:
+        report |= {"init": changes.get("init", "pre.safetensors"), "arms": {r["arm"]: {} for r in runs}}
+        report |= {"pretrain": [{"updates": 250, "nfe10": {"fd": 30.0}}], "plateau": {"reached": True}}
+    return report
+
+
+def _merge(
+    tmp_path: Path, parts: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, *extra: str
+) -> dict[str, Any]:
+    files = []
+    for i, part in enumerate(parts):
+        files.append(tmp_path / f"part{i}.json")
+        files[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    monkeypatch.setattr(sys, "argv", ["images16.py", "merge", "--out", str(out), *extra, *map(str, files)])
+    images16.main()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_merge_pairs_seed_b_runs_across_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-seed and per-arm parts give the comparisons a single run over all seeds would give."""
+    fds = {"standard": [10.0, 11.0, 12.0], "standard-equal-updates": [9.0, 10.2, 11.0]}
+    fds["dro-at"] = [8.0, 9.5, 10.0]
+    runs = {(arm, s): _run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)}
+    parts = [_part("seed B", [runs[(a, s)] for a in fds]) for s in (0, 1)]
+    parts += [_part("seed B", [runs[("dro-at", 2)], runs[("standard", 2)]])]
+    parts += [_part("seed B", [runs[("standard-equal-updates", 2)]])]
+    parts[0].pop("pretrain")  # the curve comes from whichever part carries it
+    merged = _merge(tmp_path, parts, monkeypatch, "--seeds", "3")
+    everything = list(runs.values())
+    assert merged["comparisons"] == images16.seed_b_comparisons(everything, [10])["comparisons"]
+    c = merged["comparisons"]["dro-at vs standard, fd @ NFE 10"]
+    assert c["difference"] == pytest.approx((-2.0 - 1.5 - 2.0) / 3) and c["seed_ids"] == [0, 1, 2]
+    assert set(merged["comparisons"]) == {
+        f"{a} vs {b}, {m} @ NFE 10" for a, b in images16.B_COMPARISONS for m in ("fd", "kid")
+    }
+    steps = merged["exposure_comparison"]["dro-at vs standard-equal-updates, variance_ratio @ NFE 10"]
+    assert steps[0]["difference"] == pytest.approx((-1.0 - 0.7 - 1.0) / 3 / 100)
+    assert [(r["seed"], r["arm"]) for r in merged["runs"]] == sorted((s, a) for a, s in runs)
+    assert merged["missing"] == [] and merged["pretrain"] == parts[1]["pretrain"]
+    assert merged["init"] == "pre.safetensors" and set(merged["arms"]) == set(fds)
+    assert [p["runs"] for p in merged["parts"]][3] == [["standard-equal-updates", 2]]
+    assert "first_seed" not in merged["args"] and merged["args"]["finetune"] == 200
+
+
+def test_merge_lists_missing_runs_and_pairs_only_complete_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that never came (a failed or cut process): its run is listed, its arm pairs on fewer seeds."""
+    arms = ("standard", "equivariant adversarial", "equivariant random")
+    present = [(a, s) for a in arms for s in (0, 1, 2) if (a, s) != ("equivariant adversarial", 1)]
+    parts = [_part("seed A", [_run(a, s, 10.0 + s + len(a) * (s + 1) / 10)]) for a, s in present]
+    parts[-1]["stopped"] = "--time-limit: seed 3 would not have finished in time; seeds before it ran"
+    merged = _merge(tmp_path, parts, monkeypatch, "--seeds", "3")
+    assert merged["missing"] == [{"arm": "equivariant adversarial", "seed": 1}]
+    assert merged["comparisons"]["equivariant adversarial vs standard, fd @ NFE 10"]["seed_ids"] == [0, 2]
+    assert merged["comparisons"]["equivariant random vs standard, kid @ NFE 10"]["seed_ids"] == [0, 1, 2]
+    assert merged["chosen"]["lambda"] == 1.0 and merged["parts"][-1]["stopped"].startswith("--time-limit")
+    # expected runs come from --seeds/--first-seed and --arms-a as well as from the parts
+    merged = _merge(tmp_path, parts[:1], monkeypatch, "--seeds", "2", "--arms-a", "standard,adversarial")
+    assert merged["missing"] == [
+        {"arm": "equivariant adversarial", "seed": 0},
+        {"arm": "equivariant adversarial", "seed": 1},
+        {"arm": "standard", "seed": 1},
+    ]
+    assert merged["comparisons"] == {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "field"),
+    [
+        ("seed A", {"size": 16}, "size"),
+        ("seed A", {"preset": "fmnist"}, "preset"),
+        ("seed A", {"updates": 75}, "updates"),
+        ("seed A", {"lam": 3.0}, "lambda"),
+        ("seed A", {"r_max": 1.5}, "r_max"),
+        ("seed B", {"init": "other.safetensors"}, "init"),
+        ("seed B", {"finetune": 20}, "finetune"),
+        ("seed B", {"m": 2}, "m"),
+        ("seed B", {"nfe": [5, 10]}, "nfe"),
+    ],
+)
+def test_merge_refuses_parts_made_differently(
+    kind: str, change: dict[str, Any], field: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = [_part(kind, [_run("standard", 0, 10.0)]), _part(kind, [_run("standard", 1, 11.0)], **change)]
+    with pytest.raises(SystemExit) as exc:
+        _merge(tmp_path, parts, monkeypatch)
+    message = str(exc.value.code)
+    assert f"part1.json differs from {tmp_path / 'part0.json'} in {field}: " in message
+    assert "\n" not in message and not (tmp_path / "merged.json").exists()
+
+
+def test_merge_refuses_mixed_experiments_duplicates_and_non_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _part("seed A", [_run("standard", 0, 10.0)]), _part("seed B", [_run("standard", 1, 10.0)])
+    for parts, message in (
+        ([a, b], "in experiment: 'seed B' vs 'seed A'"),
+        ([a, a], "standard seed 0 is in both"),
+        ([a, {"runs": []}], "part1.json is not a seed-a or seed-b report"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            _merge(tmp_path, parts, monkeypatch)
+
+
+def test_seed_a_pairs_adversarial_against_random_too() -> None:
+    fds = {
+        "standard": [10.0, 11.0, 12.0],
+        "equivariant random": [9.0, 10.0, 11.0],
+        "equivariant adversarial": [8.0, 9.5, 10.0],
+    }
+    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    out = images16.seed_a_comparisons(runs, [10])
+    assert out["equivariant random vs standard, fd @ NFE 10"]["difference"] == pytest.approx(-1.0)
+    c = out["equivariant adversarial vs equivariant random, fd @ NFE 10"]
+    assert c["difference"] == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
+    assert c["seed_ids"] == [0, 1, 2]

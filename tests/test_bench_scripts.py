@@ -312,37 +312,54 @@ def _small_fashion_mnist(folder: Path, n_train: int, n_test: int) -> Path:
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
-def test_gpu_seeds_script_runs_both_experiments_at_32x32_and_brings_back_few_files(tmp_path: Path) -> None:
-    """The one-call seed-A/B script, shrunk for the CPU: 32x32, both experiments paired over 2 seeds."""
+def test_gpu_seeds_script_runs_both_experiments_side_by_side_and_survives_a_failed_process(
+    tmp_path: Path,
+) -> None:
+    """The one-call seed-A/B script, shrunk for the CPU (32x32, 2 arms, 1 seed, 2 processes at a time):
+    every (arm, seed) its own process, merged; a process that fails costs only its own run. (Pairing
+    across seeds: the merge tests in test_bench_images16.py; the schedule: the test below.)"""
     out = tmp_path / "out"
     shrink = {"DEVICE": "cpu", "PRESET": "tiny", "BATCH": "4", "PRETRAIN": "2", "PRETRAIN_CHUNK": "1"}
-    shrink |= {"FINETUNE": "1", "M": "2", "SEEDS_B": "2", "UPDATES_A": "1", "SEEDS_A": "2"}
+    shrink |= {"FINETUNE": "1", "M": "2", "SEEDS_B": "1", "ARMS_B": "dro-at,standard", "UPDATES_A": "1"}
+    shrink |= {"SEEDS_A": "1", "ARMS_A": "adversarial,standard", "JOBS": "2"}
     shrink |= {"N": "8", "N_EXPOSURE": "4", "N_REAL": "16", "NFE": "1,2"}
     data = _small_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=32)
-    summary = _run_device_script(
-        "gpu_seeds.sh", out, "seeds.log", DATA=str(data), WORK_DIR=str(tmp_path / "w"), **shrink
+    python = tmp_path / "python"  # the seed-A adversarial process fails at once, as a crashed one would
+    python.write_text(
+        '#!/usr/bin/env bash\n[[ " $* " == *" --arms-a adversarial "* ]] && exit 3\n'
+        f'exec {sys.executable} "$@"\n'
     )
-    assert [line.split()[:2] for line in summary] == [["seed-b", "rc=0"], ["seed-a", "rc=0"]]
+    python.chmod(0o755)
+    summary = _run_device_script(
+        "gpu_seeds.sh",
+        out,
+        "seeds.log",
+        DATA=str(data),
+        WORK_DIR=str(tmp_path / "w"),
+        PYTHON=str(python),
+        **shrink,
+    )
+    ended = {line.split()[0]: line.split()[1] for line in summary}
+    assert ended.pop("a-adversarial-s0") == "rc=3"
+    names = {"b-pretrain", "a-standard-s0", "merge-b", "merge-a"}
+    names |= {"b-dro-at-s0", "b-standard-s0"}
+    assert ended == dict.fromkeys(names, "rc=0")
     b = json.loads((out / "seed_b.json").read_text())
     assert b["args"]["size"] == 32 and b["args"]["data"] == str(data)
     assert b["network"] == {"preset": "tiny", "model": {"image_size": 32}}
     assert "32x32 as is" in b["feature_space"] and [r["updates"] for r in b["pretrain"]] == [1, 2]
-    assert sorted((r["arm"], r["seed"], r["updates"]) for r in b["runs"]) == [
-        ("dro-at", 0, 2),
-        ("dro-at", 1, 2),
-        ("standard", 0, 1),
-        ("standard", 1, 1),
-        ("standard-equal-updates", 0, 2),
-        ("standard-equal-updates", 1, 2),
-    ]
-    assert b["comparisons"]["dro-at vs standard, fd @ NFE 2"]["seed_ids"] == [0, 1]
-    assert len(b["runs"][0]["exposure"]["nfe2"]) == 2
+    assert b["init"] == str(tmp_path / "w/b-pretrain/seed_b/pretrain.safetensors")
+    assert [(r["seed"], r["arm"], r["updates"]) for r in b["runs"]] == [(0, "dro-at", 2), (0, "standard", 1)]
+    assert all(len(r["exposure"]["nfe2"]) == 2 for r in b["runs"])
+    assert b["missing"] == [] and len(b["parts"]) == 2 and b["comparisons"] == {}  # one seed: no pair
     a = json.loads((out / "seed_a.json").read_text())
     assert a["chosen"] == {"lambda": 1.0, "r_max": 0.5, "by": "given (--chosen), no sweep"}
     assert a["args"]["sigma"] == 0.2 and a["args"]["updates"] == 1
-    assert {r["arm"] for r in a["runs"]} == {"standard", "equivariant adversarial", "equivariant random"}
-    assert a["comparisons"]["equivariant random vs standard, kid @ NFE 1"]["seed_ids"] == [0, 1]
+    assert [(r["seed"], r["arm"]) for r in a["runs"]] == [(0, "standard")] and a["comparisons"] == {}
+    assert a["missing"] == [{"arm": "equivariant adversarial", "seed": 0}]
     assert all(r["nfe2"]["n"] == 8 for r in a["runs"] + b["runs"])
+    log = (out / "seeds.log").read_text()
+    assert "[a-standard-s0] " in log and "missing: equivariant adversarial seed 0" in log
     for name in ("seed_a", "seed_b"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -354,10 +371,63 @@ def test_gpu_seeds_script_runs_both_experiments_at_32x32_and_brings_back_few_fil
     ]  # the script promises at most 5 files
 
 
-def test_gpu_seeds_script_skips_steps_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+def test_gpu_seeds_script_skips_processes_that_do_not_fit_the_budget(tmp_path: Path) -> None:
+    """40 s of budget, 30 kept for the merges: no process's expected time (>= START_S = 20 s) fits."""
     out = tmp_path / "out"
     summary = _run_device_script(
-        "gpu_seeds.sh", out, "seeds.log", BUDGET_S="200", WORK_DIR=str(tmp_path / "w")
+        "gpu_seeds.sh", out, "seeds.log", BUDGET_S="40", WORK_DIR=str(tmp_path / "w")
     )
-    assert [line.split()[:2] for line in summary] == [["seed-b", "skipped"], ["seed-a", "skipped"]]
+    ended = [line.split()[:2] for line in summary]
+    assert ended[0] == ["b-pretrain", "skipped"] and len(ended) == 1 + 9 + 2
+    assert all(state == "skipped" for _, state in ended[1:10])
+    assert ended[10:] == [["merge-b", "nothing-to-merge"], ["merge-a", "nothing-to-merge"]]
     assert [p.name for p in out.iterdir()] == ["seeds.log"]
+
+
+@pytest.mark.parametrize("pretrain_rc", [0, 1])
+def test_gpu_seeds_script_schedules_longest_first_within_jobs(tmp_path: Path, pretrain_rc: int) -> None:
+    """The scheduler alone, with a stand-in for python that only records its processes: at most JOBS
+    at once, seed-A arms longest first, fine-tunes only after a pre-training that made its checkpoint."""
+    record, work = tmp_path / "record", tmp_path / "w"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        "[[ $1 == -c ]] && exit 0\n"  # the package check
+        f'echo "start $(date +%s.%N) $*" >>{record}\n'
+        'if [[ " $* " == *" --pretrain-only "* ]]; then\n'
+        f"  mkdir -p {work}/b-pretrain/seed_b && touch {work}/b-pretrain/seed_b/pretrain.safetensors\n"
+        f'  sleep 0.5; echo "end $(date +%s.%N) $*" >>{record}; exit {pretrain_rc}\n'
+        "fi\n"
+        f'sleep 0.2; echo "end $(date +%s.%N) $*" >>{record}\n'
+    )
+    python.chmod(0o755)
+    env = {"JOBS": "3", "SEEDS_A": "2", "SEEDS_B": "2", "PYTHON": str(python), "WORK_DIR": str(work)}
+    summary = _run_device_script("gpu_seeds.sh", tmp_path / "out", "seeds.log", **env)
+
+    def name(args: list[str]) -> str:
+        if "--pretrain-only" in args:
+            return "b-pretrain"
+        flag = "--arms-a" if "seed-a" in args else "--arms-b"
+        return f"{flag[-1]}-{args[args.index(flag) + 1]}"
+
+    events = sorted(
+        (float(t), kind, name(args)) for kind, t, *args in map(str.split, record.read_text().splitlines())
+    )
+    busy = peak = 0
+    for _, kind, _ in events:
+        busy += 1 if kind == "start" else -1
+        peak = max(peak, busy)
+    assert peak == 3
+    started = [what for _, kind, what in events if kind == "start"]
+    assert started[:7] == ["b-pretrain"] + ["a-adversarial"] * 2 + ["a-random"] * 2 + ["a-standard"] * 2
+    pretrain_end = next(t for t, kind, what in events if (kind, what) == ("end", "b-pretrain"))
+    fine_tunes = [
+        t for t, kind, what in events if kind == "start" and what.startswith("b-") and what != "b-pretrain"
+    ]
+    if pretrain_rc == 0:
+        assert started[7:] == ["b-dro-at"] * 2 + ["b-standard-equal-updates"] * 2 + ["b-standard"] * 2
+        assert min(fine_tunes) > pretrain_end
+    else:
+        assert fine_tunes == []
+        assert "no pre-trained checkpoint (b-pretrain rc=1)" in (tmp_path / "out/seeds.log").read_text()
+    assert summary[-2:] == ["merge-b nothing-to-merge 0s", "merge-a nothing-to-merge 0s"]
