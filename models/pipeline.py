@@ -271,7 +271,10 @@ class Pipeline:
             # carry it: it is set around every call, when a trace can happen. The options still
             # name it, so a frozen and an unfrozen compile (equal backends otherwise) never share
             # a compiled graph of UNet.forward.
-            with _freezing(opts.freeze), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with (
+                _freezing(opts.compile and opts.freeze),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+            ):
                 return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
 
         return net

@@ -121,6 +121,23 @@ def test_invariant_kernels_compute_the_plain_layers(tmp_path: Path) -> None:
     )
 
 
+def test_eager_path_never_touches_inductor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freezing is a compile option: the eager default must not patch Inductor's config per call (its
+    first import cost a second, which the worker's warm-up timed as the model's speed)."""
+    import models.pipeline
+
+    asked: list[bool] = []
+    real = models.pipeline._freezing
+    monkeypatch.setattr(models.pipeline, "_freezing", lambda on: asked.append(on) or real(on))
+    pipe = Pipeline.from_checkpoint(
+        tiny_checkpoint(tmp_path / "t.safetensors"), cpu=CpuOptions(micro_batch=4)
+    )
+    x, t, _ = _rows(pipe, 2, seed=1)
+    with torch.inference_mode():
+        pipe.forward(x, t)
+    assert asked and not any(asked)
+
+
 def test_micro_batch_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="micro_batch: 0 must be >= 1"):
         Pipeline.from_checkpoint(tiny_checkpoint(tmp_path / "t.safetensors"), cpu=CpuOptions(micro_batch=0))

@@ -205,6 +205,7 @@ def test_two_requests_batched_equal_each_alone(client: TestClient, wait_for: Any
         assert t["result"]["timings"]["batch_images"] > body["num_images"]
     for body, both in zip(bodies, together, strict=True):
         alone = client.post("/sample", json={**body, "async": False}).json()
+        assert "timings" in alone, alone.get("reason")
         assert alone["timings"]["batch_images"] == body["num_images"]
         assert alone["images"] == both["result"]["images"]
 
