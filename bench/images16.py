@@ -536,7 +536,11 @@ def merge(args: Any) -> None:
             {
                 "file": str(path),
                 "runs": [[r["arm"], r["seed"]] for r in part.get("runs", [])],
-                **{k: part[k] for k in ("command", "earlier_commands", "date", "machine", "stopped") if k in part},
+                **{
+                    k: part[k]
+                    for k in ("command", "earlier_commands", "date", "machine", "stopped")
+                    if k in part
+                },
             }
             for path, part in zip(paths, parts, strict=True)
         ],
