@@ -264,6 +264,7 @@ class Pipeline:
             else self.net
         )
         autocast = opts.dtype == "bfloat16"
+        freeze = opts.compile and opts.freeze
 
         def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             # Freezing is read while Dynamo traces (it then guards on this module's weights and
@@ -272,7 +273,7 @@ class Pipeline:
             # name it, so a frozen and an unfrozen compile (equal backends otherwise) never share
             # a compiled graph of UNet.forward.
             with (
-                _freezing(opts.compile and opts.freeze),
+                _freezing(freeze),
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
             ):
                 return body(x.contiguous(memory_format=fmt), t, y).float().contiguous()
