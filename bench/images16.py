@@ -9,6 +9,8 @@ seed 0 picks the setting, then every arm runs ``--seeds`` seeds. FD/KID against 
 and dro-at for equal *minibatches* (dro-at spends m updates per minibatch), and standard with dro-at's
 update count (``standard-equal-updates``, the control for "more updates alone"); FD/KID at NFE 5 and
 10 and the exposure bias per sampling step, every arm paired against the others across seeds.
+``--continue-pretrain --pretrain-report OUT.json`` extends an earlier run's pre-training curve from
+its last checkpoint (same ``--work`` and ``--pretrain-chunk``) when it stopped before the plateau.
 
 ``--size 16`` (the default) reads Fashion-MNIST at 32x32 and averages it to 16x16 (``downsample``
 2) for the small ``fmnist16-cpu`` preset; ``--size 32`` trains the ``fmnist`` preset on the full
@@ -330,7 +332,7 @@ def seed_b(args: Any) -> None:
         prev = json.loads(out.with_suffix(".json").read_text())
         report["runs"] = prev["runs"]
         report["earlier_commands"] = [*prev.get("earlier_commands", []), prev["command"]]
-    if args.pretrain_report:  # the curve of the run that made --init's checkpoint
+    if args.pretrain_report:  # the curve so far: of --init's checkpoint, or the one to continue
         prev = json.loads(Path(args.pretrain_report).read_text())
         report |= {
             "pretrain": prev["pretrain"],
@@ -429,7 +431,7 @@ def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: P
     if args.pretrain_seconds is not None:
         rule += f", or before a chunk that would end past {args.pretrain_seconds:g} s of pre-training"
     report["plateau"] = {"rule": rule, "reached": False}
-    updates = 0
+    updates = continued_updates(args, report, pre_dir) if args.continue_pretrain else 0
     t0, last_chunk_s = time.monotonic(), 0.0
     while updates < args.pretrain:
         spent = time.monotonic() - t0
@@ -461,6 +463,26 @@ def pretrain(args: Any, work: Path, judge: Judge, report: dict[str, Any], out: P
             break
     write(out, report)
     return served
+
+
+def continued_updates(args: Any, report: dict[str, Any], pre_dir: Path) -> int:
+    """Where ``--continue-pretrain`` picks up: the last chunk of the ``--pretrain-report`` curve,
+    whose checkpoint must still be in ``pre_dir`` and whose chunks must be ``--pretrain-chunk`` long
+    (the plateau rule compares equal chunks)."""
+    curve = report["pretrain"]
+    updates = curve[-1]["updates"]
+    step = pre_dir / "checkpoints" / f"step-{updates:08d}.json"
+    if not step.exists():
+        raise SystemExit(
+            f"--continue-pretrain: {step} is missing (the report's last chunk, {updates} updates)"
+        )
+    if len(curve) > 1 and updates - curve[-2]["updates"] != args.pretrain_chunk:
+        raise SystemExit(
+            f"--continue-pretrain: the report's chunks are {updates - curve[-2]['updates']} updates;"
+            f" use --pretrain-chunk {updates - curve[-2]['updates']}"
+        )
+    log(f"pre-training continues from {updates} updates ({step})")
+    return updates
 
 
 # What every part of a merge must share, read from each part's args (default for older reports):
@@ -758,7 +780,15 @@ def main() -> None:
         action="store_true",
         help="seed-b: pre-train, write OUT.json (its 'init' is the checkpoint) and stop",
     )
-    p.add_argument("--pretrain-report", help="seed-b with --init: OUT.json of the run that pre-trained it")
+    p.add_argument(
+        "--pretrain-report",
+        help="seed-b with --init or --continue-pretrain: OUT.json of the run that pre-trained it",
+    )
+    p.add_argument(
+        "--continue-pretrain",
+        action="store_true",
+        help="seed-b: extend --pretrain-report's curve from its last checkpoint in WORK/seed_b/pretrain",
+    )
     p.add_argument(
         "--append", action="store_true", help="keep OUT.json's runs and add these seeds (seed-a: or arms)"
     )
@@ -796,6 +826,8 @@ def main() -> None:
         p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge takes reports)")
     if args.pretrain_only and (args.experiment != "seed-b" or args.init):
         p.error("--pretrain-only is for seed-b without --init")
+    if args.continue_pretrain and (args.experiment != "seed-b" or args.init or not args.pretrain_report):
+        p.error("--continue-pretrain is for seed-b with --pretrain-report and without --init")
     try:
         seed_b_arms(args.arms_b, args.finetune, args.m)
     except ValueError as e:

@@ -161,6 +161,10 @@ def test_judge_scores_32x32_as_is_and_16x16_upsampled() -> None:
         (["--pretrain-seconds", "x"], "argument --pretrain-seconds: invalid float value: 'x'"),
         (["--pretrain-only", "--init", "m.safetensors"], "--pretrain-only is for seed-b without --init"),
         (["stray.json"], "unrecognized arguments: stray.json (only merge takes reports)"),
+        (
+            ["--continue-pretrain"],
+            "--continue-pretrain is for seed-b with --pretrain-report and without --init",
+        ),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available here")]),
 )
@@ -181,6 +185,18 @@ def test_time_limit_stops_before_a_seed_that_would_not_fit(monkeypatch: pytest.M
     assert images16.time_left_for(_args(time_limit=10.0), None)  # the first seed always starts
     assert images16.time_left_for(_args(time_limit=200.0), 50.0)
     assert not images16.time_left_for(_args(time_limit=140.0), 50.0)
+
+
+def test_continue_pretrain_resumes_the_reports_last_chunk(tmp_path: Path) -> None:
+    pre_dir = tmp_path / "pretrain"
+    (pre_dir / "checkpoints").mkdir(parents=True)
+    report = {"pretrain": [{"updates": 800}, {"updates": 1600}]}
+    with pytest.raises(SystemExit, match=r"step-00001600\.json is missing"):
+        images16.continued_updates(_args(pretrain_chunk=800), report, pre_dir)
+    (pre_dir / "checkpoints" / "step-00001600.json").write_text("{}")
+    assert images16.continued_updates(_args(pretrain_chunk=800), report, pre_dir) == 1600
+    with pytest.raises(SystemExit, match="chunks are 800 updates; use --pretrain-chunk 800"):
+        images16.continued_updates(_args(pretrain_chunk=400), report, pre_dir)
 
 
 def _part(kind: str, runs: list[dict[str, Any]], **changes: Any) -> dict[str, Any]:
