@@ -126,6 +126,22 @@ def _freezing(on: bool) -> contextlib.AbstractContextManager[object]:
     return torch._inductor.config.patch(freezing=True)
 
 
+# Dynamo keeps at most ``recompile_limit`` graphs of one function and past it runs the function
+# eagerly, with one log line. A frozen network is guarded on its own weights, so each compiled
+# model is a new graph of the same UNet.forward: without room, a worker serving more models than
+# the limit would quietly run the later ones uncompiled.
+GRAPHS_PER_COMPILED_NETWORK = 8
+
+
+def _make_room_for_compiled_network() -> None:
+    """Raise Dynamo's graph limits by one compiled network's share (see above)."""
+    import torch._dynamo.config
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit += GRAPHS_PER_COMPILED_NETWORK
+    cfg.accumulated_recompile_limit += GRAPHS_PER_COMPILED_NETWORK
+
+
 def _fill(rows: torch.Tensor, size: int) -> torch.Tensor:
     """``rows`` extended to ``size`` rows with copies of its last one (padding that is a real input,
     so no norm sees an all-zero image)."""
@@ -258,6 +274,8 @@ class Pipeline:
         opts = self.cpu
         fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
+        if opts.compile:
+            _make_room_for_compiled_network()
         body: Callable[..., torch.Tensor] = (
             torch.compile(self.net, dynamic=False, options={"freezing": opts.freeze})
             if opts.compile

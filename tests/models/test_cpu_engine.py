@@ -183,3 +183,33 @@ def test_compiled_frozen_network_is_bitwise_batch_invariant(tmp_path: Path) -> N
         assert torch.equal(pipe.forward(mixed, t[[0, 1, 3, 4, 5, 6]])[2], alone[3])
         ref = Pipeline.from_checkpoint(path).forward(x, t)
     assert float((alone - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_every_compiled_model_gets_its_own_graph_past_dynamos_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen network is guarded on its own weights, so each compiled model is one more graph of
+    UNet.forward; past Dynamo's default limit of 8 the later models used to run eagerly. Dynamo is
+    real here; only its backend is the eager one (it traces as Inductor's does, compiling nothing)."""
+    import torch._dynamo
+    import torch._dynamo.config
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda net, dynamic, options: real_compile(net, backend="eager", dynamic=dynamic)
+    )
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    torch._dynamo.reset()
+    counters.clear()
+    small = {"channel_mult": (1,), "attention_resolutions": (), "mid_attention": False}
+    path = tiny_checkpoint(tmp_path / "t.safetensors", **small)  # type: ignore[arg-type]
+    pipes = [Pipeline.from_checkpoint(path, cpu=CpuOptions(micro_batch=2, compile=True)) for _ in range(11)]
+    x, t, _ = _rows(pipes[0], 2, seed=3)
+    with torch.inference_mode():
+        for pipe in pipes:
+            pipe.forward(x, t)
+    assert counters["stats"]["unique_graphs"] == 11
+    torch._dynamo.reset()
