@@ -8,13 +8,13 @@ vectors instead of images.
 from __future__ import annotations
 
 import math
-import platform
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.denoisers import EpsDenoiser
+from models.evaluation.common import machine_description
 from models.generate import generate
 from models.noise import NoiseSource
 from models.schedules import Schedule
@@ -156,7 +156,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
 
 
 def machine() -> str:
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), no GPU; torch {torch.__version__}"
+    return machine_description("cpu")
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:

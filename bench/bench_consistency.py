@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import torch
 
 from models.bench_cli import BenchParser, positive_int
 from models.checkpoint import read_header
+from models.evaluation.common import machine_description
 from models.pipeline import Pipeline
 from models.testing import tiny_checkpoint
 from models.unet import PRESETS
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             ["python", "bench/bench_consistency.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "machine": machine_description("cuda" if args.mode == "gpu" else "cpu"),
     }
     for r in report["rows"]:
         print(

@@ -14,7 +14,6 @@ fresh directory unless TORCHINDUCTOR_CACHE_DIR is set, so a compile's start-up i
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 
 import torch
 
+from models.evaluation.common import machine_description
 from models.pipeline import CpuOptions, Pipeline
 
 OPTIONS: dict[str, dict[str, object]] = {
@@ -126,7 +126,7 @@ def main() -> None:
         result = {
             "command": " ".join(sys.argv),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine_description("cpu"),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

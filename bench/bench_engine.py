@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see s
 import torch
 
 from models.checkpoint import CheckpointHeader, save_checkpoint
+from models.evaluation.common import machine_description
 from models.pipeline import Pipeline
 from models.unet import UNet, UNetConfig, preset
 
@@ -419,7 +419,7 @@ def write_cpu(args: argparse.Namespace, result: dict[str, object]) -> None:
     meta = {
         "command": " ".join(sys.argv),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_description("cpu"),
         "torch": torch.__version__,
         "loadavg_end": os.getloadavg(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -490,9 +490,7 @@ def main() -> None:
         meta = {
             "command": " ".join(sys.argv),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": torch.cuda.get_device_name()
-            if torch.cuda.is_available()
-            else platform.processor() or platform.machine(),
+            "machine": machine_description("cuda" if torch.cuda.is_available() else "cpu"),
             "torch": torch.__version__,
         }
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

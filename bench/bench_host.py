@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from models.devices import device_option
+from models.evaluation.common import machine_description
 from models.pipeline import Pipeline
 from models.samplers import PLANS
 from models.testing import tiny_checkpoint
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         report = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
+            "machine": machine_description(str(pipe.device)),
             "torch": torch.__version__,
             "device": str(pipe.device)
             + (f" ({torch.cuda.get_device_name(pipe.device)})" if pipe.device.type == "cuda" else ""),

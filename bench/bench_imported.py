@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import CheckpointHeader, TrainingInfo  # noqa: E402
 from models.diffusers_import import unet_config_from_diffusers  # noqa: E402
+from models.evaluation.common import machine_description  # noqa: E402
 from models.pipeline import Pipeline  # noqa: E402
 from models.schedules import ScheduleConfig  # noqa: E402
 from models.testing import DDPM_CIFAR10_32  # noqa: E402
@@ -131,7 +131,7 @@ def main() -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": args.device,
         "path": args.path,
-        "cpu": platform.processor() or platform.machine(),
+        "machine": machine_description(args.device),
         "torch_threads": torch.get_num_threads(),
         "loadavg": os.getloadavg(),
         "repeats": args.repeats,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from models.devices import device_option
+from models.evaluation.common import machine_description
 from models.train.config import build
 from models.train.trainer import Trainer
 
@@ -80,10 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        + (
-            torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU only"
-        ),
+        "machine": machine_description(args.device),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "batch": args.batch,
         "results": {},

@@ -17,12 +17,26 @@ def now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description(device: str = "cpu") -> str:
-    """A one-line description of the hardware, stored next to every number."""
+    """A one-line description of the hardware and torch, stored next to every number (the one
+    every benchmark and eval report uses, so reports compare)."""
+    host = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        host += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({platform.machine()} host)"
-    threads = torch.get_num_threads()
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {threads} threads, no GPU"
+        return f"{torch.cuda.get_device_name(device)}; host {host}; torch {torch.__version__}"
+    return f"{host}, no GPU; torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
 
 
 def report_header(command: str, device: str, model_path: str, info: Any) -> dict[str, Any]:
