@@ -27,6 +27,8 @@ not finish in time.
 seed or per arm and seed, ``--first-seed K --seeds 1``; seed B's from one ``--pretrain-only``
 checkpoint through ``--init``) into one report with the paired comparisons over all their runs; it
 refuses parts trained or scored differently and lists the expected runs no part has.
+``table OUT.json`` prints the report as the Markdown tables of docs/RESULTS.md (arm means, paired
+comparisons with their plan target met or missed, seed B's exposure bias per step).
 
     OMP_NUM_THREADS=1 nice -n 10 robustdiff bench images16 seed-a --out bench/results/images16_seed_a
 """
@@ -53,7 +55,7 @@ from models.denoisers import EpsDenoiser
 from models.devices import device_option
 from models.evaluation.classifier import DEFAULT_CLASSIFIER, load_classifier
 from models.evaluation.quality import extract_features, fd_of_features
-from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid_bootstrap, paired
+from models.evaluation.seeds import bootstrap_ci, exposure_bias, kid_bootstrap, mean_ci, paired
 from models.generate import generate
 from models.noise import NoiseSource
 from models.train.config import build
@@ -608,6 +610,78 @@ def merge(args: Any) -> None:
     log(f"wrote {out}.json/.png")
 
 
+# Each plan target: (arm, baseline, metric) -> (what it asks, relative change it needs or None for
+# "lower"). Met when the paired interval excludes 0 on the right side (and reaches the size asked).
+TARGETS: dict[tuple[str, str, str], tuple[str, float | None]] = {
+    ("equivariant adversarial", "standard", "fd"): (">= 30% lower, CI excludes 0", -0.30),
+    ("dro-at", "standard", "fd"): ("lower, CI excludes 0", None),
+    ("dro-at", "standard-equal-updates", "fd"): ("lower, CI excludes 0", None),
+}
+
+
+def _signed(x: float, digits: int) -> str:
+    return f"{x:+.{digits}f}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def tables(report: dict[str, Any]) -> str:
+    """The Markdown tables docs/RESULTS.md shows of one seed-a or seed-b report: each arm's mean and
+    95% t interval over seeds, each paired comparison against its plan target, and (seed B) dro-at's
+    exposure-bias difference per sampling step at the largest NFE."""
+    runs, nfe = report["runs"], report["args"]["nfe"]
+    seed_b_report = report["experiment"].startswith("seed B")
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    head = ["arm", "updates (minibatches)" if seed_b_report else "updates", "seeds"]
+    head += [f"{m.upper()} @ NFE {s}" for m in ("fd", "kid") for s in nfe]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for arm in arms:
+        rows = [r for r in runs if r["arm"] == arm]
+        if seed_b_report:
+            budget = f"{report['arms'][arm]['updates']} ({report['args']['finetune']})"
+        else:
+            budget = str(report["args"]["updates"])
+        cells = [arm, budget, str(len(rows))]
+        for metric, digits in (("fd", 2), ("kid", 4)):
+            for s in nfe:
+                c = mean_ci([r[f"nfe{s}"][metric] for r in rows])
+                cells.append(f"{c['mean']:.{digits}f} [{c['ci95'][0]:.{digits}f}, {c['ci95'][1]:.{digits}f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| comparison (A vs B, paired by seed) | A - B | relative (95% CI) | seeds | sign-flip p | target | met? |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, c in report.get("comparisons", {}).items():
+        pair, metric = name.split(", ")[0], name.split(", ")[1].split(" @ ")[0]
+        arm, base = pair.split(" vs ")
+        target, size = TARGETS.get((arm, base, metric), ("-", None))
+        if target == "-":
+            met = "-"
+        else:
+            lower = c["relative_ci95"][1] < 0 and (size is None or c["relative"] <= size)
+            met = "met" if lower else "**missed**"
+        lo, hi = c["relative_ci95"]
+        lines.append(
+            f"| {name} | {_signed(c['difference'], 2 if metric == 'fd' else 4)} | {_pct(c['relative'])}"
+            f" [{_pct(lo)}, {_pct(hi)}] | {c['seeds']} | {c['sign_flip_p']:.3f} | {target} | {met} |"
+        )
+    exposure = report.get("exposure_comparison", {})
+    last, bullets = nfe[-1], [""]
+    for name, steps in exposure.items():
+        if not name.endswith(f"variance_ratio @ NFE {last}") or not name.startswith("dro-at"):
+            continue
+        cells = [
+            f"t={st['t']:.2f}: {_signed(st['difference'], 4)}{'*' if st['ci_excludes_0'] else ''}"
+            for st in steps
+        ]
+        bullets.append(f"- {name.split(',')[0]}, |variance ratio - 1| per step: " + ", ".join(cells))
+    lines += bullets if len(bullets) > 1 else []
+    return "\n".join(lines) + "\n"
+
+
 def exposure_compare(
     runs: list[dict[str, Any]], nfe: list[int], arm: str = "dro-at", base: str = "standard"
 ) -> dict[str, Any]:
@@ -714,11 +788,12 @@ def pairs(text: str) -> list[tuple[float, float]]:
 
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("seed-a", "seed-b", "merge"))
+    p.add_argument("experiment", choices=("seed-a", "seed-b", "merge", "table"))
     p.add_argument(
         "parts",
         nargs="*",
-        help="merge: OUT.json reports of one experiment and setting (e.g. one per seed) to merge",
+        help="merge: OUT.json reports of one experiment and setting (e.g. one per seed) to merge;"
+        " table: the one report to print as Markdown tables",
     )
     p.add_argument(
         "--size",
@@ -818,12 +893,22 @@ def main() -> None:
         help="write no OUT.png (a part that a merge will plot)",
     )
     p.add_argument("--work", default="runs/images16", help="training run folders")
-    p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
+    p.add_argument("--out", help="writes OUT.json and OUT.png (every experiment but table)")
     args = p.parse_intermixed_args()
+    if args.experiment == "table":
+        if len(args.parts) != 1:
+            p.error("table: name exactly one OUT.json report")
+        try:
+            print(tables(json.loads(Path(args.parts[0]).read_text())), end="")
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"table: {args.parts[0]} is not a seed-a or seed-b report ({e!r})")
+        return
+    if not args.out:
+        p.error("the following arguments are required: --out")
     if args.experiment == "merge" and not args.parts:
         p.error("merge: name the OUT.json reports to merge")
     if args.experiment != "merge" and args.parts:
-        p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge takes reports)")
+        p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge and table take reports)")
     if args.pretrain_only and (args.experiment != "seed-b" or args.init):
         p.error("--pretrain-only is for seed-b without --init")
     if args.continue_pretrain and (args.experiment != "seed-b" or args.init or not args.pretrain_report):

@@ -160,7 +160,7 @@ def test_judge_scores_32x32_as_is_and_16x16_upsampled() -> None:
         (["--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'"),
         (["--pretrain-seconds", "x"], "argument --pretrain-seconds: invalid float value: 'x'"),
         (["--pretrain-only", "--init", "m.safetensors"], "--pretrain-only is for seed-b without --init"),
-        (["stray.json"], "unrecognized arguments: stray.json (only merge takes reports)"),
+        (["stray.json"], "unrecognized arguments: stray.json (only merge and table take reports)"),
         (
             ["--continue-pretrain"],
             "--continue-pretrain is for seed-b with --pretrain-report and without --init",
@@ -337,3 +337,56 @@ def test_seed_a_pairs_adversarial_against_random_too() -> None:
     c = out["equivariant adversarial vs equivariant random, fd @ NFE 10"]
     assert c["difference"] == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
     assert c["seed_ids"] == [0, 1, 2]
+
+
+def test_table_prints_what_the_report_holds_and_judges_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/RESULTS.md's tables come from ``images16 table``: the arm means, the paired comparisons
+    and the plan target met or missed (seed A asks 30% lower with the interval below 0)."""
+    fds = {"standard": [10.0, 11.0, 12.0], "equivariant adversarial": [6.0, 7.5, 8.0]}
+    fds["equivariant random"] = [9.0, 10.5, 11.0]
+    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    report = _part("seed A", runs) | {"comparisons": images16.seed_a_comparisons(runs, [10])}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(report))
+    monkeypatch.setattr(sys, "argv", ["images16.py", "table", str(path)])
+    images16.main()
+    out = capsys.readouterr().out
+    assert "| standard | 800 | 3 | 11.00 [" in out
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if " vs " in line}
+    adv = rows["equivariant adversarial vs standard, fd @ NFE 10"]
+    assert "| -3.83 | -34.8% [" in adv and adv.endswith("| >= 30% lower, CI excludes 0 | met |")
+    assert rows["equivariant random vs standard, fd @ NFE 10"].endswith("| - | - |")
+    base = fds["standard"]  # every equivariant arm 10% below standard on every seed
+    report["runs"] = [_run(a, s, base[s] * (1 if a == "standard" else 0.9)) for a in fds for s in range(3)]
+    report["comparisons"] = images16.seed_a_comparisons(report["runs"], [10])
+    assert "**missed**" in images16.tables(report)  # 10% lower: the interval excludes 0, too small
+
+
+def test_table_refuses_anything_but_one_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x.json").write_text('{"runs": []}')
+    for argv, message in (
+        ([], "table: name exactly one OUT.json report"),
+        ([str(tmp_path / "x.json")], "is not a seed-a or seed-b report (KeyError('args'))"),
+        ([str(tmp_path / "none.json")], "none.json is not a seed-a or seed-b report (FileNotFoundError"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["images16.py", "table", *argv])
+        with pytest.raises(SystemExit) as exc:
+            images16.main()
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_seed_b_table_gives_budgets_and_dro_ats_exposure_per_step() -> None:
+    fds = {"standard": [10.0, 11.0, 12.0], "standard-equal-updates": [9.0, 10.2, 11.0]}
+    fds["dro-at"] = [8.0, 9.5, 10.0]
+    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    report = _part("seed B", runs) | images16.seed_b_comparisons(runs, [10])
+    report["arms"] = {a: {"updates": u} for a, (_, _, u) in images16.seed_b_arms(list(fds), 200, 3).items()}
+    out = images16.tables(report)
+    assert "| dro-at | 600 (200) | 3 | 9.17 [" in out and "| standard | 200 (200) | 3 |" in out
+    assert "| dro-at vs standard, fd @ NFE 10 | -1.83 |" in out
+    bullet = next(line for line in out.splitlines() if line.startswith("- dro-at vs standard,"))
+    assert bullet.count("t=1.00: -0.0183*") == 10  # every step 1.83/100 closer, on all 3 seeds
