@@ -28,7 +28,8 @@ seed or per arm and seed, ``--first-seed K --seeds 1``; seed B's from one ``--pr
 checkpoint through ``--init``) into one report with the paired comparisons over all their runs; it
 refuses parts trained or scored differently and lists the expected runs no part has.
 ``table OUT.json`` prints the report as the Markdown tables of docs/RESULTS.md (arm means, paired
-comparisons with their plan target met or missed, seed B's exposure bias per step).
+comparisons with their plan target met or missed, seed B's exposure bias per step). ``trend --out OUT
+A.json B.json...`` sets seed-a reports of different ``--updates`` side by side (table and plot).
 
     OMP_NUM_THREADS=1 nice -n 10 robustdiff bench images16 seed-a --out bench/results/images16_seed_a
 """
@@ -745,6 +746,83 @@ def plot_a(report: dict[str, Any], path: Path, nfe: list[int], size: int = 16) -
     plt.close(fig)
 
 
+TREND_SETTINGS = ("size", "preset", "sigma", "batch", "lr", "n", "n_real", "nfe")
+
+
+def trend(args: Any) -> None:
+    """Seed A's paired effect against training length: one seed-a report per budget (``--updates``),
+    otherwise made alike; prints a Markdown table and writes OUT.png (relative FD change vs standard
+    with its 95% interval, per equivariant arm and NFE, against updates)."""
+    reports = []
+    for name in args.parts:
+        try:
+            rep = json.loads(Path(name).read_text())
+            if not rep["experiment"].startswith("seed A"):
+                raise ValueError("not seed A")
+            rep["args"]["updates"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"trend: {name} is not a seed-a report ({e!r})") from None
+        reports.append((name, rep))
+    first_name, first = reports[0]
+    for name, rep in reports[1:]:
+        for field in TREND_SETTINGS:
+            default = MERGE_SETTINGS.get(field)  # reports older than a field ran at its default
+            if rep["args"].get(field, default) != first["args"].get(field, default):
+                raise SystemExit(f"trend: {name} differs from {first_name} in {field}")
+        if [rep["chosen"][k] for k in ("lambda", "r_max")] != [
+            first["chosen"][k] for k in ("lambda", "r_max")
+        ]:
+            raise SystemExit(f"trend: {name} differs from {first_name} in chosen (lambda, r_max)")
+    reports.sort(key=lambda nr: nr[1]["args"]["updates"])
+    nfe = first["args"]["nfe"]
+    arms = ("equivariant adversarial", "equivariant random")
+    head = ["updates", "seeds"] + [f"{a.split()[1]} vs standard, FD @ NFE {s}" for a in arms for s in nfe]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    points: dict[tuple[str, int], list[tuple[int, float, float, float]]] = {}
+    for _, rep in reports:
+        updates = rep["args"]["updates"]
+        seeds = len({r["seed"] for r in rep["runs"] if r["arm"] == "standard"})
+        cells = [str(updates), str(seeds)]
+        for arm in arms:
+            for s in nfe:
+                c = rep.get("comparisons", {}).get(f"{arm} vs standard, fd @ NFE {s}")
+                if c is None:
+                    cells.append("-")
+                    continue
+                lo, hi = c["relative_ci95"]
+                cells.append(f"{_pct(c['relative'])} [{_pct(lo)}, {_pct(hi)}] ({c['seeds']})")
+                points.setdefault((arm, s), []).append((updates, c["relative"], lo, hi))
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (arm, s), pts in sorted(points.items()):
+        x = [p[0] * (1.03 if "random" in arm else 0.97) for p in pts]  # side by side, not on top
+        y = [100 * p[1] for p in pts]
+        err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
+        style = "-" if s == nfe[0] else "--"
+        colour = "tab:green" if "adversarial" in arm else "tab:blue"
+        ax.errorbar(x, y, yerr=err, fmt="o" + style, color=colour, capsize=3, label=f"{arm}, NFE {s}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(-30, color="tab:red", lw=0.8, ls=":", label="target: -30%")
+    ax.set_xscale("log")
+    budgets = [rep["args"]["updates"] for _, rep in reports]
+    ax.set_xticks(budgets, labels=[str(u) for u in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("training updates per model")
+    ax.set_ylabel("FD change vs standard, % (paired, 95% CI)")
+    ax.set_title("seed A, 90% noisy Fashion-MNIST: effect against training length", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(args.out).with_suffix(".png"), dpi=90)
+    plt.close(fig)
+
+
 def plot_b(report: dict[str, Any], path: Path, nfe: list[int], size: int = 16) -> None:
     import matplotlib
 
@@ -788,12 +866,12 @@ def pairs(text: str) -> list[tuple[float, float]]:
 
 def main() -> None:
     p = BenchParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("seed-a", "seed-b", "merge", "table"))
+    p.add_argument("experiment", choices=("seed-a", "seed-b", "merge", "table", "trend"))
     p.add_argument(
         "parts",
         nargs="*",
         help="merge: OUT.json reports of one experiment and setting (e.g. one per seed) to merge;"
-        " table: the one report to print as Markdown tables",
+        " table: the one report to print as Markdown tables; trend: seed-a reports of different --updates",
     )
     p.add_argument(
         "--size",
@@ -905,10 +983,10 @@ def main() -> None:
         return
     if not args.out:
         p.error("the following arguments are required: --out")
-    if args.experiment == "merge" and not args.parts:
-        p.error("merge: name the OUT.json reports to merge")
-    if args.experiment != "merge" and args.parts:
-        p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge and table take reports)")
+    if args.experiment in ("merge", "trend") and not args.parts:
+        p.error(f"{args.experiment}: name the OUT.json reports")
+    if args.experiment not in ("merge", "trend") and args.parts:
+        p.error(f"unrecognized arguments: {' '.join(args.parts)} (only merge, table and trend take reports)")
     if args.pretrain_only and (args.experiment != "seed-b" or args.init):
         p.error("--pretrain-only is for seed-b without --init")
     if args.continue_pretrain and (args.experiment != "seed-b" or args.init or not args.pretrain_report):
@@ -923,7 +1001,7 @@ def main() -> None:
         p.error(f"--data: {args.data} is not a folder")
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(1)
-    {"seed-a": seed_a, "seed-b": seed_b, "merge": merge}[args.experiment](args)
+    {"seed-a": seed_a, "seed-b": seed_b, "merge": merge, "trend": trend}[args.experiment](args)
 
 
 if __name__ == "__main__":

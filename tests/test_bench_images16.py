@@ -160,7 +160,7 @@ def test_judge_scores_32x32_as_is_and_16x16_upsampled() -> None:
         (["--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'"),
         (["--pretrain-seconds", "x"], "argument --pretrain-seconds: invalid float value: 'x'"),
         (["--pretrain-only", "--init", "m.safetensors"], "--pretrain-only is for seed-b without --init"),
-        (["stray.json"], "unrecognized arguments: stray.json (only merge and table take reports)"),
+        (["stray.json"], "unrecognized arguments: stray.json (only merge, table and trend take reports)"),
         (
             ["--continue-pretrain"],
             "--continue-pretrain is for seed-b with --pretrain-report and without --init",
@@ -390,3 +390,32 @@ def test_seed_b_table_gives_budgets_and_dro_ats_exposure_per_step() -> None:
     assert "| dro-at vs standard, fd @ NFE 10 | -1.83 |" in out
     bullet = next(line for line in out.splitlines() if line.startswith("- dro-at vs standard,"))
     assert bullet.count("t=1.00: -0.0183*") == 10  # every step 1.83/100 closer, on all 3 seeds
+
+
+def test_trend_sets_budgets_side_by_side_and_refuses_other_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = []
+    for updates, gain in ((2000, 0.8), (300, 1.0), (800, 0.9)):  # given out of order
+        runs = [
+            _run(a, s, 10.0 + s if a == "standard" else (10.0 + s) * gain)
+            for a in ("standard", "equivariant adversarial")
+            for s in range(3)
+        ]
+        report = _part("seed A", runs, updates=updates) | {
+            "comparisons": images16.seed_a_comparisons(runs, [10])
+        }
+        files.append(tmp_path / f"a{updates}.json")
+        files[-1].write_text(json.dumps(report))
+    out = tmp_path / "trend"
+    monkeypatch.setattr(sys, "argv", ["images16.py", "trend", "--out", str(out), *map(str, files)])
+    images16.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[2:3].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 300", "| 800", "| 2000"]
+    assert rows[2].startswith("| 2000 | 3 | -20.0% [") and rows[2].endswith("(3) | - |")  # no random arm
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = json.loads(files[0].read_text())
+    other["args"]["sigma"] = 0.1
+    files[0].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"a300\.json differs from .*a2000\.json in sigma"):
+        images16.main()
