@@ -200,16 +200,18 @@ def test_every_compiled_model_gets_its_own_graph_past_dynamos_limit(
     monkeypatch.setattr(
         torch, "compile", lambda net, dynamic, options: real_compile(net, backend="eager", dynamic=dynamic)
     )
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
     torch._dynamo.reset()
     counters.clear()
     small = {"channel_mult": (1,), "attention_resolutions": (), "mid_attention": False}
     path = tiny_checkpoint(tmp_path / "t.safetensors", **small)  # type: ignore[arg-type]
-    pipes = [Pipeline.from_checkpoint(path, cpu=CpuOptions(micro_batch=2, compile=True)) for _ in range(11)]
-    x, t, _ = _rows(pipes[0], 2, seed=3)
-    with torch.inference_mode():
-        for pipe in pipes:
-            pipe.forward(x, t)
+    # Dynamo's own patch: after pytest's monkeypatch undid these, the next compile found no recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        pipes = [
+            Pipeline.from_checkpoint(path, cpu=CpuOptions(micro_batch=2, compile=True)) for _ in range(11)
+        ]
+        x, t, _ = _rows(pipes[0], 2, seed=3)
+        with torch.inference_mode():
+            for pipe in pipes:
+                pipe.forward(x, t)
     assert counters["stats"]["unique_graphs"] == 11
     torch._dynamo.reset()
