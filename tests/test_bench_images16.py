@@ -52,13 +52,18 @@ def _run(arm: str, seed: int, fd: float) -> dict[str, Any]:
     return {"arm": arm, "seed": seed, "nfe10": {"fd": fd, "kid": fd / 10}, "exposure": {"nfe10": [step] * 10}}
 
 
+def _runs(fds: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One run per arm and seed, FD as given (seed i gets the i-th value)."""
+    return [_run(arm, s, fd) for arm, values in fds.items() for s, fd in enumerate(values)]
+
+
 def test_dro_at_is_paired_against_both_standards() -> None:
     fds = {
         "standard": [10.0, 11.0, 12.0],
         "standard-equal-updates": [9.0, 10.0, 11.0],
         "dro-at": [8.0, 9.5, 10.0],
     }
-    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    runs = _runs(fds)
     out = images16.compare(runs, "standard-equal-updates", ["dro-at"], [10])
     c = out["dro-at vs standard-equal-updates, fd @ NFE 10"]
     assert c["difference"] == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
@@ -331,7 +336,7 @@ def test_seed_a_pairs_adversarial_against_random_too() -> None:
         "equivariant random": [9.0, 10.0, 11.0],
         "equivariant adversarial": [8.0, 9.5, 10.0],
     }
-    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    runs = _runs(fds)
     out = images16.seed_a_comparisons(runs, [10])
     assert out["equivariant random vs standard, fd @ NFE 10"]["difference"] == pytest.approx(-1.0)
     c = out["equivariant adversarial vs equivariant random, fd @ NFE 10"]
@@ -346,7 +351,7 @@ def test_table_prints_what_the_report_holds_and_judges_targets(
     and the plan target met or missed (seed A asks 30% lower with the interval below 0)."""
     fds = {"standard": [10.0, 11.0, 12.0], "equivariant adversarial": [6.0, 7.5, 8.0]}
     fds["equivariant random"] = [9.0, 10.5, 11.0]
-    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    runs = _runs(fds)
     report = _part("seed A", runs) | {"comparisons": images16.seed_a_comparisons(runs, [10])}
     path = tmp_path / "a.json"
     path.write_text(json.dumps(report))
@@ -382,7 +387,7 @@ def test_table_refuses_anything_but_one_report(
 def test_seed_b_table_gives_budgets_and_dro_ats_exposure_per_step() -> None:
     fds = {"standard": [10.0, 11.0, 12.0], "standard-equal-updates": [9.0, 10.2, 11.0]}
     fds["dro-at"] = [8.0, 9.5, 10.0]
-    runs = [_run(arm, s, v[s]) for arm, v in fds.items() for s in range(3)]
+    runs = _runs(fds)
     report = _part("seed B", runs) | images16.seed_b_comparisons(runs, [10])
     report["arms"] = {a: {"updates": u} for a, (_, _, u) in images16.seed_b_arms(list(fds), 200, 3).items()}
     out = images16.tables(report)
